@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make quickstart`  then  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install quickstart test test-full clean
+
+install: $(VENV)/.installed
+
+# torch first: pip then keeps this build instead of pulling a multi-GB CUDA wheel for deepspeed.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+quickstart: install
+	$(BIN)/distft train configs/quickstart.yaml
+
+# Fast tier (default, < 10 min on 2 cores): no Ray launches, no long training.
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+# Full tier (what CI runs): adds the Ray Train end-to-end runs.
+test-full: install
+	$(BIN)/python -m pytest -m "not gpu"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

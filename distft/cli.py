@@ -1,0 +1,214 @@
+"""The `distft` command line. YAML + dotted overrides in; one clear message out on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from distft.config import TINY_BASE, ConfigError, DistftConfig, dump_config, load_config
+from distft.data.formats import DataError
+
+EPILOG = """examples:
+  distft train configs/quickstart.yaml
+  distft train configs/quickstart.yaml train.lr=1e-3 scaling.num_workers=1
+  distft validate configs/quickstart.yaml
+  distft generate runs/<run> --prompt "Which animal is in this sentence?" --input "The red fox walked to Oslo."
+  distft eval runs/<run> --data configs/data/facts_test.jsonl
+"""
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _load(args) -> DistftConfig:
+    from distft.launch.preflight import absolutize_paths
+
+    return absolutize_paths(load_config(args.config, args.overrides))
+
+
+def _run_dir(cfg: DistftConfig, config_path: str) -> Path:
+    name = cfg.run.name or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(cfg.run.output_dir) / name).resolve()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(
+            f"run directory {run_dir} already exists and is not empty; nothing was changed. "
+            "Fix: choose another run.name=..., or delete it yourself."
+        )
+    return run_dir
+
+
+def cmd_validate(args) -> int:
+    from distft.launch.preflight import describe_plan, preflight
+    from distft.launch.train import cluster_address
+
+    cfg = _load(args)
+    notes = preflight(cfg, local_cluster=not cluster_address(cfg, args.address))
+    print(describe_plan(cfg))
+    for note in notes:
+        print(f"check   {note}")
+    print(f"config OK: {args.config}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from distft.launch.preflight import describe_plan, preflight
+    from distft.launch.train import cluster_address, launch
+    from distft.stages.tiny_base import ensure_tiny_base
+
+    cfg = _load(args)
+    preflight(cfg, local_cluster=not cluster_address(cfg, args.address))
+    run_dir = _run_dir(cfg, args.config)
+    cfg.run.name = run_dir.name
+    print(describe_plan(cfg, run_dir), flush=True)
+    if cfg.model.name_or_path == TINY_BASE:
+        cfg.model.name_or_path = str(ensure_tiny_base())
+    run_dir.mkdir(parents=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    started = time.time()
+    summaries = launch(cfg, run_dir, args.address)
+    final = run_dir / cfg.stages[-1].label() / "final"
+    (run_dir / "final").symlink_to(final.relative_to(run_dir))
+    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+    print(render_summary(run_dir, summaries, time.time() - started))
+    return 0
+
+
+def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
+    lines = ["", "=" * 64, f"distft run finished in {seconds:.0f}s: {run_dir}"]
+    for s in summaries:
+        pct = 100.0 * s["trainable_params"] / max(s["total_params"], 1)
+        lines.append(f"stage {s['stage']} ({s['kind']}, {s['method']}): {s['trainable_params']:,} trainable params ({pct:.2f}%)")
+        first = s.get("first_logged_loss")
+        loss = f"{first:.3f} -> {s['train_loss']:.3f} (mean)" if first is not None else f"{s['train_loss']:.3f}"
+        lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
+        if s.get("exact_match_after") is not None:
+            before = s.get("exact_match_before")
+            shown = f"{before:.1%} -> " if before is not None else ""
+            lines.append(f"  held-out exact match  {shown}{s['exact_match_after']:.1%}  ({s['eval_items']} items)")
+    lines.append(f"model        {run_dir / 'final'}")
+    lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
+    lines.append(f"score it     distft eval {run_dir} --data <held-out file>")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def cmd_tiny_model(args) -> int:
+    from distft.stages.tiny_base import ensure_tiny_base
+
+    out = ensure_tiny_base(args.out_dir, force=args.force)
+    print(f"tiny base model: {out}")
+    return 0
+
+
+def _user_prompt(tokenizer, prompt: str, extra: str | None, raw: bool) -> str:
+    from distft.data.formats import alpaca_prompt
+
+    text = alpaca_prompt({"instruction": prompt, "input": extra or ""})
+    if raw or not getattr(tokenizer, "chat_template", None):
+        return text
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def cmd_generate(args) -> int:
+    from distft.models.loading import load_for_inference
+    from distft.stages.evaluate import generate
+
+    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code)
+    prompts = [_user_prompt(tokenizer, p, args.input, args.raw) for p in args.prompt]
+    for prompt, answer in zip(args.prompt, generate(model, tokenizer, prompts, args.max_new_tokens)):
+        print(f"> {prompt}" + (f" [{args.input}]" if args.input else ""))
+        print(answer.strip())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from types import SimpleNamespace
+
+    from distft.data.loading import load_checked
+    from distft.models.loading import load_for_inference
+    from distft.stages.evaluate import exact_match
+
+    data = SimpleNamespace(split="train", format=args.format, text_field="text")
+    rows, fmt = load_checked(args.data, data, "--data")
+    if args.max_samples:
+        rows = rows.select(range(min(len(rows), args.max_samples)))
+    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code)
+    result = exact_match(model, tokenizer, rows, fmt, args.max_new_tokens, args.batch_size)
+    for prompt, expected, got in result.examples:
+        print(f"expected {expected!r:>16}  got {got.strip()!r}")
+    print(f"exact match: {result.accuracy:.1%} ({result.correct}/{result.total}) on {args.data}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="distft",
+        description="Distributed LLM fine-tuning on Ray: one YAML from laptop to cluster.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("config", help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 scaling.num_workers=4")
+        sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local cluster)")
+        return sp
+
+    with_config("train", "Fine-tune with Ray Train (every stage in the config)").set_defaults(func=cmd_train)
+    with_config(
+        "validate", "Resolve the config, check model and data files, print the plan; launches nothing"
+    ).set_defaults(func=cmd_validate)
+
+    sp = sub.add_parser("tiny-model", help="Build (or reuse) the bundled pretrained tiny base model")
+    sp.add_argument("out_dir", nargs="?", help="where to put it (default: the distft cache)")
+    sp.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    sp.set_defaults(func=cmd_tiny_model)
+
+    def with_model(name: str, help_: str):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("model", help="run directory, model directory, LoRA adapter directory or hub id")
+        sp.add_argument("--max-new-tokens", type=int, default=32)
+        sp.add_argument("--trust-remote-code", action="store_true", help="run the model repo's Python code (unsafe)")
+        return sp
+
+    sp = with_model("generate", "Sample from a model or a run's output (adapters included)")
+    sp.add_argument("--prompt", action="append", required=True, help="instruction; repeat for several")
+    sp.add_argument("--input", help="optional input appended to the instruction (alpaca style)")
+    sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    sp.set_defaults(func=cmd_generate)
+
+    sp = with_model("eval", "Score a model on held-out prompt/answer data by exact match")
+    sp.add_argument("--data", required=True, help="JSON/JSONL/Parquet/CSV with alpaca, messages or prompt/completion rows")
+    sp.add_argument("--format", default="auto", choices=["auto", "alpaca", "messages", "prompt_completion"])
+    sp.add_argument("--max-samples", type=int)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.set_defaults(func=cmd_eval, max_new_tokens=16)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from distft.launch.preflight import PreflightError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except PreflightError as e:
+        print(f"error: cannot run {getattr(args, 'config', '')}:\n{e}", file=sys.stderr)
+    except (DataError, UsageError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The typed config: one schema for single- and multi-stage runs.
+
+A run has shared sections (`model`, `scaling`, `run`) and a list of `stages`.
+Each stage carries its own `data`, `method`, `train` and `evaluate` sections;
+the loader (see `load.py`) merges top-level `data`/`method`/`train`/`evaluate`
+into every stage as defaults, so a single-stage YAML stays short.
+
+Every model forbids unknown keys, and derived values are methods, never flags
+that a user could set inconsistently.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+TINY_BASE = "distft://tiny-base"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """What to fine-tune: any hub id or local HF directory, or the bundled tiny base."""
+
+    name_or_path: str = Field(TINY_BASE, description="HF hub id, local HF directory, or distft://tiny-base")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = "sdpa"
+    max_seq_len: int = Field(512, ge=8, description="Sequences are truncated to this many tokens (reported)")
+    # Off by default: remote code runs arbitrary Python from the model repo.
+    trust_remote_code: bool = False
+
+
+class ScalingConfig(Section):
+    """How many Ray Train workers, and what each one gets."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    def threads_per_worker(self) -> int:
+        # Ray lets workers use every core unless told otherwise; with more workers than
+        # cores that oversubscribes badly, so default to the CPUs each worker reserved.
+        if self.torch_threads is not None:
+            return self.torch_threads
+        return max(1, math.floor(self.cpus_per_worker))
+
+    def resources_per_worker(self) -> dict[str, float]:
+        res = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            res["GPU"] = self.gpus_per_worker
+        return res
+
+
+class RunConfig(Section):
+    """Where outputs go and how failures are handled."""
+
+    name: str | None = Field(None, description="Run directory name; default <config stem>-<timestamp>")
+    output_dir: str = "runs"
+    max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may attempt")
+    keep_checkpoints: int = Field(2, ge=1)
+    address: str | None = Field(None, description="Ray cluster address; default: a private local cluster")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    modules_to_save: list[str] | None = None
+
+
+class QuantizationSettings(Section):
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Default: model.dtype when set, else bfloat16 on GPU and float32 on CPU"
+    )
+
+
+class MethodConfig(Section):
+    """Which parameters train: all of them (full) or a LoRA adapter (lora, qlora)."""
+
+    name: Literal["full", "lora", "qlora"] = "full"
+    lora: LoraSettings = LoraSettings()
+    quantization: QuantizationSettings = QuantizationSettings()
+
+    def uses_adapter(self) -> bool:
+        return self.name in ("lora", "qlora")
+
+
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
+
+
+class DataConfig(Section):
+    """Training data: a local JSON/JSONL/Parquet/CSV file, or any `datasets` name or path."""
+
+    train: str = Field(..., description="File path, directory, or datasets name")
+    eval: str | None = Field(None, description="Held-out file; default: split off `eval_fraction` of train")
+    format: DataFormat = "auto"
+    split: str = "train"
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    text_field: str = "text"
+    loss_on: Literal["completion", "all"] | None = Field(
+        None, description="Default: completion (assistant turns) for instruction data, all for text"
+    )
+    packing: bool = False
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(256, ge=1)
+
+
+class TrainConfig(Section):
+    """Optimisation. The global batch is fixed; accumulation is derived per world size."""
+
+    lr: float = Field(2e-4, gt=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "sgd", "adafactor", "paged_adamw_8bit", "adamw_bnb_8bit"] = (
+        "adamw_torch"
+    )
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Overrides epochs when set")
+    seed: int = 42
+    global_batch_size: int = Field(32, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="Steps between evals; default: once per epoch")
+    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: once per epoch")
+    log_every: int = Field(10, ge=1)
+
+    def grad_accum(self, world_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * world_size)
+
+    def batch_plan(self, world_size: int) -> str:
+        return (
+            f"global_batch_size {self.global_batch_size} = micro_batch_size {self.micro_batch_size}"
+            f" x {world_size} workers x {self.grad_accum(world_size)} accumulation steps"
+        )
+
+
+class EvaluateConfig(Section):
+    """Generation-based held-out evaluation (exact match), run before and after training."""
+
+    data: str | None = Field(None, description="Held-out prompt/completion file; unset disables")
+    metric: Literal["exact_match"] = "exact_match"
+    max_new_tokens: int = Field(16, ge=1)
+    max_samples: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1)
+    before: bool = True
+
+
+class StageBase(Section):
+    name: str | None = Field(None, description="Output sub-directory; default: the stage kind")
+    data: DataConfig
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def label(self) -> str:
+        return self.name or self.stage  # type: ignore[attr-defined]
+
+    def loss_on(self) -> str:
+        if self.data.loss_on:
+            return self.data.loss_on
+        return "all" if self.data.format == "text" else "completion"
+
+
+class SFTStage(StageBase):
+    """Instruction tuning: loss on completions / assistant turns by default."""
+
+    stage: Literal["sft"]
+
+
+class PretrainStage(StageBase):
+    """Continued pretraining or full fine-tuning on plain text."""
+
+    stage: Literal["pretrain"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_by_default(cls, values):
+        if isinstance(values, dict) and isinstance(values.get("data"), dict):
+            values["data"].setdefault("format", "text")
+        return values
+
+
+Stage = Annotated[Union[SFTStage, PretrainStage], Field(discriminator="stage")]
+STAGE_KINDS = ("sft", "pretrain")
+
+
+class DistftConfig(Section):
+    model: ModelConfig = ModelConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    stages: list[Stage] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        errors = []
+        world = self.scaling.num_workers
+        for i, st in enumerate(self.stages):
+            t = st.train
+            per_step = t.micro_batch_size * world
+            if t.global_batch_size % per_step:
+                lo = max(per_step, t.global_batch_size // per_step * per_step)
+                errors.append(
+                    f"stages.{i}.train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                    f"train.micro_batch_size x scaling.num_workers = {t.micro_batch_size} x {world} = {per_step}. "
+                    f"Fix: set train.global_batch_size={lo} (or {lo + per_step}), or change train.micro_batch_size."
+                )
+        names = [st.label() for st in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            errors.append(f"stages: duplicate stage name(s) {sorted(dup)}. Fix: give each stage a distinct `name`.")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self

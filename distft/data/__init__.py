@@ -1,0 +1,1 @@
+"""Datasets: loading, row formats, validation and tokenization."""

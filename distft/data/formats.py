@@ -1,0 +1,172 @@
+"""Row formats -> token ids and loss labels.
+
+Four formats are understood:
+
+- `alpaca`: instruction, optional input, output
+- `messages`: a list of {role, content} turns, rendered with the tokenizer's chat template
+- `prompt_completion`: raw prompt and completion strings, concatenated
+- `text`: one plain-text field (continued pretraining)
+
+Instruction rows train on the completion / assistant turns only (unless
+`loss_on: all`). Chat templates need no `{% generation %}` markers: each
+assistant turn's span is found by rendering the conversation prefix with and
+without that turn, which works for any prefix-stable template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IGNORE = -100
+
+REQUIRED = {
+    "alpaca": ("instruction", "output"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+}
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A dataset problem, with the file, row and field it concerns."""
+
+
+def detect_format(columns: list[str], text_field: str = "text") -> str:
+    cols = set(columns)
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if text_field in cols:
+        return "text"
+    raise DataError(
+        f"cannot tell the data format from columns {sorted(cols)}. Fix: set data.format to one of alpaca "
+        f"(instruction/input/output), messages, prompt_completion (prompt/completion) or text (data.text_field)."
+    )
+
+
+def check_row(row: dict, fmt: str, text_field: str) -> str | None:
+    """Why `row` is unusable for `fmt`, or None if it is fine."""
+    fields = (text_field,) if fmt == "text" else REQUIRED[fmt]
+    for field in fields:
+        value = row.get(field)
+        if value is None:
+            return f"field `{field}` is missing"
+        if fmt == "messages":
+            return _check_messages(value)
+        if not isinstance(value, str):
+            return f"field `{field}` must be a string, got {type(value).__name__}"
+        if field != "input" and not value.strip():
+            return f"field `{field}` is empty"
+    if fmt == "alpaca" and row.get("input") is not None and not isinstance(row["input"], str):
+        return "field `input` must be a string"
+    return None
+
+
+def _check_messages(msgs) -> str | None:
+    if not isinstance(msgs, list) or not msgs:
+        return "field `messages` must be a non-empty list of {role, content} turns"
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"messages[{j}] must have `role` and `content`"
+        if m["role"] not in ROLES:
+            return f"messages[{j}].role {m['role']!r} is not one of {', '.join(ROLES)}"
+        if not isinstance(m["content"], str):
+            return f"messages[{j}].content must be a string"
+    if not any(m["role"] == "assistant" for m in msgs):
+        return "`messages` has no assistant turn to learn from"
+    return None
+
+
+def alpaca_prompt(row: dict) -> str:
+    extra = (row.get("input") or "").strip()
+    return f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
+
+
+def to_messages(row: dict, fmt: str) -> list[dict]:
+    if fmt == "messages":
+        return row["messages"]
+    if fmt == "alpaca":
+        return [{"role": "user", "content": alpaca_prompt(row)}, {"role": "assistant", "content": row["output"]}]
+    raise ValueError(fmt)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    full_length: int  # before truncation
+
+    @property
+    def truncated(self) -> bool:
+        return self.full_length > len(self.input_ids)
+
+
+def _finish(ids: list[int], labels: list[int], max_len: int) -> Encoded:
+    return Encoded(ids[:max_len], labels[:max_len], len(ids))
+
+
+def encode_row(row: dict, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text") -> Encoded:
+    if fmt == "text":
+        ids = tokenizer(row[text_field], add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = ids + [tokenizer.eos_token_id]
+        return _finish(ids, list(ids), max_len)
+    if fmt == "prompt_completion":
+        prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion = completion + [tokenizer.eos_token_id]
+        ids = prompt + completion
+        labels = ids if loss_on == "all" else [IGNORE] * len(prompt) + completion
+        return _finish(ids, list(labels), max_len)
+    return _encode_chat(to_messages(row, fmt), tokenizer, max_len, loss_on)
+
+
+def _encode_chat(messages: list[dict], tokenizer, max_len: int, loss_on: str) -> Encoded:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "the tokenizer has no chat template, so alpaca/messages rows cannot be rendered. Fix: use a model "
+            "with a chat template, or convert the data to prompt_completion (data.format=prompt_completion)."
+        )
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: j + 1], tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError(
+                "the chat template does not render conversations prefix by prefix, so assistant turns cannot be "
+                "located for masking. Fix: set data.loss_on=all, or use a template without lookahead."
+            )
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if loss_on == "all":
+        return _finish(ids, list(ids), max_len)
+    labels = []
+    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
+        inside = any(start >= a and end <= b and end > start for a, b in spans)
+        labels.append(tok if inside else IGNORE)
+    return _finish(ids, labels, max_len)
+
+
+def generation_prompt(row: dict, fmt: str, tokenizer) -> str:
+    """The text a model is given at eval time: everything before the (last) answer."""
+    if fmt == "prompt_completion":
+        return row["prompt"]
+    if fmt == "text":
+        raise DataError("exact-match evaluation needs prompt/answer rows, not plain text (data.format=text).")
+    messages = to_messages(row, fmt)
+    last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+    return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+
+
+def reference_answer(row: dict, fmt: str) -> str:
+    if fmt == "prompt_completion":
+        return row["completion"]
+    return [m for m in to_messages(row, fmt) if m["role"] == "assistant"][-1]["content"]

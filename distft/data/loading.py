@@ -1,0 +1,149 @@
+"""Load rows from local files or `datasets`, validate them, and tokenize for training.
+
+Errors name the file, the row and the field. Truncation is counted and
+reported, never silent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from distft.data.formats import IGNORE, DataError, check_row, detect_format, encode_row
+
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_BUILDERS
+
+
+def load_rows(source: str, split: str = "train", field: str = "data.train"):
+    """A `datasets.Dataset` from a local file/directory or a hub/`datasets` name."""
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        builder = LOCAL_BUILDERS.get(path.suffix)
+        if builder is None:
+            raise DataError(f"{field}: {path} has an unsupported extension. Fix: use .json, .jsonl, .parquet or .csv.")
+        if path.suffix == ".jsonl":
+            _check_jsonl(path, field)
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets wraps parser errors several layers deep
+            raise DataError(f"{field}: could not read {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    elif path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(str(path), split=split)
+    elif _looks_local(source):
+        raise DataError(f"{field}: file not found: {source}. Fix: check the path (relative paths start at the cwd).")
+    else:
+        try:
+            ds = datasets.load_dataset(source, split=split)
+        except Exception as e:
+            raise DataError(
+                f"{field}: could not load dataset {source!r} (split {split!r}): {type(e).__name__}: {e}".splitlines()[0]
+            ) from None
+    if len(ds) == 0:
+        raise DataError(f"{field}: {source} has no rows. Fix: point it at a non-empty dataset.")
+    return ds
+
+
+def _check_jsonl(path: Path, field: str) -> None:
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{field}: {path} line {lineno} is not valid JSON: {e.msg}.") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{field}: {path} line {lineno} must be a JSON object, got {type(row).__name__}.")
+
+
+def validate_rows(ds, fmt: str, text_field: str, source: str, field: str) -> None:
+    """Fail on the first unusable row, naming its 1-based row number and field."""
+    for i, row in enumerate(ds):
+        problem = check_row(row, fmt, text_field)
+        if problem:
+            raise DataError(f"{field}: {source} row {i + 1}: {problem} (format {fmt}).")
+
+
+def resolve_format(ds, declared: str, text_field: str, field: str) -> str:
+    if declared != "auto":
+        return declared
+    try:
+        return detect_format(ds.column_names, text_field)
+    except DataError as e:
+        raise DataError(f"{field}: {e}") from None
+
+
+@dataclass
+class TokenStats:
+    rows: int
+    truncated: int
+    dropped: int
+    max_tokens: int
+    mean_tokens: float
+
+    def describe(self, max_len: int) -> str:
+        pct = 100.0 * self.truncated / max(self.rows, 1)
+        return (
+            f"{self.rows} rows, mean {self.mean_tokens:.0f} / max {self.max_tokens} tokens before truncation; "
+            f"{self.truncated} ({pct:.1f}%) truncated to model.max_seq_len={max_len}; "
+            f"{self.dropped} dropped with no trainable tokens left"
+        )
+
+
+def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text"):
+    """Returns (dataset with input_ids/labels, TokenStats)."""
+
+    def encode(row):
+        enc = encode_row(row, fmt, tokenizer, max_len, loss_on, text_field)
+        return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_len": enc.full_length}
+
+    out = ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing")
+    keep = [any(t != IGNORE for t in labels) for labels in out["labels"]]
+    lengths = out["_len"]
+    stats = TokenStats(
+        rows=len(out),
+        truncated=sum(out["_truncated"]),
+        dropped=keep.count(False),
+        max_tokens=max(lengths),
+        mean_tokens=sum(lengths) / len(lengths),
+    )
+    if stats.dropped:
+        out = out.select([i for i, k in enumerate(keep) if k])
+    return out.remove_columns(["_truncated", "_len"]), stats
+
+
+def load_checked(source: str, data, field: str, fmt: str | None = None):
+    """Load, detect the format (unless given) and validate every row. Returns (dataset, format)."""
+    ds = load_rows(source, data.split, field)
+    fmt = fmt or resolve_format(ds, data.format, data.text_field, field)
+    validate_rows(ds, fmt, data.text_field, source, field)
+    return ds, fmt
+
+
+def split_rows(data, seed: int):
+    """(train_rows, eval_rows, format): eval from `data.eval`, else a seeded split of train."""
+    train, fmt = load_checked(data.train, data, "data.train")
+    if data.eval:
+        held_out, _ = load_checked(data.eval, data, "data.eval", fmt=fmt)
+    else:
+        if len(train) < 2:
+            raise DataError("data.train: need at least 2 rows to split off an eval set. Fix: set data.eval.")
+        parts = train.train_test_split(test_size=data.eval_fraction, seed=seed)
+        train, held_out = parts["train"], parts["test"]
+    if data.max_train_samples:
+        train = train.select(range(min(len(train), data.max_train_samples)))
+    if data.max_eval_samples:
+        held_out = held_out.select(range(min(len(held_out), data.max_eval_samples)))
+    return train, held_out, fmt

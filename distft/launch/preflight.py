@@ -1,0 +1,128 @@
+"""Checks and the plan, done on the driver before any cluster resources are taken.
+
+Everything here is Ray-free so `distft validate` is instant and bad input
+fails with one clear message instead of a worker traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distft.config import TINY_BASE, DistftConfig
+from distft.data.formats import DataError
+from distft.data.loading import _looks_local, load_checked
+
+
+class PreflightError(Exception):
+    """The config is valid but cannot run here (missing files, impossible resources)."""
+
+
+def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfig:
+    """Ray workers run in another cwd: turn relative local paths into absolute ones."""
+    base = base or Path.cwd()
+
+    def fix(value: str | None) -> str | None:
+        if value and _looks_local(value) and not Path(value).expanduser().is_absolute():
+            return str((base / value).resolve())
+        return value
+
+    cfg = cfg.model_copy(deep=True)
+    if (base / cfg.model.name_or_path).exists():
+        cfg.model.name_or_path = str((base / cfg.model.name_or_path).resolve())
+    for st in cfg.stages:
+        st.data.train = fix(st.data.train)
+        st.data.eval = fix(st.data.eval)
+        st.evaluate.data = fix(st.evaluate.data)
+    return cfg
+
+
+def check_model(cfg: DistftConfig) -> list[str]:
+    name = cfg.model.name_or_path
+    if name == TINY_BASE:
+        return []
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith("."):
+        if not path.exists():
+            return [f"model.name_or_path: {name} does not exist. Fix: pass a local HF directory or a hub id."]
+        if not (path / "config.json").exists():
+            return [f"model.name_or_path: {name} has no config.json; it is not a Hugging Face model directory."]
+    return []
+
+
+def check_data(cfg: DistftConfig) -> tuple[list[str], list[str]]:
+    """(problems, notes): every local data file is read and every row validated."""
+    problems, notes = [], []
+    prefix = "" if len(cfg.stages) == 1 else "stages.{i}."
+    for i, st in enumerate(cfg.stages):
+        sources = [("data.train", st.data.train), ("data.eval", st.data.eval), ("evaluate.data", st.evaluate.data)]
+        for field, src in sources:
+            if not src:
+                continue
+            name = prefix.format(i=i) + field
+            if not _looks_local(src) and not Path(src).exists():
+                notes.append(f"{name}: {src} is a datasets name; it is checked when the workers load it.")
+                continue
+            try:
+                ds, fmt = load_checked(src, st.data, name)
+                notes.append(f"{name}: {src}: {len(ds)} rows, format {fmt}")
+            except DataError as e:
+                problems.append(str(e))
+    return problems, notes
+
+
+def check_local_resources(cfg: DistftConfig) -> list[str]:
+    """For a private local cluster we know exactly what exists; refuse what can never be placed."""
+    s = cfg.scaling
+    cpus = os.cpu_count() or 1
+    need = s.num_workers * s.cpus_per_worker
+    problems = []
+    if need > cpus:
+        fit = max(1, int(cpus // s.cpus_per_worker))
+        problems.append(
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPUs = {need:g} CPUs, but this machine has {cpus}. "
+            f"Fix: scaling.num_workers={fit}, or a smaller scaling.cpus_per_worker, or run.address=<a bigger cluster>."
+        )
+    if s.use_gpu:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if s.num_workers * s.gpus_per_worker > gpus:
+            problems.append(
+                f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker} GPUs requested, {gpus} GPU(s) here. "
+                "Fix: scaling.use_gpu=false, fewer workers, or run.address=<a GPU cluster>."
+            )
+    return problems
+
+
+def preflight(cfg: DistftConfig, local_cluster: bool) -> list[str]:
+    """Problems that make the run impossible. Returns the notes worth printing."""
+    problems = check_model(cfg)
+    data_problems, notes = check_data(cfg)
+    problems += data_problems
+    if local_cluster:
+        problems += check_local_resources(cfg)
+    if problems:
+        raise PreflightError("\n".join(f"  - {p}" for p in problems))
+    return notes
+
+
+def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
+    s = cfg.scaling
+    device = f"GPU x{s.gpus_per_worker:g}" if s.use_gpu else f"CPU x{s.cpus_per_worker:g}"
+    lines = [
+        f"model   {cfg.model.name_or_path} (dtype {cfg.model.dtype}, max_seq_len {cfg.model.max_seq_len})",
+        f"workers {s.num_workers} x {device} each, {s.threads_per_worker()} torch thread(s) per worker",
+        f"cluster {cfg.run.address or os.environ.get('RAY_ADDRESS') or 'private local Ray cluster'}",
+    ]
+    for i, st in enumerate(cfg.stages):
+        lines.append(f"stage {i + 1}/{len(cfg.stages)}: {st.label()} ({st.stage}, method {st.method.name})")
+        lines.append(f"  batch   {st.train.batch_plan(s.num_workers)}")
+        steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
+        lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
+        lines.append(f"  data    {st.data.train} (format {st.data.format}, loss on {st.loss_on()}, packing {st.data.packing})")
+        if st.evaluate.data:
+            lines.append(f"  task    exact match on {st.evaluate.data}")
+    if run_dir:
+        lines.append(f"output  {run_dir}")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Run stages on Ray Train. This package is the only one that imports Ray.
+
+With no `run.address` and no RAY_ADDRESS, a private local cluster is started
+with `ray.init(address="local")`: a bare `ray.init()` would silently join any
+cluster that `ray start` left running on the machine. The dashboard binds to
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from distft.config import DistftConfig
+
+# Workers inherit these so per-process thread pools match the CPUs Ray reserved.
+WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+
+
+def cluster_address(cfg: DistftConfig, address: str | None = None) -> str | None:
+    return address or cfg.run.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(cfg: DistftConfig, address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            dashboard_host="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=True,
+            logging_level="warning",
+        )
+    return ray
+
+
+def check_cluster_resources(cfg: DistftConfig) -> None:
+    """On an existing cluster, refuse requests it can never satisfy instead of waiting forever."""
+    import ray
+
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    for key, per in s.resources_per_worker().items():
+        need = per * s.num_workers
+        have = total.get(key, 0)
+        if need > have:
+            raise RuntimeError(
+                f"scaling asks for {need:g} {key} ({s.num_workers} workers x {per:g}), but the cluster has {have:g}. "
+                "Fix: fewer scaling.num_workers, smaller per-worker resources, or add nodes."
+            )
+
+
+def _worker_env(cfg: DistftConfig) -> dict[str, str]:
+    threads = str(cfg.scaling.threads_per_worker())
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ})
+    return env
+
+
+def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage = cfg.stages[stage_index]
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker_entry,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "stage_index": stage_index,
+            "run_dir": str(run_dir),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=s.resources_per_worker(),
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=stage.label(),
+            storage_path=str(run_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            worker_runtime_env={"env_vars": _worker_env(cfg)},
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary_path = run_dir / stage.label() / "summary.json"
+    return json.loads(summary_path.read_text())
+
+
+def _worker_entry(config: dict) -> None:
+    """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
+    import ray.train
+
+    from distft.config import DistftConfig
+    from distft.stages import StageContext, stage_runner
+
+    cfg = DistftConfig.model_validate(config["config"])
+    stage_index = config["stage_index"]
+    tctx = ray.train.get_context()
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def run(resume_from: str | None) -> None:
+        ctx = StageContext(
+            run_dir=Path(config["run_dir"]),
+            stage_index=stage_index,
+            rank=tctx.get_world_rank(),
+            world_size=tctx.get_world_size(),
+            local_rank=tctx.get_local_rank(),
+            resume_from=resume_from,
+            report_fn=report,
+        )
+        if resume_from:
+            ctx.log(f"[{cfg.stages[stage_index].label()}] resuming from {resume_from}")
+        stage_runner(cfg.stages[stage_index].stage)(cfg, ctx)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        run(None)
+    else:
+        with checkpoint.as_directory() as path:
+            run(path)
+
+
+def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print) -> list[dict]:
+    """Run every stage in order on one Ray cluster; returns each stage's summary."""
+    started = time.time()
+    address = cluster_address(cfg, address)
+    init_ray(cfg, address)
+    import ray
+
+    try:
+        if address:
+            check_cluster_resources(cfg)
+        summaries = []
+        for i, stage in enumerate(cfg.stages):
+            log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s)")
+            summaries.append(train_stage(cfg, i, run_dir))
+        log(f"all stages done in {time.time() - started:.0f}s")
+        return summaries
+    finally:
+        ray.shutdown()

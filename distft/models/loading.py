@@ -1,0 +1,107 @@
+"""Load models and tokenizers through `from_pretrained`, for training and for inference.
+
+Any hub id or local HF directory works. The bundled tiny base is addressed as
+`distft://tiny-base` and lives in the distft cache once built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from distft.config.schema import TINY_BASE, MethodConfig, ModelConfig
+from distft.models.methods import build_bnb_config, build_lora_config, count_params, torch_dtype
+
+TINY_BASE_VERSION = "v1"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTFT_CACHE", Path.home() / ".cache" / "distft")).expanduser()
+
+
+def tiny_base_path() -> Path:
+    return cache_dir() / f"tiny-base-{TINY_BASE_VERSION}"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == TINY_BASE:
+        path = tiny_base_path()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"the bundled tiny base is not built yet ({path}). Fix: run `distft tiny-model` "
+                "(`distft train` builds it automatically)."
+            )
+        return str(path)
+    return name_or_path
+
+
+def load_tokenizer(model: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        path or resolve_model_path(model.name_or_path),
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _device_map(use_gpu: bool):
+    if not use_gpu:
+        return "cpu"
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+
+def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
+    """A causal LM ready to train with `method`; adapters are attached for lora/qlora."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(
+        revision=model.revision,
+        trust_remote_code=model.trust_remote_code,
+        dtype=torch_dtype(model.dtype),
+    )
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    if method.name == "qlora":
+        kwargs["quantization_config"] = build_bnb_config(method, model, use_gpu)
+        kwargs["device_map"] = _device_map(use_gpu)
+    net = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path), **kwargs)
+    if method.uses_adapter():
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if method.name == "qlora":
+            net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
+        net = get_peft_model(net, build_lora_config(method))
+    log(f"method {method.name}: {count_params(net).describe()}")
+    return net
+
+
+def final_model_dir(path: str | Path) -> Path:
+    """A run directory's exported model, or the path itself if it already is a model directory."""
+    path = Path(path)
+    if (path / "final").is_dir():
+        return path / "final"
+    return path
+
+
+def load_for_inference(path: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer) from a model directory, a LoRA adapter directory, or a run directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = final_model_dir(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}. Fix: pass a run directory, a model directory or a hub id.")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if (path / "adapter_config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,58 @@
+"""What a stage needs from its environment, injected so stages never import Ray.
+
+Under Ray Train the launcher builds a `StageContext` whose `report` wraps
+`ray.train.report`; in tests and single-process runs it is a plain object
+(report appends to `reported`), and stages run unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+
+@dataclass
+class StageContext:
+    run_dir: Path
+    stage_index: int = 0
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    # A checkpoint directory to resume from (the latest registered one), if any.
+    resume_from: str | None = None
+    report_fn: Callable[[dict, str | None], None] | None = None
+    # Pre-sharded data streams by name (e.g. Ray Data); None means "load from data.* paths".
+    shard_fn: Callable[[str], object] | None = None
+    reported: list[dict] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
+        """Report metrics (and optionally a complete checkpoint directory). Call on every rank."""
+        self.reported.append(dict(metrics))
+        if self.report_fn is not None:
+            self.report_fn(metrics, checkpoint_dir)
+
+    def dataset_shard(self, name: str):
+        return self.shard_fn(name) if self.shard_fn else None
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stdout, flush=True)
+
+
+def context_from_env(run_dir: str | Path, stage_index: int = 0, **kwargs) -> StageContext:
+    """A context for torchrun or one process: rank and world size from the usual env vars."""
+    return StageContext(
+        run_dir=Path(run_dir),
+        stage_index=stage_index,
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        **kwargs,
+    )
