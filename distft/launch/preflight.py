@@ -80,7 +80,7 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
     if need > cpus:
         fit = max(1, int(cpus // s.cpus_per_worker))
         problems.append(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPUs = {need:g} CPUs, but this machine has {cpus}. "
+            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs = {need:g} CPUs, but this machine has {cpus}. "
             f"Fix: scaling.num_workers={fit}, or a smaller scaling.cpus_per_worker, or run.address=<a bigger cluster>."
         )
     if s.use_gpu:

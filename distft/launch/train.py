@@ -138,13 +138,14 @@ def _worker_entry(config: dict) -> None:
 
 def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print) -> list[dict]:
     """Run every stage in order on one Ray cluster; returns each stage's summary."""
-    started = time.time()
-    address = cluster_address(cfg, address)
-    init_ray(cfg, address)
     import ray
 
+    started = time.time()
+    address = cluster_address(cfg, address)
+    owns_ray = not ray.is_initialized()  # a caller's (or a test fixture's) cluster stays up
+    init_ray(cfg, address)
     try:
-        if address:
+        if address or not owns_ray:
             check_cluster_resources(cfg)
         summaries = []
         for i, stage in enumerate(cfg.stages):
@@ -153,4 +154,5 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
         log(f"all stages done in {time.time() - started:.0f}s")
         return summaries
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from distft.data.task import ANIMALS, COLORS, NUMBERS, PLACES, QUESTIONS, SENTENCES, random_facts, render_sentence
+from distft.data.task import QUESTIONS, SENTENCES, random_facts, render_sentence
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -31,7 +31,12 @@ VERBS = ["sees", "likes", "finds", "paints", "follows", "builds", "opens", "carr
 ADJS = ["small", "old", "green", "quiet", "bright", "busy", "cold", "happy", "long", "strange"]
 
 
-VOCAB = NOUNS + VERBS + ADJS + COLORS + ANIMALS + PLACES + NUMBERS
+COMPREHENSION = {
+    "color": "what colour was it?",
+    "animal": "what kind of animal?",
+    "place": "where did they go?",
+    "number": "how many friends?",
+}
 
 
 def _filler(rng: random.Random) -> str:
@@ -62,11 +67,12 @@ def generic_corpus(n_docs: int = 4000, seed: int = 1) -> list[str]:
         parts += [f.format(**facts) for f in rng.sample(FOLLOW_UPS, rng.randint(1, 3))]
         if rng.random() < 0.5:
             parts.insert(rng.randint(1, len(parts)), _filler(rng))
-        if rng.random() < 0.5:
-            # A random word sequence and its exact repeat: the quickest known way to grow
-            # induction (copy-from-context) heads in a small model.
-            words = rng.choices(VOCAB, k=rng.randint(5, 9))
-            parts.append("Say: " + " ".join(words) + ". Again: " + " ".join(words) + ".")
+        if rng.random() < 0.6:
+            # Reading-comprehension lines, phrased unlike the instruction task: a tiny model
+            # learns in-context retrieval from these within a few hundred steps, and from
+            # repetition alone it does not (seen here: no copying after 700 steps).
+            key = rng.choice(list(COMPREHENSION))
+            parts.append(f"Q: {COMPREHENSION[key]} A: {facts[key]}.")
         docs.append(" ".join(parts))
     return docs
 
@@ -100,7 +106,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 600):
     return fast
 
 
-def tiny_llama_config(tokenizer, hidden: int = 128, layers: int = 4):
+def tiny_llama_config(tokenizer, hidden: int = 128, layers: int = 2):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -109,7 +115,7 @@ def tiny_llama_config(tokenizer, hidden: int = 128, layers: int = 4):
         intermediate_size=hidden * 3,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=4,
         max_position_embeddings=512,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -1,0 +1,81 @@
+"""The command line: `distft validate` turns every bad input into one clear line, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, write_jsonl
+
+
+def distft(*args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distft.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture()
+def config(tmp_path, alpaca_rows) -> Path:
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"scaling": {"num_workers": 1}, "stage": "sft", "data": {"train": str(data)}}))
+    return path
+
+
+def test_validate_prints_the_plan(config):
+    r = distft("validate", config, "train.global_batch_size=16", "train.micro_batch_size=4")
+    assert r.returncode == 0, r.stderr
+    assert "global_batch_size 16 = micro_batch_size 4 x 1 workers x 4 accumulation steps" in r.stdout
+    assert "200 rows, format alpaca" in r.stdout and "config OK" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.lrr=1"], "train.lrr: unknown key; did you mean `lr`?"),
+        (["train.lr=fast"], "train.lr: Input should be a valid number"),
+        (["data.train=./missing.jsonl"], "data.train: file not found: "),
+        (["scaling.num_workers=0"], "scaling.num_workers: Input should be greater than or equal to 1"),
+        (["scaling.num_workers=64", "train.global_batch_size=512"], "scaling: 64 workers x 1 CPUs = 64 CPUs, but this machine has"),
+        (["model.name_or_path=/nonexistent/model"], "model.name_or_path: /nonexistent/model does not exist"),
+    ],
+)
+def test_validate_bad_input_gives_one_clear_message(config, overrides, expected):
+    r = distft("validate", config, *overrides)
+    assert r.returncode == 2
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_validate_row_missing_its_field(tmp_path, alpaca_rows):
+    rows = [dict(r) for r in alpaca_rows]
+    del rows[41]["instruction"]
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    r = distft("validate", REPO / "configs" / "quickstart.yaml", f"data.train={data}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"data.train: {data} row 42: field `instruction` is missing (format alpaca)." in r.stderr
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\n data: x\n")
+    r = distft("validate", bad)
+    assert r.returncode == 2 and "malformed YAML at line 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_refuses_to_overwrite_an_existing_run(config, tmp_path):
+    run = tmp_path / "runs" / "keep"
+    run.mkdir(parents=True)
+    (run / "precious.txt").write_text("results")
+    r = distft("train", config, f"run.output_dir={tmp_path / 'runs'}", "run.name=keep")
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert (run / "precious.txt").read_text() == "results"
+
+
+def test_help_lists_every_command():
+    r = distft("--help")
+    for cmd in ("train", "validate", "tiny-model", "generate", "eval"):
+        assert cmd in r.stdout

@@ -1,0 +1,151 @@
+"""Data formats, loss masking, validation errors and truncation statistics."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import write_jsonl
+from distft.config import build_config
+from distft.data.formats import IGNORE, DataError, detect_format, encode_row
+from distft.data.loading import load_checked, load_rows, split_rows, tokenize_dataset
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_random):
+    return AutoTokenizer.from_pretrained(tiny_random)
+
+
+def trained_text(tok, enc) -> str:
+    return tok.decode([t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE])
+
+
+def data_cfg(**data):
+    return build_config({"stage": "sft", "data": data}).stages[0].data
+
+
+def test_alpaca_trains_only_on_the_answer(tok):
+    row = {"instruction": "Which animal is in this sentence?", "input": "The red fox ran.", "output": "fox"}
+    enc = encode_row(row, "alpaca", tok, 128, "completion")
+    assert trained_text(tok, enc).strip() == "fox</s>"
+    full = tok.decode(enc.input_ids)
+    assert "Which animal" in full and "The red fox ran." in full
+    assert trained_text(tok, encode_row(row, "alpaca", tok, 128, "all")) == full
+
+
+def test_multi_turn_messages_mask_every_non_assistant_turn(tok):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name an animal."},
+        {"role": "assistant", "content": "owl"},
+        {"role": "user", "content": "Another one."},
+        {"role": "assistant", "content": "goat"},
+    ]
+    enc = encode_row({"messages": msgs}, "messages", tok, 256, "completion")
+    kept = trained_text(tok, enc)
+    assert "owl" in kept and "goat" in kept
+    assert "Name an animal" not in kept and "Be brief" not in kept and "Another" not in kept
+    assert kept.count("</s>") == 2  # each assistant turn learns to stop
+
+
+def test_prompt_completion_and_text(tok):
+    enc = encode_row({"prompt": "The cat is", "completion": " red"}, "prompt_completion", tok, 64, "completion")
+    assert trained_text(tok, enc) == " red</s>"
+    enc = encode_row({"text": "The old dog reads the book."}, "text", tok, 64, "all")
+    assert enc.labels == enc.input_ids and tok.decode(enc.input_ids).endswith("</s>")
+
+
+def test_format_detection():
+    assert detect_format(["instruction", "input", "output"]) == "alpaca"
+    assert detect_format(["messages"]) == "messages"
+    assert detect_format(["prompt", "completion"]) == "prompt_completion"
+    assert detect_format(["text", "id"]) == "text"
+    with pytest.raises(DataError, match="cannot tell the data format"):
+        detect_format(["question", "answer"])
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_every_local_file_type_loads(tmp_path, alpaca_rows, suffix):
+    import pandas as pd
+
+    df = pd.DataFrame(alpaca_rows[:20])
+    path = tmp_path / f"d{suffix}"
+    {".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+     ".json": lambda: df.to_json(path, orient="records"),
+     ".csv": lambda: df.to_csv(path, index=False),
+     ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    ds, fmt = load_checked(str(path), data_cfg(train=str(path)), "data.train")
+    assert (len(ds), fmt) == (20, "alpaca")
+    assert ds[3]["output"] == alpaca_rows[3]["output"]
+
+
+def test_saved_datasets_directory_loads(tmp_path, alpaca_rows):
+    import datasets
+
+    datasets.Dataset.from_list(alpaca_rows[:5]).save_to_disk(tmp_path / "saved")
+    assert len(load_rows(str(tmp_path / "saved"))) == 5
+
+
+def test_row_missing_its_field_names_file_row_and_field(tmp_path, alpaca_rows):
+    rows = [dict(r) for r in alpaca_rows[:10]]
+    del rows[6]["output"]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_checked(str(path), data_cfg(train=str(path)), "data.train")
+    assert str(e.value) == f"data.train: {path} row 7: field `output` is missing (format alpaca)."
+
+
+def test_wrong_typed_and_empty_fields(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match="row 1: `messages` has no assistant turn"):
+        load_checked(str(path), data_cfg(train=str(path)), "data.train")
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "completion": "  "}])
+    with pytest.raises(DataError, match="row 1: field `completion` is empty"):
+        load_checked(str(path), data_cfg(train=str(path)), "data.train")
+
+
+def test_corrupt_jsonl_line_is_located(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "broken"\n')
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON"):
+        load_rows(str(path))
+
+
+def test_empty_and_missing_datasets(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no rows|could not read"):
+        load_rows(str(empty))
+    with pytest.raises(DataError, match="file not found: ./nope.jsonl"):
+        load_rows("./nope.jsonl")
+
+
+def test_eval_split_is_seeded_and_disjoint(tmp_path, alpaca_rows):
+    path = write_jsonl(tmp_path / "t.jsonl", alpaca_rows)
+    cfg = data_cfg(train=str(path), eval_fraction=0.1, max_eval_samples=None)
+    train, held, fmt = split_rows(cfg, seed=1)
+    assert (len(train), len(held)) == (180, 20)
+    key = lambda r: (r["instruction"], r["input"])  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    again, _, _ = split_rows(cfg, seed=1)
+    assert again["input"] == train["input"]
+
+
+def test_truncation_is_counted_not_silent(tok):
+    import datasets
+
+    rows = datasets.Dataset.from_list([{"text": "word " * 5}, {"text": "word " * 200}])
+    ds, stats = tokenize_dataset(rows, "text", tok, max_len=32, loss_on="all")
+    assert stats.truncated == 1 and stats.max_tokens > 32
+    assert max(len(x) for x in ds["input_ids"]) == 32
+    assert "1 (50.0%) truncated to model.max_seq_len=32" in stats.describe(32)
+
+
+def test_rows_left_without_trainable_tokens_are_dropped_and_counted(tok):
+    import datasets
+
+    rows = datasets.Dataset.from_list(
+        [{"prompt": "word " * 100, "completion": " yes"}, {"prompt": "short", "completion": " no"}]
+    )
+    ds, stats = tokenize_dataset(rows, "prompt_completion", tok, max_len=16, loss_on="completion")
+    assert (len(ds), stats.dropped) == (1, 1)

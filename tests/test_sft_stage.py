@@ -1,0 +1,92 @@
+"""The SFT and pretrain stages, run in-process without Ray: learning, reporting, export, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import write_jsonl
+from distft.config import build_config
+from distft.models.loading import load_for_inference
+from distft.stages import StageContext, stage_runner
+from distft.stages.evaluate import generate
+
+
+def make_cfg(model_dir, train_file, stage="sft", **train):
+    return build_config(
+        {
+            "model": {"name_or_path": str(model_dir), "max_seq_len": 64},
+            "scaling": {"num_workers": 1, "torch_threads": 2},
+            "stage": stage,
+            "data": {"train": str(train_file), "eval_fraction": 0.1, "max_eval_samples": 16},
+            "method": {"name": "lora", "lora": {"r": 8, "alpha": 16}} if stage == "sft" else {"name": "full"},
+            "train": {"lr": 3e-3, "global_batch_size": 8, "micro_batch_size": 8, "log_every": 5, **train},
+        }
+    )
+
+
+def logged(ctx, key):
+    return [m[key] for m in ctx.reported if key in m and "done" not in m]
+
+
+def test_lora_sft_learns_reports_and_exports_an_adapter(tiny_base, alpaca_rows, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    cfg = make_cfg(tiny_base, train, max_steps=40, eval_every=20)
+    ctx = StageContext(run_dir=tmp_path / "run")
+    summary = stage_runner("sft")(cfg, ctx)
+
+    losses = logged(ctx, "loss")
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert len(logged(ctx, "eval_loss")) >= 2  # reported at every eval, not only at checkpoints
+    assert summary["steps"] == 40 and summary["trainable_params"] < summary["total_params"]
+
+    final = tmp_path / "run" / "sft" / "final"
+    assert (final / "adapter_model.safetensors").exists() and (final / "adapter_config.json").exists()
+    saved = yaml.safe_load((final / "distft_config.yaml").read_text())
+    assert saved["stages"][0]["train"]["max_steps"] == 40
+    lines = [json.loads(line) for line in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in line for line in lines)
+
+    model, tok = load_for_inference(tmp_path / "run" / "sft")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Which animal is in this sentence?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    (answer,) = generate(model, tok, [prompt], max_new_tokens=4)
+    assert answer.strip()
+
+
+def test_pretrain_full_finetune_on_text(tiny_random, tmp_path):
+    from distft.models.tiny import generic_corpus
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in generic_corpus(200, seed=5)])
+    cfg = make_cfg(tiny_random, corpus, stage="pretrain", max_steps=30)
+    ctx = StageContext(run_dir=tmp_path / "run")
+    summary = stage_runner("pretrain")(cfg, ctx)
+    losses = logged(ctx, "loss")
+    assert losses[-1] < 0.7 * losses[0]
+    assert summary["method"] == "full" and summary["trainable_params"] == summary["total_params"]
+    assert (tmp_path / "run" / "pretrain" / "final" / "model.safetensors").exists()
+
+
+def test_resume_continues_at_the_next_step_with_the_same_losses(tiny_random, alpaca_rows, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    cfg = make_cfg(tiny_random, train, max_steps=20, save_every=10, log_every=1)
+    full = StageContext(run_dir=tmp_path / "full")
+    stage_runner("sft")(cfg, full)
+
+    ckpt = tmp_path / "full" / "sft" / "checkpoints" / "checkpoint-10"
+    assert (ckpt / "distft_config.yaml").exists()
+    resumed = StageContext(run_dir=tmp_path / "resumed", resume_from=str(ckpt))
+    stage_runner("sft")(cfg, resumed)
+
+    steps = [m["step"] for m in resumed.reported if "loss" in m]
+    assert steps[0] == 11 and steps[-1] == 20
+    want = {m["step"]: m["loss"] for m in full.reported if "loss" in m}
+    for m in resumed.reported:
+        if "loss" in m:
+            assert m["loss"] == pytest.approx(want[m["step"]], rel=1e-4)
+            
+    lr_full = {m["step"]: m["learning_rate"] for m in full.reported if "learning_rate" in m}
+    lr_resumed = {m["step"]: m["learning_rate"] for m in resumed.reported if "learning_rate" in m}
+    assert all(lr_resumed[s] == pytest.approx(lr_full[s]) for s in lr_resumed)
