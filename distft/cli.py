@@ -82,8 +82,8 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
     for s in summaries:
         pct = 100.0 * s["trainable_params"] / max(s["total_params"], 1)
         lines.append(f"stage {s['stage']} ({s['kind']}, {s['method']}): {s['trainable_params']:,} trainable params ({pct:.2f}%)")
-        first = s.get("first_logged_loss")
-        loss = f"{first:.3f} -> {s['train_loss']:.3f} (mean)" if first is not None else f"{s['train_loss']:.3f}"
+        first, last = s.get("first_logged_loss"), s.get("last_logged_loss")
+        loss = f"{first:.3f} -> {last:.3f}" if first is not None else f"{s['train_loss']:.3f} (mean)"
         lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
         if s.get("exact_match_after") is not None:
             before = s.get("exact_match_before")

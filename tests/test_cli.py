@@ -79,3 +79,24 @@ def test_help_lists_every_command():
     r = distft("--help")
     for cmd in ("train", "validate", "tiny-model", "generate", "eval"):
         assert cmd in r.stdout
+
+
+def test_eval_and_generate_commands_on_a_model_directory(tiny_random, tmp_path, capsys):
+    from distft.cli import main
+
+    rows = [{"prompt": "The red fox", "completion": " ran"}, {"prompt": "A blue owl", "completion": " sat"}]
+    data = write_jsonl(tmp_path / "held.jsonl", rows)
+    assert main(["eval", str(tiny_random), "--data", str(data), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "exact match:" in out and "/2) on" in out
+
+    assert main(["generate", str(tiny_random), "--prompt", "Which animal?", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("> Which animal?")
+
+
+def test_eval_on_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    from distft.cli import main
+
+    data = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "a", "completion": "b"}])
+    assert main(["eval", str(tmp_path / "no-model"), "--data", str(data)]) == 2
+    assert "no model at" in capsys.readouterr().err

@@ -6,6 +6,7 @@ reported, never silent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,12 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_f
         enc = encode_row(row, fmt, tokenizer, max_len, loss_on, text_field)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_len": enc.full_length}
 
-    out = ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing")
+    # An explicit fingerprint: datasets would otherwise try to hash the closure (and, under
+    # Ray workers, dump its bytecode to the log), and the cache key is exactly these inputs.
+    key = [getattr(ds, "_fingerprint", None), fmt, max_len, loss_on, text_field,
+           tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)]
+    fingerprint = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
+    out = ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing", new_fingerprint=fingerprint)
     keep = [any(t != IGNORE for t in labels) for labels in out["labels"]]
     lengths = out["_len"]
     stats = TokenStats(

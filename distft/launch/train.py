@@ -34,8 +34,9 @@ def init_ray(cfg: DistftConfig, address: str | None):
         ray.init(
             address="local",
             num_cpus=os.cpu_count(),
+            # The dashboard also serves the State API that Train's placement-group
+            # cleaner polls; without it, that cleaner warns every few seconds.
             dashboard_host="127.0.0.1",
-            include_dashboard=False,
             log_to_driver=True,
             logging_level="warning",
         )
@@ -66,7 +67,7 @@ def _worker_env(cfg: DistftConfig) -> dict[str, str]:
 
 
 def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     stage = cfg.stages[stage_index]
@@ -90,6 +91,9 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
+            # INFO logs every report with its whole metrics dict, twice per step; the
+            # stage prints its own progress line instead.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

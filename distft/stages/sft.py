@@ -121,7 +121,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "total_params": params.total,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "first_logged_loss": _first_loss(trainer.state.log_history),
+        "first_logged_loss": _logged_loss(trainer.state.log_history, 0),
+        "last_logged_loss": _logged_loss(trainer.state.log_history, -1),
         "eval_loss": eval_metrics.get("eval_loss"),
         "exact_match_before": before,
         "exact_match_after": after,
@@ -146,5 +147,6 @@ def _score(model, tokenizer, rows, fmt, stage, ctx) -> float:
     return exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size, ctx.rank, ctx.world_size).accuracy
 
 
-def _first_loss(history: list[dict]) -> float | None:
-    return next((h["loss"] for h in history if "loss" in h), None)
+def _logged_loss(history: list[dict], index: int) -> float | None:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return losses[index] if losses else None
