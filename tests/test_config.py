@@ -20,9 +20,14 @@ def problems(raw: dict, overrides=()) -> list[str]:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    cfg = load_config(path)
+def test_every_shipped_config_loads_and_passes_preflight(path, monkeypatch):
+    from distft.launch.preflight import absolutize_paths, preflight
+
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # resources are checked per machine, not here
+    cfg = absolutize_paths(load_config(path), REPO)
     assert cfg.stages, path
+    notes = preflight(cfg, local_cluster=True)
+    assert any("rows, format" in n for n in notes)
 
 
 def test_single_stage_shorthand_fills_defaults():

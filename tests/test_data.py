@@ -149,3 +149,17 @@ def test_rows_left_without_trainable_tokens_are_dropped_and_counted(tok):
     )
     ds, stats = tokenize_dataset(rows, "prompt_completion", tok, max_len=16, loss_on="completion")
     assert (len(ds), stats.dropped) == (1, 1)
+
+
+def test_shipped_task_files_match_the_generator_and_are_disjoint():
+    import json
+
+    from conftest import REPO
+    from distft.data.task import make_splits
+
+    train, test = make_splits()
+    read = lambda name: [json.loads(x) for x in (REPO / "configs" / "data" / name).read_text().splitlines()]  # noqa: E731
+    assert read("facts_train.jsonl") == train and read("facts_test.jsonl") == test
+    assert len(test) >= 500
+    assert not {r["input"] for r in train} & {r["input"] for r in test}
+    assert {r["instruction"] for r in test} == {r["instruction"] for r in train}  # same 4 question kinds

@@ -86,7 +86,24 @@ def test_resume_continues_at_the_next_step_with_the_same_losses(tiny_random, alp
     for m in resumed.reported:
         if "loss" in m:
             assert m["loss"] == pytest.approx(want[m["step"]], rel=1e-4)
-            
+
     lr_full = {m["step"]: m["learning_rate"] for m in full.reported if "learning_rate" in m}
     lr_resumed = {m["step"]: m["learning_rate"] for m in resumed.reported if "learning_rate" in m}
     assert all(lr_resumed[s] == pytest.approx(lr_full[s]) for s in lr_resumed)
+
+
+@pytest.mark.gpu
+def test_lora_sft_on_gpu_in_bf16_without_ray(tiny_base, alpaca_rows, tmp_path):
+    """Ray-free, so it runs on a GPU box where Ray cannot be installed (see NOTES)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    cfg = make_cfg(tiny_base, train, max_steps=30)
+    cfg.scaling.use_gpu = True
+    cfg.model.dtype = "bfloat16"
+    ctx = StageContext(run_dir=tmp_path / "run")
+    stage_runner("sft")(cfg, ctx)
+    losses = logged(ctx, "loss")
+    assert losses[-1] < 0.6 * losses[0]

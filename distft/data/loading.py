@@ -16,7 +16,7 @@ from distft.data.formats import IGNORE, DataError, check_row, detect_format, enc
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).suffix in LOCAL_BUILDERS
 
 
@@ -42,7 +42,7 @@ def load_rows(source: str, split: str = "train", field: str = "data.train"):
                 ds = ds[split]
         else:
             ds = datasets.load_dataset(str(path), split=split)
-    elif _looks_local(source):
+    elif looks_local(source):
         raise DataError(f"{field}: file not found: {source}. Fix: check the path (relative paths start at the cwd).")
     else:
         try:

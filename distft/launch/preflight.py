@@ -11,7 +11,7 @@ from pathlib import Path
 
 from distft.config import TINY_BASE, DistftConfig
 from distft.data.formats import DataError
-from distft.data.loading import _looks_local, load_checked
+from distft.data.loading import looks_local, load_checked
 
 
 class PreflightError(Exception):
@@ -23,7 +23,7 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
     base = base or Path.cwd()
 
     def fix(value: str | None) -> str | None:
-        if value and _looks_local(value) and not Path(value).expanduser().is_absolute():
+        if value and looks_local(value) and not Path(value).expanduser().is_absolute():
             return str((base / value).resolve())
         return value
 
@@ -60,7 +60,7 @@ def check_data(cfg: DistftConfig) -> tuple[list[str], list[str]]:
             if not src:
                 continue
             name = prefix.format(i=i) + field
-            if not _looks_local(src) and not Path(src).exists():
+            if not looks_local(src) and not Path(src).exists():
                 notes.append(f"{name}: {src} is a datasets name; it is checked when the workers load it.")
                 continue
             try:

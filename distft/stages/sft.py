@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distft.config import DistftConfig, dump_config
 from distft.data.loading import load_checked, split_rows, tokenize_dataset
+from distft.distributed.process_group import ensure_process_group
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.context import StageContext
@@ -33,6 +34,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     started = time.time()
     torch.set_num_threads(cfg.scaling.threads_per_worker())
     quiet_libraries()
+    ensure_process_group(ctx.world_size, cfg.scaling.use_gpu)
     set_seed(train_cfg.seed)
     ctx.log(f"[{stage.label()}] {train_cfg.batch_plan(ctx.world_size)}")
 

@@ -1,0 +1,1 @@
+"""Distributed set-up shared by stages (process groups now; strategy builders later)."""
