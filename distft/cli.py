@@ -46,7 +46,7 @@ def cmd_validate(args) -> int:
     from distft.launch.train import cluster_address
 
     cfg = _load(args)
-    notes = preflight(cfg, local_cluster=not cluster_address(cfg, args.address))
+    notes = preflight(cfg, cluster_address(cfg, args.address))
     print(describe_plan(cfg))
     for note in notes:
         print(f"check   {note}")
@@ -60,7 +60,7 @@ def cmd_train(args) -> int:
     from distft.stages.tiny_base import ensure_tiny_base
 
     cfg = _load(args)
-    preflight(cfg, local_cluster=not cluster_address(cfg, args.address))
+    preflight(cfg, cluster_address(cfg, args.address))
     run_dir = _run_dir(cfg, args.config)
     cfg.run.name = run_dir.name
     print(describe_plan(cfg, run_dir), flush=True)
@@ -193,8 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options too (`train c.yaml --address X train.lr=1`), which
+    # plain argparse rejects once an option has ended the positional list.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from distft.launch.preflight import PreflightError
+    from distft.launch.train import ClusterError
 
     try:
         return args.func(args)
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     except PreflightError as e:
         print(f"error: cannot run {getattr(args, 'config', '')}:\n{e}", file=sys.stderr)
-    except (DataError, UsageError, FileNotFoundError) as e:
+    except (DataError, UsageError, FileNotFoundError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

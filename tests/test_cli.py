@@ -100,3 +100,10 @@ def test_eval_on_a_missing_model_is_a_clear_error(tmp_path, capsys):
     data = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "a", "completion": "b"}])
     assert main(["eval", str(tmp_path / "no-model"), "--data", str(data)]) == 2
     assert "no model at" in capsys.readouterr().err
+
+
+def test_unreachable_cluster_fails_fast_and_overrides_may_follow_options(config, tmp_path):
+    r = distft("train", config, "--address", "127.0.0.1:1", f"run.output_dir={tmp_path / 'runs'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "run.address: nothing answers at 127.0.0.1:1" in r.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was created for a run that cannot start

@@ -7,6 +7,7 @@ fails with one clear message instead of a worker traceback.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from distft.config import TINY_BASE, DistftConfig
@@ -95,9 +96,28 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
     return problems
 
 
-def preflight(cfg: DistftConfig, local_cluster: bool) -> list[str]:
-    """Problems that make the run impossible. Returns the notes worth printing."""
-    problems = check_model(cfg)
+def check_address(address: str | None, timeout_s: float = 5.0) -> list[str]:
+    """A dead `host:port` makes `ray.init` retry for minutes; a TCP probe answers in seconds."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return []
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return [f"run.address: {address!r} is not host:port (e.g. 127.0.0.1:6379), 'auto', or ray://host:port."]
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return []
+    except OSError as e:
+        return [
+            f"run.address: nothing answers at {address} ({e.strerror or e}). Fix: start the head with "
+            "`ray start --head` (see cluster/README.md), check the address with `ray status`, or drop "
+            "--address/run.address/RAY_ADDRESS to use a private local cluster."
+        ]
+
+
+def preflight(cfg: DistftConfig, address: str | None) -> list[str]:
+    """Problems that make the run impossible, found before anything starts. Returns notes worth printing."""
+    local_cluster = not address
+    problems = check_address(address) + check_model(cfg)
     data_problems, notes = check_data(cfg)
     problems += data_problems
     if local_cluster:

@@ -19,6 +19,10 @@ from distft.config import DistftConfig
 WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
 
 
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or cannot host the request; the message says how to fix it."""
+
+
 def cluster_address(cfg: DistftConfig, address: str | None = None) -> str | None:
     return address or cfg.run.address or os.environ.get("RAY_ADDRESS") or None
 
@@ -29,7 +33,14 @@ def init_ray(cfg: DistftConfig, address: str | None):
     if ray.is_initialized():
         return ray
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as e:  # ConnectionError, auth errors, timeouts: all mean "cannot use it"
+            raise ClusterError(
+                f"could not connect to the Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0]}. "
+                "Fix: check the address (`ray status` on the head), set RAY_AUTH_MODE=token for clusters with "
+                "token auth, or drop --address/run.address/RAY_ADDRESS to use a private local cluster."
+            ) from None
     else:
         ray.init(
             address="local",
@@ -53,7 +64,7 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
         need = per * s.num_workers
         have = total.get(key, 0)
         if need > have:
-            raise RuntimeError(
+            raise ClusterError(
                 f"scaling asks for {need:g} {key} ({s.num_workers} workers x {per:g}), but the cluster has {have:g}. "
                 "Fix: fewer scaling.num_workers, smaller per-worker resources, or add nodes."
             )

@@ -16,6 +16,9 @@ from transformers import TrainerCallback
 from distft.config import dump_config
 
 
+PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -41,7 +44,8 @@ class ReportCallback(TrainerCallback):
         if self.ctx.is_main:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
-            self.ctx.log(self._progress_line(state, logs))
+            if any(k in logs for k in PROGRESS_KEYS):
+                self.ctx.log(self._progress_line(state, logs))
         self.ctx.report(metrics)
 
     def _progress_line(self, state, logs: dict) -> str:
@@ -49,9 +53,7 @@ class ReportCallback(TrainerCallback):
         done = step - getattr(self, "start_step", 0)
         elapsed = time.time() - self.started
         eta = elapsed / done * (total - step) if done > 0 else 0.0
-        shown = " ".join(
-            f"{k} {v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss", "learning_rate", "grad_norm")
-        )
+        shown = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k in PROGRESS_KEYS)
         return f"[{self.label}] step {step}/{total} ({100 * step / total:.0f}%) {shown} | {_fmt_seconds(elapsed)} elapsed, eta {_fmt_seconds(eta)}"
 
     def on_save(self, args, state, control, **kwargs):
