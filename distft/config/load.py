@@ -26,6 +26,7 @@ from distft.config.schema import (
     RunConfig,
     ScalingConfig,
     StageBase,
+    StrategyConfig,
     TrainConfig,
 )
 
@@ -35,6 +36,7 @@ STAGE_SECTIONS: dict[str, type[BaseModel]] = {
     "method": MethodConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "strategy": StrategyConfig,
 }
 SHARED_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "scaling": ScalingConfig, "run": RunConfig}
 TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages"]
@@ -236,7 +238,8 @@ def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
     try:
         return DistftConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(source, [_describe(err, stage_dicts, shorthand) for err in e.errors()]) from None
+        described = [_describe(err, stage_dicts, shorthand) for err in e.errors()]
+        raise ConfigError(source, [line for text in described for line in text.split("\n")]) from None
 
 
 def _describe(err: dict, stage_dicts: list, shorthand: bool) -> str:

@@ -158,12 +158,59 @@ class EvaluateConfig(Section):
     before: bool = True
 
 
+Offload = Literal["none", "cpu", "nvme"]
+
+
+class StrategyConfig(Section):
+    """How each worker holds the model: plain DDP or DeepSpeed ZeRO (FSDP2 is refused until it is real)."""
+
+    name: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Offload = "none"
+    offload_params: Offload = "none"
+    nvme_path: str | None = Field(None, description="Local NVMe directory for offload: nvme")
+    # ZeRO-3 keeps parameters smaller than this unpartitioned on every rank. DeepSpeed's
+    # default (1e5) would leave a tiny model wholly replicated, so sharding tests set 0.
+    param_persistence_threshold: int = Field(100_000, ge=0)
+    gradient_checkpointing: bool = False
+    deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON merged over distft's defaults")
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        errors = []
+        if self.name == "fsdp":
+            errors.append(
+                "strategy.name=fsdp is not available yet: a transformers Trainer asked for FSDP on CPU silently "
+                "trains plain DDP, and distft never claims sharding it does not do. Fix: strategy.name=deepspeed "
+                "with strategy.zero_stage=3 for sharded parameters, or strategy.name=ddp."
+            )
+        if self.name != "deepspeed":
+            for field in ("offload_optimizer", "offload_params"):
+                if getattr(self, field) != "none":
+                    errors.append(f"strategy.{field} needs strategy.name=deepspeed (got {self.name}).")
+            if self.deepspeed_config:
+                errors.append(f"strategy.deepspeed_config needs strategy.name=deepspeed (got {self.name}).")
+        if self.offload_params != "none" and self.zero_stage != 3:
+            errors.append(
+                f"strategy.offload_params={self.offload_params} needs strategy.zero_stage=3 "
+                f"(got {self.zero_stage}): only ZeRO-3 partitions parameters."
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            errors.append("strategy.offload_optimizer needs strategy.zero_stage >= 1.")
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            errors.append("strategy offload to nvme needs strategy.nvme_path (a local NVMe directory).")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
 class StageBase(Section):
     name: str | None = Field(None, description="Output sub-directory; default: the stage kind")
     data: DataConfig
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    strategy: StrategyConfig = StrategyConfig()
 
     def label(self) -> str:
         return self.name or self.stage  # type: ignore[attr-defined]

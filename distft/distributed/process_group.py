@@ -11,14 +11,20 @@ from __future__ import annotations
 import os
 
 
-def ensure_process_group(world_size: int, use_gpu: bool) -> None:
+def ensure_process_group(world_size: int, use_gpu: bool, deepspeed: bool = False) -> None:
     if world_size <= 1:
         return
     import torch
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    if use_gpu:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend="nccl" if use_gpu else "gloo")
+    backend = "nccl" if use_gpu else "gloo"
+    if not dist.is_initialized():
+        if use_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    if deepspeed:
+        # ZeRO-3's zero.Init runs inside from_pretrained, before the Trainer; DeepSpeed's own
+        # comm layer must already wrap the group there, or it partitions for a world of 1.
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend)

@@ -73,6 +73,8 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
 def _worker_env(cfg: DistftConfig) -> dict[str, str]:
     threads = str(cfg.scaling.threads_per_worker())
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    if not cfg.scaling.use_gpu and any(st.strategy.name == "deepspeed" for st in cfg.stages):
+        env["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported in the worker
     env.update({k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ})
     return env
 
@@ -114,6 +116,21 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
     return json.loads(summary_path.read_text())
 
 
+def _quiet_report_logger() -> None:
+    """Train V2 logs every report (with its whole metrics dict) at INFO, twice per log step.
+
+    That logger is named after its file, so `LoggingConfig(log_level=...)`, which sets
+    the `ray.train` logger, does not reach it; quiet it by name.
+    """
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
     import ray.train
@@ -121,6 +138,7 @@ def _worker_entry(config: dict) -> None:
     from distft.config import DistftConfig
     from distft.stages import StageContext, stage_runner
 
+    _quiet_report_logger()
     cfg = DistftConfig.model_validate(config["config"])
     stage_index = config["stage_index"]
     tctx = ray.train.get_context()

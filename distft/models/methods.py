@@ -71,8 +71,10 @@ class ParamCount:
 def count_params(model) -> ParamCount:
     trainable = total = 0
     for p in model.parameters():
-        # 4-bit weights are packed two per byte; count logical parameters.
-        n = p.numel() * 2 if p.__class__.__name__ == "Params4bit" else p.numel()
+        # Logical parameters: 4-bit weights pack two per element, ZeRO-3 keeps only a shard here.
+        n = getattr(p, "ds_numel", p.numel())
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
         total += n
         if p.requires_grad:
             trainable += n

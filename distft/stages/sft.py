@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from distft.config import DistftConfig, dump_config
 from distft.data.loading import load_checked, split_rows, tokenize_dataset
+from distft.distributed.deepspeed import build_deepspeed_config
 from distft.distributed.process_group import ensure_process_group
+from distft.distributed.sharding import full_parameters, optimizer_shard, parameter_shard
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.context import StageContext
@@ -29,12 +32,15 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     stage = cfg.stages[ctx.stage_index]
-    train_cfg, data_cfg = stage.train, stage.data
+    train_cfg, data_cfg, strategy = stage.train, stage.data, stage.strategy
+    use_deepspeed = strategy.name == "deepspeed"
+    if use_deepspeed and not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     stage_dir = Path(ctx.run_dir) / stage.label()
     started = time.time()
     torch.set_num_threads(cfg.scaling.threads_per_worker())
     quiet_libraries()
-    ensure_process_group(ctx.world_size, cfg.scaling.use_gpu)
+    ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed)
     set_seed(train_cfg.seed)
     ctx.log(f"[{stage.label()}] {train_cfg.batch_plan(ctx.world_size)}")
 
@@ -45,21 +51,6 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     train_ds, train_stats = tokenize_dataset(train_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
     eval_ds, _ = tokenize_dataset(eval_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
     ctx.log(f"[{stage.label()}] data ({fmt}, loss on {stage.loss_on()}): {train_stats.describe(max_len)}")
-
-    # Model, with the method's adapters attached.
-    model = load_model(cfg.model, stage.method, cfg.scaling.use_gpu, log=ctx.log)
-    params = count_params(model)
-
-    # Held-out task score before training, so the summary shows what training bought.
-    task_rows = None
-    before = None
-    if stage.evaluate.data:
-        task_rows, _ = load_checked(stage.evaluate.data, data_cfg, "evaluate.data", fmt=fmt)
-        if stage.evaluate.max_samples:
-            task_rows = task_rows.select(range(min(len(task_rows), stage.evaluate.max_samples)))
-        if stage.evaluate.before and not ctx.resume_from:
-            before = _score(model, tokenizer, task_rows, fmt, stage, ctx)
-            ctx.log(f"[{stage.label()}] held-out exact match before training: {before:.1%} ({len(task_rows)} items)")
 
     grad_accum = train_cfg.grad_accum(ctx.world_size)
     steps_per_epoch = math.ceil(len(train_ds) / (train_cfg.micro_batch_size * ctx.world_size * grad_accum))
@@ -94,7 +85,26 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         disable_tqdm=True,
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        gradient_checkpointing=strategy.gradient_checkpointing,
+        # Created before the model on purpose: under ZeRO-3 `from_pretrained` then loads
+        # straight into partitions (zero.Init) instead of a full copy per worker.
+        deepspeed=build_deepspeed_config(strategy, train_cfg, cfg.model.dtype, ctx.world_size) if use_deepspeed else None,
     )
+    # Model, with the method's adapters attached.
+    model = load_model(cfg.model, stage.method, cfg.scaling.use_gpu, log=ctx.log)
+    params = count_params(model)
+
+    # Held-out task score before training, so the summary shows what training bought.
+    task_rows = None
+    before = None
+    if stage.evaluate.data:
+        task_rows, _ = load_checked(stage.evaluate.data, data_cfg, "evaluate.data", fmt=fmt)
+        if stage.evaluate.max_samples:
+            task_rows = task_rows.select(range(min(len(task_rows), stage.evaluate.max_samples)))
+        if stage.evaluate.before and not ctx.resume_from:
+            before = _score(model, tokenizer, task_rows, fmt, stage, ctx)
+            ctx.log(f"[{stage.label()}] held-out exact match before training: {before:.1%} ({len(task_rows)} items)")
+
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -132,6 +142,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "train_rows": train_stats.rows,
         "truncated_rows": train_stats.truncated,
         "world_size": ctx.world_size,
+        "strategy": strategy.name if not use_deepspeed else f"deepspeed-zero{strategy.zero_stage}",
+        **parameter_shard(trainer.model),
+        **optimizer_shard(trainer.model_wrapped),
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
     }
@@ -145,8 +158,10 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
 
 def _score(model, tokenizer, rows, fmt, stage, ctx) -> float:
-    ev = stage.evaluate
-    return exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size, ctx.rank, ctx.world_size).accuracy
+    ev, st = stage.evaluate, stage.strategy
+    with full_parameters(model, zero3=st.name == "deepspeed" and st.zero_stage == 3):
+        result = exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size, ctx.rank, ctx.world_size)
+    return result.accuracy
 
 
 def _logged_loss(history: list[dict], index: int) -> float | None:
