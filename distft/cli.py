@@ -85,6 +85,12 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
         first, last = s.get("first_logged_loss"), s.get("last_logged_loss")
         loss = f"{first:.3f} -> {last:.3f}" if first is not None else f"{s['train_loss']:.3f} (mean)"
         lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
+        full = s.get("param_elements_full")
+        if full and s.get("world_size", 1) > 1:
+            shares = [f"parameters {100 * s['param_elements_local'] / full:.1f}%"]
+            if "optimizer_fp32_elements_local" in s:
+                shares.append(f"optimizer state {100 * s['optimizer_fp32_elements_local'] / full:.1f}%")
+            lines.append(f"  per rank     {', '.join(shares)} of the model, measured ({s.get('strategy', 'ddp')})")
         if s.get("exact_match_after") is not None:
             before = s.get("exact_match_before")
             shown = f"{before:.1%} -> " if before is not None else ""

@@ -49,6 +49,6 @@ def alpaca_rows() -> list[dict]:
 def ray_cluster():
     """One private local Ray cluster for every Ray test: each start costs seconds here."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", logging_level="warning")
     yield ray
     ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -61,3 +62,18 @@ def test_quickstart_cli_meets_its_target(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
     assert g.stdout.strip().splitlines()[-1] == row["output"]
+
+
+def test_deepspeed_zero3_on_ray_shards_parameters(ray_cluster, tiny_base, tmp_path):
+    from distft.launch.train import launch
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    cfg = absolutize_paths(load_config(REPO / "configs" / "zero3.yaml", [
+        f"model.name_or_path={tiny_base}", "train.max_steps=12", "evaluate.max_samples=16",
+        "data.max_train_samples=800", "train.log_every=4",
+    ]), REPO)
+    (summary,) = launch(cfg, tmp_path / "run", log=lambda m: None)
+    assert summary["strategy"] == "deepspeed-zero3" and summary["world_size"] == 2
+    assert summary["param_elements_local"] == pytest.approx(summary["param_elements_full"] / 2, rel=0.02)
+    assert summary["last_logged_loss"] < summary["first_logged_loss"]
+    assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").exists()
