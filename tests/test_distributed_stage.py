@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -34,28 +35,37 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> No
         json.dump({"summary": summary, "losses": losses}, f)
 
 
-def test_two_process_gloo_run_splits_the_batch_and_agrees(tiny_base, alpaca_rows, tmp_path):
+def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tuple[dict, dict, Path]:
+    """Write the data, run the SFT stage on 2 spawned gloo ranks, and return what each rank saw."""
     import torch.multiprocessing as mp
 
     from distft.config import build_config
 
-    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
-    held = write_jsonl(tmp_path / "held.jsonl", alpaca_rows[:24])
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    held = write_jsonl(tmp_path / "held.jsonl", rows[:held_rows])
     cfg = build_config({
         "model": {"name_or_path": str(tiny_base), "max_seq_len": 64},
         "scaling": {"num_workers": 2, "torch_threads": 1},
         "stage": "sft",
         "data": {"train": str(train), "max_eval_samples": 16},
-        "method": {"name": "lora", "lora": {"r": 8, "alpha": 16}},
-        "train": {"lr": 3e-3, "max_steps": 20, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 5},
-        "evaluate": {"data": str(held), "max_new_tokens": 6},
+        **sections,
+        "evaluate": {"data": str(held), **sections.get("evaluate", {})},
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     mp.start_processes(_worker, args=(2, _free_port(), cfg.model_dump_json(), str(run_dir)), nprocs=2,
                        start_method="spawn")
-
     r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
+    return r0, r1, run_dir
+
+
+def test_two_process_gloo_run_splits_the_batch_and_agrees(tiny_base, alpaca_rows, tmp_path):
+    r0, r1, run_dir = run_two_ranks(
+        tmp_path, tiny_base, alpaca_rows, held_rows=24,
+        method={"name": "lora", "lora": {"r": 8, "alpha": 16}},
+        train={"lr": 3e-3, "max_steps": 20, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 5},
+        evaluate={"max_new_tokens": 6},
+    )
     assert r0["summary"]["world_size"] == 2 and r0["summary"]["steps"] == 20
     # Each rank scored half the held-out items; the all-reduced accuracy is the same on both.
     assert r0["summary"]["eval_items"] == 24
@@ -69,28 +79,14 @@ def test_two_process_gloo_run_splits_the_batch_and_agrees(tiny_base, alpaca_rows
 def test_deepspeed_zero_really_shards_on_two_cpu_ranks(zero_stage, tiny_base, alpaca_rows, tmp_path):
     """Measured on the live engine: ZeRO-3 holds ~1/2 of the parameters per rank, ZeRO-2 ~1/2 of the optimizer."""
     pytest.importorskip("deepspeed")
-    import torch.multiprocessing as mp
-
-    from distft.config import build_config
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
-    held = write_jsonl(tmp_path / "held.jsonl", alpaca_rows[:8])
-    cfg = build_config({
-        "model": {"name_or_path": str(tiny_base), "max_seq_len": 64},
-        "scaling": {"num_workers": 2, "torch_threads": 1},
-        "stage": "sft",
-        "data": {"train": str(train), "max_eval_samples": 16},
-        "method": {"name": "full"},
-        "strategy": {"name": "deepspeed", "zero_stage": zero_stage, "param_persistence_threshold": 0},
-        "train": {"lr": 1e-3, "max_steps": 12, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 4},
-        "evaluate": {"data": str(held), "max_new_tokens": 4},  # generation on sharded weights
-    })
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    mp.start_processes(_worker, args=(2, _free_port(), cfg.model_dump_json(), str(run_dir)), nprocs=2,
-                       start_method="spawn")
-    r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
+    r0, r1, run_dir = run_two_ranks(
+        tmp_path, tiny_base, alpaca_rows, held_rows=8,
+        method={"name": "full"},
+        strategy={"name": "deepspeed", "zero_stage": zero_stage, "param_persistence_threshold": 0},
+        train={"lr": 1e-3, "max_steps": 12, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 4},
+        evaluate={"max_new_tokens": 4},  # generation on sharded weights
+    )
     s0 = r0["summary"]
     full = s0["param_elements_full"]
     assert s0["strategy"] == f"deepspeed-zero{zero_stage}"

@@ -175,6 +175,12 @@ class StrategyConfig(Section):
     gradient_checkpointing: bool = False
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON merged over distft's defaults")
 
+    def label(self) -> str:
+        return f"deepspeed-zero{self.zero_stage}" if self.name == "deepspeed" else self.name
+
+    def partitions_parameters(self) -> bool:
+        return self.name == "deepspeed" and self.zero_stage == 3
+
     @model_validator(mode="after")
     def _combinations(self):
         errors = []

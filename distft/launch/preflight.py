@@ -139,9 +139,8 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         lines.append(f"stage {i + 1}/{len(cfg.stages)}: {st.label()} ({st.stage}, method {st.method.name})")
         lines.append(f"  batch   {st.train.batch_plan(s.num_workers)}")
         strat = st.strategy
-        shown = f"deepspeed ZeRO-{strat.zero_stage}" if strat.name == "deepspeed" else strat.name
         offload = [f"{k}={getattr(strat, k)}" for k in ("offload_optimizer", "offload_params") if getattr(strat, k) != "none"]
-        lines.append(f"  strategy {shown}" + (f" ({', '.join(offload)})" if offload else ""))
+        lines.append(f"  strategy {strat.label()}" + (f" ({', '.join(offload)})" if offload else ""))
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
         lines.append(f"  data    {st.data.train} (format {st.data.format}, loss on {st.loss_on()}, packing {st.data.packing})")

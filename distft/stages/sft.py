@@ -142,7 +142,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "train_rows": train_stats.rows,
         "truncated_rows": train_stats.truncated,
         "world_size": ctx.world_size,
-        "strategy": strategy.name if not use_deepspeed else f"deepspeed-zero{strategy.zero_stage}",
+        "strategy": strategy.label(),
         **parameter_shard(trainer.model),
         **optimizer_shard(trainer.model_wrapped),
         "wall_seconds": round(time.time() - started, 1),
@@ -158,8 +158,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
 
 def _score(model, tokenizer, rows, fmt, stage, ctx) -> float:
-    ev, st = stage.evaluate, stage.strategy
-    with full_parameters(model, zero3=st.name == "deepspeed" and st.zero_stage == 3):
+    ev = stage.evaluate
+    with full_parameters(model, zero3=stage.strategy.partitions_parameters()):
         result = exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size, ctx.rank, ctx.world_size)
     return result.accuracy
 
