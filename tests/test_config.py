@@ -158,3 +158,15 @@ def test_resolved_config_round_trips(tmp_path):
     dump_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def test_unknown_keys_and_type_errors_are_reported_together():
+    found = problems(BASE, ["train.lrr=1", "scaling.num_workers=0"])
+    assert found == ["train.lrr: unknown key; did you mean `lr`?",
+                     "scaling.num_workers: Input should be greater than or equal to 1 (got 0)."]
+
+
+def test_stages_must_be_a_list_of_mappings():
+    assert problems({"stages": {"stage": "sft"}}) == ["stages: must be a non-empty list of stages, e.g. `- stage: sft`."]
+    (p,) = problems({"stages": ["sft"]})
+    assert p.startswith("stages.0: must be a mapping")

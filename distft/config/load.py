@@ -213,6 +213,7 @@ def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
         problems.extend(unknown_keys(raw.get(key), model, key))
 
     shorthand = "stages" not in raw
+    structural = []  # problems that leave no stages to validate
     if "stage" in raw and "stages" in raw:
         problems.append("stage and stages are both set. Fix: use `stage: sft` for one stage, or a `stages:` list.")
     if shorthand:
@@ -220,26 +221,34 @@ def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
     else:
         stage_dicts = raw.pop("stages")
         if not isinstance(stage_dicts, list) or not stage_dicts:
-            problems.append("stages: must be a non-empty list of stages, e.g. `- stage: sft`.")
+            structural.append("stages: must be a non-empty list of stages, e.g. `- stage: sft`.")
             stage_dicts = []
     shared = {k: raw.pop(k) for k in list(STAGE_SECTIONS) if k in raw}
     stages = []
     for i, st in enumerate(stage_dicts):
         if not isinstance(st, dict):
-            problems.append(f"stages.{i}: must be a mapping with at least `stage: <{'|'.join(STAGE_KINDS)}>`.")
+            structural.append(f"stages.{i}: must be a mapping with at least `stage: <{'|'.join(STAGE_KINDS)}>`.")
             continue
         if not shorthand:
             problems.extend(unknown_keys(st, StageBase, f"stages.{i}", extra_allowed=("stage",)))
         stages.append(_deep_merge(shared, st))
-    if problems:
-        raise ConfigError(source, problems)
+    if structural:
+        raise ConfigError(source, problems + structural)
     raw["stages"] = stages
 
+    # Unknown keys are already reported (with suggestions); validate the rest too, so a
+    # user fixes every problem in one pass instead of one per run.
+    cfg = None
     try:
-        return DistftConfig.model_validate(raw)
+        cfg = DistftConfig.model_validate(raw)
     except ValidationError as e:
-        described = [_describe(err, stage_dicts, shorthand) for err in e.errors()]
-        raise ConfigError(source, [line for text in described for line in text.split("\n")]) from None
+        described = [_describe(err, stage_dicts, shorthand) for err in e.errors() if err["type"] != "extra_forbidden"]
+        problems += [line for text in described for line in text.split("\n")]
+        if not problems:  # an unknown key the pre-check missed: still one clear line each
+            problems = [_describe(err, stage_dicts, shorthand) for err in e.errors()]
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
 
 
 def _describe(err: dict, stage_dicts: list, shorthand: bool) -> str:
