@@ -30,9 +30,10 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> No
     cfg = DistftConfig.model_validate_json(cfg_json)
     ctx = context_from_env(run_dir)
     summary = stage_runner("sft")(cfg, ctx)
-    losses = [m["loss"] for m in ctx.reported if "loss" in m and "done" not in m]
+    # One loss per step (a checkpoint report repeats the latest metrics; keep the step's value).
+    losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"summary": summary, "losses": losses}, f)
+        json.dump({"summary": summary, "steps": sorted(losses), "losses": [losses[k] for k in sorted(losses)]}, f)
 
 
 def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tuple[dict, dict, Path]:
@@ -42,7 +43,7 @@ def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tupl
     from distft.config import build_config
 
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    held = write_jsonl(tmp_path / "held.jsonl", rows[:held_rows])
+    held = write_jsonl(tmp_path / "held.jsonl", rows[:held_rows] or rows[:1])
     cfg = build_config({
         "model": {"name_or_path": str(tiny_base), "max_seq_len": 64},
         "scaling": {"num_workers": 2, "torch_threads": 1},
@@ -52,7 +53,7 @@ def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tupl
         "evaluate": {"data": str(held), **sections.get("evaluate", {})},
     })
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     mp.start_processes(_worker, args=(2, _free_port(), cfg.model_dump_json(), str(run_dir)), nprocs=2,
                        start_method="spawn")
     r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
@@ -105,3 +106,46 @@ def test_deepspeed_zero_really_shards_on_two_cpu_ranks(zero_stage, tiny_base, al
 
     model, _ = load_for_inference(run_dir / "sft")
     assert sum(p.numel() for p in model.parameters()) == full
+
+
+EQUIVALENCE = dict(
+    method={"name": "full"},
+    train={"lr": 1e-3, "max_steps": 10, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 1},
+    evaluate={"before": False},
+)
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tiny_base, tmp_path_factory) -> dict[int, float]:
+    """The reference: one process, 4 accumulation steps, no sharding."""
+    from distft.config import build_config
+    from distft.data.task import make_splits
+    from distft.stages import StageContext, stage_runner
+
+    rows, _ = make_splits(n_train=200, n_test=10, seed=3)  # the alpaca_rows fixture's data
+    tmp = tmp_path_factory.mktemp("single")
+    train = write_jsonl(tmp / "train.jsonl", rows)
+    cfg = build_config({"model": {"name_or_path": str(tiny_base), "max_seq_len": 64},
+                        "scaling": {"num_workers": 1, "torch_threads": 2}, "stage": "sft",
+                        "data": {"train": str(train), "max_eval_samples": 16}, **EQUIVALENCE})
+    ctx = StageContext(run_dir=tmp / "run")
+    stage_runner("sft")(cfg, ctx)
+    return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
+
+
+@pytest.mark.parametrize("strategy, rel", [
+    ({"name": "ddp"}, 1e-5),
+    ({"name": "deepspeed", "zero_stage": 1}, 1e-4),
+    ({"name": "deepspeed", "zero_stage": 2}, 1e-4),
+    ({"name": "deepspeed", "zero_stage": 3, "param_persistence_threshold": 0}, 1e-4),
+], ids=["ddp", "zero1", "zero2", "zero3"])
+def test_two_ranks_match_one_process_step_for_step(strategy, rel, single_process_losses, tiny_base, alpaca_rows,
+                                                   tmp_path):
+    """Same seed and global batch: 1 process x 4 accumulation == 2 ranks x 2 accumulation, fp32."""
+    if strategy["name"] == "deepspeed":
+        pytest.importorskip("deepspeed")
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    r0, _, _ = run_two_ranks(tmp_path, tiny_base, alpaca_rows, held_rows=4, strategy=strategy, **EQUIVALENCE)
+    assert r0["summary"]["world_size"] == 2
+    assert sorted(single_process_losses) == r0["steps"] == list(range(1, 11))
+    assert r0["losses"] == pytest.approx([single_process_losses[s] for s in r0["steps"]], rel=rel)
