@@ -36,8 +36,8 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> No
         json.dump({"summary": summary, "steps": sorted(losses), "losses": [losses[k] for k in sorted(losses)]}, f)
 
 
-def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tuple[dict, dict, Path]:
-    """Write the data, run the SFT stage on 2 spawned gloo ranks, and return what each rank saw."""
+def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, **sections) -> tuple[dict, dict, Path]:
+    """Write the data, run the SFT stage on `world` spawned gloo ranks; return what ranks 0 and 1 saw."""
     import torch.multiprocessing as mp
 
     from distft.config import build_config
@@ -46,7 +46,7 @@ def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tupl
     held = write_jsonl(tmp_path / "held.jsonl", rows[:held_rows] or rows[:1])
     cfg = build_config({
         "model": {"name_or_path": str(tiny_base), "max_seq_len": 64},
-        "scaling": {"num_workers": 2, "torch_threads": 1},
+        "scaling": {"num_workers": world, "torch_threads": 1},
         "stage": "sft",
         "data": {"train": str(train), "max_eval_samples": 16},
         **sections,
@@ -54,14 +54,14 @@ def run_two_ranks(tmp_path, tiny_base, rows, held_rows: int, **sections) -> tupl
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
-    mp.start_processes(_worker, args=(2, _free_port(), cfg.model_dump_json(), str(run_dir)), nprocs=2,
+    mp.start_processes(_worker, args=(world, _free_port(), cfg.model_dump_json(), str(run_dir)), nprocs=world,
                        start_method="spawn")
     r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
     return r0, r1, run_dir
 
 
 def test_two_process_gloo_run_splits_the_batch_and_agrees(tiny_base, alpaca_rows, tmp_path):
-    r0, r1, run_dir = run_two_ranks(
+    r0, r1, run_dir = run_ranks(
         tmp_path, tiny_base, alpaca_rows, held_rows=24,
         method={"name": "lora", "lora": {"r": 8, "alpha": 16}},
         train={"lr": 3e-3, "max_steps": 20, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 5},
@@ -81,7 +81,7 @@ def test_deepspeed_zero_really_shards_on_two_cpu_ranks(zero_stage, tiny_base, al
     """Measured on the live engine: ZeRO-3 holds ~1/2 of the parameters per rank, ZeRO-2 ~1/2 of the optimizer."""
     pytest.importorskip("deepspeed")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    r0, r1, run_dir = run_two_ranks(
+    r0, r1, run_dir = run_ranks(
         tmp_path, tiny_base, alpaca_rows, held_rows=8,
         method={"name": "full"},
         strategy={"name": "deepspeed", "zero_stage": zero_stage, "param_persistence_threshold": 0},
@@ -133,19 +133,21 @@ def single_process_losses(tiny_base, tmp_path_factory) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
 
 
-@pytest.mark.parametrize("strategy, rel", [
-    ({"name": "ddp"}, 1e-5),
-    ({"name": "deepspeed", "zero_stage": 1}, 1e-4),
-    ({"name": "deepspeed", "zero_stage": 2}, 1e-4),
-    ({"name": "deepspeed", "zero_stage": 3, "param_persistence_threshold": 0}, 1e-4),
-], ids=["ddp", "zero1", "zero2", "zero3"])
-def test_two_ranks_match_one_process_step_for_step(strategy, rel, single_process_losses, tiny_base, alpaca_rows,
-                                                   tmp_path):
-    """Same seed and global batch: 1 process x 4 accumulation == 2 ranks x 2 accumulation, fp32."""
+@pytest.mark.parametrize("world, strategy, rel", [
+    (2, {"name": "ddp"}, 1e-5),
+    (4, {"name": "ddp"}, 1e-5),
+    (2, {"name": "deepspeed", "zero_stage": 1}, 1e-4),
+    (2, {"name": "deepspeed", "zero_stage": 2}, 1e-4),
+    (2, {"name": "deepspeed", "zero_stage": 3, "param_persistence_threshold": 0}, 1e-4),
+], ids=["ddp-2x2", "ddp-4x1", "zero1", "zero2", "zero3"])
+def test_ranks_match_one_process_step_for_step(world, strategy, rel, single_process_losses, tiny_base, alpaca_rows,
+                                               tmp_path):
+    """Same seed and global batch 16: 1 process x 4 accumulation == 2 ranks x 2 == 4 ranks x 1, fp32."""
     if strategy["name"] == "deepspeed":
         pytest.importorskip("deepspeed")
         os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    r0, _, _ = run_two_ranks(tmp_path, tiny_base, alpaca_rows, held_rows=4, strategy=strategy, **EQUIVALENCE)
-    assert r0["summary"]["world_size"] == 2
+    r0, _, _ = run_ranks(tmp_path, tiny_base, alpaca_rows, held_rows=4, world=world, strategy=strategy,
+                             **EQUIVALENCE)
+    assert r0["summary"]["world_size"] == world
     assert sorted(single_process_losses) == r0["steps"] == list(range(1, 11))
     assert r0["losses"] == pytest.approx([single_process_losses[s] for s in r0["steps"]], rel=rel)
