@@ -90,7 +90,7 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
         gpus = torch.cuda.device_count()
         if s.num_workers * s.gpus_per_worker > gpus:
             problems.append(
-                f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker} GPUs requested, {gpus} GPU(s) here. "
+                f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker:g} GPUs requested, {gpus} GPU(s) here. "
                 "Fix: scaling.use_gpu=false, fewer workers, or run.address=<a GPU cluster>."
             )
     return problems
