@@ -73,8 +73,6 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
 def _worker_env(cfg: DistftConfig) -> dict[str, str]:
     threads = str(cfg.scaling.threads_per_worker())
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
-    if not cfg.scaling.use_gpu and any(st.strategy.name == "deepspeed" for st in cfg.stages):
-        env["DS_ACCELERATOR"] = "cpu"  # must be set before deepspeed is imported in the worker
     env.update({k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ})
     return env
 
@@ -104,8 +102,8 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
-            # INFO logs every report with its whole metrics dict, twice per step; the
-            # stage prints its own progress line instead.
+            # Keeps the `ray.train` logger's INFO chatter off the console; the per-report
+            # INFO lines come from another logger, quieted in the worker (_quiet_report_logger).
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
