@@ -110,8 +110,8 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_f
         enc = encode_row(row, fmt, tokenizer, max_len, loss_on, text_field)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_len": enc.full_length}
 
-    # An explicit fingerprint: datasets would otherwise try to hash the closure (and, under
-    # Ray workers, dump its bytecode to the log), and the cache key is exactly these inputs.
+    # An explicit fingerprint: the cache key is exactly these inputs, and datasets need not
+    # hash the closure (and the tokenizer inside it) to find it.
     key = [getattr(ds, "_fingerprint", None), fmt, max_len, loss_on, text_field,
            tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)]
     fingerprint = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]

@@ -72,7 +72,15 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
 
 def _worker_env(cfg: DistftConfig) -> dict[str, str]:
     threads = str(cfg.scaling.threads_per_worker())
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        # Train V2 replaces `print` in workers with a tee to the console and a logger. That
+        # shows every line twice, and it breaks code that captures stdout to read it back
+        # (dill, which datasets uses to hash map functions, then dumps bytecode to the log).
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     env.update({k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ})
     return env
 

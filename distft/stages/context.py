@@ -42,11 +42,8 @@ class StageContext:
         return self.shard_fn(name) if self.shard_fn else None
 
     def log(self, message: str) -> None:
-        # sys.stdout.write, not print: Ray Train patches print in its workers to tee each
-        # line to the console and to a logger, which shows every progress line twice.
         if self.is_main:
-            sys.stdout.write(message + "\n")
-            sys.stdout.flush()
+            print(message, file=sys.stdout, flush=True)
 
 
 def context_from_env(run_dir: str | Path, stage_index: int = 0, **kwargs) -> StageContext:
