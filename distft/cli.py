@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ EPILOG = """examples:
   distft validate configs/quickstart.yaml
   distft generate runs/<run> --prompt "Which animal is in this sentence?" --input "The red fox walked to Oslo."
   distft eval runs/<run> --data configs/data/facts_test.jsonl
+  distft cluster up --workers 2 && distft train configs/quickstart.yaml --address 127.0.0.1:6379
 """
 
 
@@ -56,7 +58,7 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import cluster_address, launch
+    from distft.launch.train import ClusterError, cluster_address, launch
     from distft.stages.tiny_base import ensure_tiny_base
 
     cfg = _load(args)
@@ -69,7 +71,14 @@ def cmd_train(args) -> int:
     run_dir.mkdir(parents=True)
     dump_config(cfg, run_dir / "config.yaml")
     started = time.time()
-    summaries = launch(cfg, run_dir, args.address)
+    try:
+        summaries = launch(cfg, run_dir, args.address)
+    except ClusterError:
+        # Refused before any worker started (resources, storage): leave no half-made run behind,
+        # so the same run.name works once the cause is fixed.
+        if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(run_dir)
+        raise
     final = run_dir / cfg.stages[-1].label() / "final"
     (run_dir / "final").symlink_to(final.relative_to(run_dir))
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
@@ -150,6 +159,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from distft.launch import cluster
+
+    if args.action == "up":
+        cluster.up(args.workers, args.cpus_per_worker, args.port, args.dashboard_port, args.timeout)
+        return 0
+    return cluster.status() if args.action == "status" else cluster.down()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distft",
@@ -195,6 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-samples", type=int)
     sp.add_argument("--batch-size", type=int, default=64)
     sp.set_defaults(func=cmd_eval, max_new_tokens=16)
+
+    from distft.launch.cluster import DEFAULT_DASHBOARD_PORT, DEFAULT_PORT
+
+    sp = sub.add_parser(
+        "cluster", help="Start, inspect or stop a multi-node Ray cluster on this machine (token auth on)",
+        description="up: a Ray head (0 CPUs) and N worker raylets on this machine; status: its nodes; down: stop it.",
+    )
+    sp.add_argument("action", choices=["up", "status", "down"])
+    sp.add_argument("--workers", type=int, default=2, help="worker raylets (up; default 2)")
+    sp.add_argument("--cpus-per-worker", type=int, help="CPUs of each worker raylet (up; default: cores / workers)")
+    sp.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"the head's GCS port (up; default {DEFAULT_PORT})")
+    sp.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
+                    help=f"dashboard and Jobs API on 127.0.0.1 (up; default {DEFAULT_DASHBOARD_PORT})")
+    sp.add_argument("--timeout", type=float, help="seconds to wait for every node (up; default 60 + 20 per worker)")
+    sp.set_defaults(func=cmd_cluster)
     return p
 
 

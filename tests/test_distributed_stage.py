@@ -20,7 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str, resume_from: str | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from distft.config import DistftConfig
@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> No
     from distft.stages.context import context_from_env
 
     cfg = DistftConfig.model_validate_json(cfg_json)
-    ctx = context_from_env(run_dir)
+    ctx = context_from_env(run_dir, resume_from=resume_from)
     summary = stage_runner("sft")(cfg, ctx)
     # One loss per step (a checkpoint report repeats the latest metrics; keep the step's value).
     losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
@@ -36,7 +36,8 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> No
         json.dump({"summary": summary, "steps": sorted(losses), "losses": [losses[k] for k in sorted(losses)]}, f)
 
 
-def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, **sections) -> tuple[dict, dict, Path]:
+def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, resume_from: str | None = None,
+              **sections) -> tuple[dict, dict, Path]:
     """Write the data, run the SFT stage on `world` spawned gloo ranks; return what ranks 0 and 1 saw."""
     import torch.multiprocessing as mp
 
@@ -54,8 +55,8 @@ def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, **secti
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
-    mp.start_processes(_worker, args=(world, _free_port(), cfg.model_dump_json(), str(run_dir)), nprocs=world,
-                       start_method="spawn")
+    mp.start_processes(_worker, args=(world, _free_port(), cfg.model_dump_json(), str(run_dir), resume_from),
+                       nprocs=world, start_method="spawn")
     r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
     return r0, r1, run_dir
 
@@ -108,6 +109,54 @@ def test_deepspeed_zero_really_shards_on_two_cpu_ranks(zero_stage, tiny_base, al
     assert sum(p.numel() for p in model.parameters()) == full
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp2_really_shards_on_two_cpu_ranks(method, tiny_base, alpaca_rows, tmp_path):
+    """FSDP2 on CPU: parameters are DTensors holding half the model per rank, Adam moments too; export is whole."""
+    lora = {"lora": {"r": 8, "alpha": 16}} if method == "lora" else {}
+    r0, r1, run_dir = run_ranks(
+        tmp_path, tiny_base, alpaca_rows, held_rows=8,
+        method={"name": method, **lora},
+        strategy={"name": "fsdp"},
+        train={"lr": 3e-3, "max_steps": 12, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 4},
+        evaluate={"max_new_tokens": 4},  # generation on sharded weights, answers of different lengths per rank
+    )
+    s0, s1 = r0["summary"], r1["summary"]
+    full = s0["param_elements_full"]
+    assert s0["strategy"] == "fsdp" and s0["world_size"] == 2
+    # Tied embeddings are counted once; every other tensor is split across the two ranks.
+    assert abs(s0["param_elements_local"] - full / 2) / full < 0.02
+    assert s0["param_elements_local"] + s1["param_elements_local"] == full
+    trainable = s0["trainable_params"]
+    assert s0["optimizer_fp32_elements_local"] + s1["optimizer_fp32_elements_local"] == trainable
+    assert abs(s0["optimizer_fp32_elements_local"] - trainable / 2) / trainable < 0.1
+    assert r0["losses"][-1] < r0["losses"][0]
+    assert r0["losses"] == pytest.approx(r1["losses"])
+    assert s0["exact_match_before"] == s1["exact_match_before"]
+    assert s0["exact_match_after"] == s1["exact_match_after"]
+    from distft.models.loading import load_for_inference
+
+    final = run_dir / "sft" / "final"
+    assert (final / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")).exists()
+    model, _ = load_for_inference(run_dir / "sft")  # plain HF/peft load, no distft or FSDP needed
+    assert sum(p.numel() for p in model.parameters()) == s0["total_params"]
+
+
+def test_fsdp2_sharded_checkpoint_resumes_on_another_worker_count(tiny_base, alpaca_rows, tmp_path):
+    """Saved by 2 FSDP2 ranks (torch distributed checkpoint), resumed by 4: steps 5-8 match the uninterrupted run."""
+    sections = dict(method={"name": "full"}, strategy={"name": "fsdp"}, evaluate={"before": False},
+                    train={"lr": 1e-3, "max_steps": 8, "save_every": 4, "global_batch_size": 16, "micro_batch_size": 4,
+                           "log_every": 1})
+    first, _, run_dir = run_ranks(tmp_path / "two", tiny_base, alpaca_rows, held_rows=4, **sections)
+    (ckpt,) = [p for p in (run_dir / "sft" / "checkpoints").rglob("checkpoint-4") if p.is_dir()]
+    assert list(ckpt.glob("pytorch_model_fsdp_0/*.distcp"))  # sharded, one file per saving rank
+    sections["train"]["micro_batch_size"] = 2  # 4 ranks x 2 x 2 accumulation: the same global batch of 16
+    resumed, _, _ = run_ranks(tmp_path / "four", tiny_base, alpaca_rows, held_rows=4, world=4,
+                              resume_from=str(ckpt), **sections)
+    assert resumed["summary"]["world_size"] == 4 and resumed["summary"]["steps"] == 8
+    assert resumed["steps"] == [5, 6, 7, 8]
+    assert resumed["losses"] == pytest.approx(first["losses"][4:], rel=1e-4)
+
+
 EQUIVALENCE = dict(
     method={"name": "full"},
     train={"lr": 1e-3, "max_steps": 10, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 1},
@@ -139,7 +188,9 @@ def single_process_losses(tiny_base, tmp_path_factory) -> dict[int, float]:
     (2, {"name": "deepspeed", "zero_stage": 1}, 1e-4),
     (2, {"name": "deepspeed", "zero_stage": 2}, 1e-4),
     (2, {"name": "deepspeed", "zero_stage": 3, "param_persistence_threshold": 0}, 1e-4),
-], ids=["ddp-2x2", "ddp-4x1", "zero1", "zero2", "zero3"])
+    (2, {"name": "fsdp"}, 1e-4),
+    (4, {"name": "fsdp"}, 1e-4),
+], ids=["ddp-2x2", "ddp-4x1", "zero1", "zero2", "zero3", "fsdp2-2x2", "fsdp2-4x1"])
 def test_ranks_match_one_process_step_for_step(world, strategy, rel, single_process_losses, tiny_base, alpaca_rows,
                                                tmp_path):
     """Same seed and global batch 16: 1 process x 4 accumulation == 2 ranks x 2 == 4 ranks x 1, fp32."""

@@ -77,3 +77,17 @@ def test_deepspeed_zero3_on_ray_shards_parameters(ray_cluster, tiny_base, tmp_pa
     assert summary["param_elements_local"] == pytest.approx(summary["param_elements_full"] / 2, rel=0.02)
     assert summary["last_logged_loss"] < summary["first_logged_loss"]
     assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").exists()
+
+
+def test_fsdp2_on_ray_shards_parameters(ray_cluster, tiny_base, tmp_path):
+    """FSDP2 under Ray Train workers: DTensor shards, half the model per worker, a whole exported model."""
+    from distft.launch.train import launch
+
+    overrides = [f"model.name_or_path={tiny_base}", "train.max_steps=12", "evaluate.max_samples=16",
+                 "data.max_train_samples=800", "train.log_every=3"]
+    cfg = absolutize_paths(load_config(REPO / "configs" / "fsdp.yaml", overrides), REPO)
+    (summary,) = launch(cfg, tmp_path / "run", log=lambda m: None)
+    assert summary["strategy"] == "fsdp" and summary["world_size"] == 2
+    assert summary["param_elements_local"] == pytest.approx(summary["param_elements_full"] / 2, rel=0.02)
+    assert summary["last_logged_loss"] < summary["first_logged_loss"]
+    assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").exists()

@@ -67,6 +67,14 @@ class RunConfig(Section):
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may attempt")
     keep_checkpoints: int = Field(2, ge=1)
     address: str | None = Field(None, description="Ray cluster address; default: a private local cluster")
+    storage_path: str | None = Field(
+        None, description="Ray Train's checkpoint copies: a path, or s3://, gs://...; default: <run dir>/ray"
+    )
+    # On a cluster of several machines every node must see the run directory and the
+    # storage path; distft cannot tell an NFS mount from local disk, so the user says so.
+    shared_storage: bool = Field(
+        False, description="run.output_dir and run.storage_path are on storage every node mounts (NFS, ...)"
+    )
 
 
 class LoraSettings(Section):
@@ -97,7 +105,7 @@ class MethodConfig(Section):
         return self.name in ("lora", "qlora")
 
 
-DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text"]
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference"]
 
 
 class DataConfig(Section):
@@ -151,7 +159,9 @@ class EvaluateConfig(Section):
     """Generation-based held-out evaluation (exact match), run before and after training."""
 
     data: str | None = Field(None, description="Held-out prompt/completion file; unset disables")
-    metric: Literal["exact_match"] = "exact_match"
+    metric: Literal["exact_match", "pairwise_accuracy"] = Field(
+        "exact_match", description="exact_match for generative stages; reward stages use pairwise_accuracy"
+    )
     max_new_tokens: int = Field(16, ge=1)
     max_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -162,9 +172,12 @@ Offload = Literal["none", "cpu", "nvme"]
 
 
 class StrategyConfig(Section):
-    """How each worker holds the model: plain DDP or DeepSpeed ZeRO (FSDP2 is refused until it is real)."""
+    """How each worker holds the model: DDP, FSDP2 (`fully_shard`) or DeepSpeed ZeRO."""
 
     name: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="Training precision; default follows model.dtype (bfloat16 -> bf16, float16 -> fp16)"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: Offload = "none"
     offload_params: Offload = "none"
@@ -172,6 +185,15 @@ class StrategyConfig(Section):
     # ZeRO-3 keeps parameters smaller than this unpartitioned on every rank. DeepSpeed's
     # default (1e5) would leave a tiny model wholly replicated, so sharding tests set 0.
     param_persistence_threshold: int = Field(100_000, ge=0)
+    fsdp_sharding: Literal["full", "hybrid"] = Field(
+        "full", description="full: shard over all ranks; hybrid: shard within groups of fsdp_shard_size, replicate across"
+    )
+    fsdp_shard_size: int | None = Field(None, ge=1, description="hybrid: ranks per shard group (usually GPUs per node)")
+    fsdp_offload: bool = Field(False, description="FSDP2 CPUOffloadPolicy: parameters, gradients, optimizer on CPU")
+    fsdp_state_dict: Literal["sharded", "full"] = Field(
+        "sharded", description="Checkpoints as torch distributed checkpoint shards (reshardable) or one full state dict"
+    )
+    reshard_after_forward: bool = Field(True, description="FSDP2: free gathered parameters after forward (ZeRO-3-like)")
     gradient_checkpointing: bool = False
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON merged over distft's defaults")
 
@@ -179,23 +201,38 @@ class StrategyConfig(Section):
         return f"deepspeed-zero{self.zero_stage}" if self.name == "deepspeed" else self.name
 
     def partitions_parameters(self) -> bool:
-        return self.name == "deepspeed" and self.zero_stage == 3
+        return (self.name == "deepspeed" and self.zero_stage == 3) or self.name == "fsdp"
+
+    def resolved_precision(self, model_dtype: str) -> str:
+        if self.precision:
+            return self.precision
+        return {"bfloat16": "bf16", "float16": "fp16"}.get(model_dtype, "fp32")
+
+    def fsdp_mesh(self, world_size: int) -> tuple[int, int]:
+        """(replicate, shard) group sizes: hybrid shards within groups and replicates across them."""
+        if self.fsdp_sharding == "full" or not self.fsdp_shard_size:
+            return 1, world_size
+        return world_size // self.fsdp_shard_size, self.fsdp_shard_size
 
     @model_validator(mode="after")
     def _combinations(self):
         errors = []
-        if self.name == "fsdp":
-            errors.append(
-                "strategy.name=fsdp is not available yet: a transformers Trainer asked for FSDP on CPU silently "
-                "trains plain DDP, and distft never claims sharding it does not do. Fix: strategy.name=deepspeed "
-                "with strategy.zero_stage=3 for sharded parameters, or strategy.name=ddp."
-            )
         if self.name != "deepspeed":
             for field in ("offload_optimizer", "offload_params"):
                 if getattr(self, field) != "none":
-                    errors.append(f"strategy.{field} needs strategy.name=deepspeed (got {self.name}).")
+                    fix = " (FSDP2 has strategy.fsdp_offload=true)" if self.name == "fsdp" else ""
+                    errors.append(f"strategy.{field} needs strategy.name=deepspeed (got {self.name}){fix}.")
             if self.deepspeed_config:
                 errors.append(f"strategy.deepspeed_config needs strategy.name=deepspeed (got {self.name}).")
+        if self.name != "fsdp":
+            # Compared with the defaults, not `model_fields_set`: a saved config spells out every field.
+            changed = [f for f in ("fsdp_sharding", "fsdp_shard_size", "fsdp_offload", "fsdp_state_dict",
+                                   "reshard_after_forward") if getattr(self, f) != type(self).model_fields[f].default]
+            if changed:
+                errors.append(f"strategy.{changed[0]} needs strategy.name=fsdp (got {self.name}).")
+        if self.fsdp_sharding == "hybrid" and not self.fsdp_shard_size:
+            errors.append("strategy.fsdp_sharding=hybrid needs strategy.fsdp_shard_size (ranks per shard group, "
+                          "usually the GPUs per node).")
         if self.offload_params != "none" and self.zero_stage != 3:
             errors.append(
                 f"strategy.offload_params={self.offload_params} needs strategy.zero_stage=3 "
@@ -246,8 +283,72 @@ class PretrainStage(StageBase):
         return values
 
 
-Stage = Annotated[Union[SFTStage, PretrainStage], Field(discriminator="stage")]
-STAGE_KINDS = ("sft", "pretrain")
+class RewardStage(StageBase):
+    """A reward model: a sequence-classification head (one score) trained on preference pairs.
+
+    `data` holds `chosen`/`rejected` pairs; `evaluate.data`, when set, is a held-out
+    preference file scored by pairwise accuracy (chosen scored above rejected) before
+    and after training.
+    """
+
+    stage: Literal["reward"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairwise_by_default(cls, values):
+        if isinstance(values, dict):
+            if values.get("evaluate") is None:
+                values["evaluate"] = {}
+            if isinstance(values["evaluate"], dict):
+                values["evaluate"].setdefault("metric", "pairwise_accuracy")
+        return values
+
+    @model_validator(mode="after")
+    def _preference_data(self):
+        errors = []
+        if self.data.format not in ("auto", "preference"):
+            errors.append(f"data.format: the reward stage trains on preference pairs (chosen/rejected), got "
+                          f"{self.data.format}. Fix: data.format=preference (or auto).")
+        if self.evaluate.metric != "pairwise_accuracy":
+            errors.append(f"evaluate.metric: the reward stage scores held-out pairs by pairwise_accuracy, got "
+                          f"{self.evaluate.metric}. Fix: evaluate.metric=pairwise_accuracy (or leave it unset).")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage], Field(discriminator="stage")]
+STAGE_KINDS = ("sft", "pretrain", "reward")
+
+
+def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, scaling: ScalingConfig,
+                   model: ModelConfig) -> list[str]:
+    """Strategy checks that need the world size or the device."""
+    errors = []
+    world = scaling.num_workers
+    if strategy.fsdp_sharding == "hybrid" and strategy.fsdp_shard_size:
+        size = strategy.fsdp_shard_size
+        if size >= world or world % size:
+            errors.append(
+                f"{where}.fsdp_shard_size: {size} must divide scaling.num_workers={world} and be smaller than it "
+                f"(hybrid shards within groups of that size and replicates across them). "
+                f"Fix: the GPUs per node, or strategy.fsdp_sharding=full."
+            )
+    if not scaling.use_gpu:
+        precision = strategy.resolved_precision(model.dtype)
+        if precision == "fp16":
+            errors.append(f"{where}.precision: fp16 needs GPUs (torch has no fp16 autocast on CPU). "
+                          "Fix: strategy.precision=bf16 or fp32 (model.dtype=float32).")
+        if strategy.fsdp_sharding == "hybrid":
+            errors.append(f"{where}.fsdp_sharding: hybrid needs scaling.use_gpu=true (accelerate builds the 2-D "
+                          "replicate x shard mesh only for GPU FSDP). Fix: strategy.fsdp_sharding=full on CPU.")
+        if strategy.fsdp_offload:
+            errors.append(f"{where}.fsdp_offload moves GPU memory to the CPU; with scaling.use_gpu=false there is "
+                          "nothing to offload. Fix: scaling.use_gpu=true, or strategy.fsdp_offload=false.")
+    if strategy.name == "fsdp" and method.name == "qlora":
+        errors.append(f"{where}.name: fsdp with method.name=qlora (4-bit weights) is not supported by distft. "
+                      "Fix: strategy.name=ddp, or strategy.name=deepspeed with zero_stage 2.")
+    return errors
 
 
 class DistftConfig(Section):
@@ -270,6 +371,7 @@ class DistftConfig(Section):
                     f"train.micro_batch_size x scaling.num_workers = {t.micro_batch_size} x {world} = {per_step}. "
                     f"Fix: set train.global_batch_size={lo} (or {lo + per_step}), or change train.micro_batch_size."
                 )
+            errors += _strategy_fits(f"stages.{i}.strategy", st.strategy, st.method, self.scaling, self.model)
         names = [st.label() for st in self.stages]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

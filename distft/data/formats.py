@@ -1,11 +1,14 @@
 """Row formats -> token ids and loss labels.
 
-Four formats are understood:
+Five formats are understood:
 
 - `alpaca`: instruction, optional input, output
 - `messages`: a list of {role, content} turns, rendered with the tokenizer's chat template
 - `prompt_completion`: raw prompt and completion strings, concatenated
 - `text`: one plain-text field (continued pretraining)
+- `preference`: `chosen` and `rejected` responses to the same optional `prompt`, either all
+  strings (concatenated, as TRL does) or all lists of {role, content} turns (chat template);
+  reward models and preference methods train on these
 
 Instruction rows train on the completion / assistant turns only (unless
 `loss_on: all`). Chat templates need no `{% generation %}` markers: each
@@ -33,6 +36,8 @@ class DataError(ValueError):
 
 def detect_format(columns: list[str], text_field: str = "text") -> str:
     cols = set(columns)
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
     if "messages" in cols:
         return "messages"
     if {"instruction", "output"} <= cols:
@@ -43,12 +48,15 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
         return "text"
     raise DataError(
         f"cannot tell the data format from columns {sorted(cols)}. Fix: set data.format to one of alpaca "
-        f"(instruction/input/output), messages, prompt_completion (prompt/completion) or text (data.text_field)."
+        f"(instruction/input/output), messages, prompt_completion (prompt/completion), text (data.text_field) "
+        f"or preference (chosen/rejected, optional prompt)."
     )
 
 
 def check_row(row: dict, fmt: str, text_field: str) -> str | None:
     """Why `row` is unusable for `fmt`, or None if it is fine."""
+    if fmt == "preference":
+        return _check_preference(row)
     fields = (text_field,) if fmt == "text" else REQUIRED[fmt]
     for field in fields:
         value = row.get(field)
@@ -66,17 +74,56 @@ def check_row(row: dict, fmt: str, text_field: str) -> str | None:
 
 
 def _check_messages(msgs) -> str | None:
+    problem = _check_turns(msgs, "messages")
+    if problem is None and not any(m["role"] == "assistant" for m in msgs):
+        return "`messages` has no assistant turn to learn from"
+    return problem
+
+
+def _check_turns(msgs, field: str) -> str | None:
     if not isinstance(msgs, list) or not msgs:
-        return "field `messages` must be a non-empty list of {role, content} turns"
+        return f"field `{field}` must be a non-empty list of {{role, content}} turns"
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"messages[{j}] must have `role` and `content`"
+            return f"{field}[{j}] must have `role` and `content`"
         if m["role"] not in ROLES:
-            return f"messages[{j}].role {m['role']!r} is not one of {', '.join(ROLES)}"
+            return f"{field}[{j}].role {m['role']!r} is not one of {', '.join(ROLES)}"
         if not isinstance(m["content"], str):
-            return f"messages[{j}].content must be a string"
-    if not any(m["role"] == "assistant" for m in msgs):
-        return "`messages` has no assistant turn to learn from"
+            return f"{field}[{j}].content must be a string"
+    return None
+
+
+def _check_preference(row: dict) -> str | None:
+    """A pair is `chosen`/`rejected` (plus an optional `prompt`), all strings or all chat turns."""
+    for field in ("chosen", "rejected"):
+        if row.get(field) is None:
+            return f"field `{field}` is missing"
+    chat = isinstance(row["chosen"], list)
+    kind = "a list of {role, content} turns" if chat else "a string"
+    for field in ("chosen", "rejected"):
+        value = row[field]
+        if chat:
+            if not isinstance(value, list):
+                return f"field `{field}` must be {kind} like `chosen`, got {type(value).__name__}"
+            problem = _check_turns(value, field)
+            if problem:
+                return problem
+            if value[-1]["role"] != "assistant":
+                return f"field `{field}` must end with an assistant turn (the response that is scored)"
+        elif not isinstance(value, str):
+            return f"field `{field}` must be a string or a list of {{role, content}} turns, got {type(value).__name__}"
+        elif not value.strip():
+            return f"field `{field}` is empty"
+    prompt = row.get("prompt")
+    if prompt is not None:
+        if chat != isinstance(prompt, list) or not isinstance(prompt, (list, str)):
+            return f"field `prompt` must be {kind} like `chosen`, got {type(prompt).__name__}"
+        if chat:
+            problem = _check_turns(prompt, "prompt")
+            if problem:
+                return problem
+    if row["chosen"] == row["rejected"]:
+        return "fields `chosen` and `rejected` are identical, so the pair prefers nothing"
     return None
 
 
@@ -109,6 +156,9 @@ def _finish(ids: list[int], labels: list[int], max_len: int) -> Encoded:
 
 
 def encode_row(row: dict, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text") -> Encoded:
+    if fmt == "preference":
+        raise DataError("preference rows (chosen/rejected) train a reward model, not a language model. "
+                        "Fix: use `stage: reward`, or give this stage alpaca, messages, prompt_completion or text rows.")
     if fmt == "text":
         ids = tokenizer(row[text_field], add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:
@@ -170,3 +220,31 @@ def reference_answer(row: dict, fmt: str) -> str:
     if fmt == "prompt_completion":
         return row["completion"]
     return [m for m in to_messages(row, fmt) if m["role"] == "assistant"][-1]["content"]
+
+
+def scored_ids(prompt, response, tokenizer) -> list[int]:
+    """The tokens a reward model reads for `response` to `prompt`, as TRL's RewardTrainer builds them.
+
+    Chat turns (lists of {role, content}) are rendered with the chat template, prompt turns
+    first; strings are concatenated and end with the EOS token. PPO scores its samples
+    through this function too, so the reward model sees exactly what it was trained on.
+    """
+    if isinstance(response, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "the tokenizer has no chat template, so preference rows made of chat turns cannot be rendered. "
+                "Fix: use a model with a chat template, or give `prompt`/`chosen`/`rejected` as strings."
+            )
+        text = tokenizer.apply_chat_template(list(prompt or []) + list(response), tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = (prompt or "") + response
+    eos = tokenizer.eos_token
+    if eos and not text.endswith(eos):
+        text += eos
+    return tokenizer(text)["input_ids"]
+
+
+def encode_preference(row: dict, tokenizer) -> tuple[list[int], list[int]]:
+    """(chosen_ids, rejected_ids) for a validated preference row."""
+    prompt = row.get("prompt")
+    return scored_ids(prompt, row["chosen"], tokenizer), scored_ids(prompt, row["rejected"], tokenizer)

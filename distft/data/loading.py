@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distft.data.formats import IGNORE, DataError, check_row, detect_format, encode_row
+from distft.data.formats import IGNORE, DataError, check_row, detect_format, encode_preference, encode_row
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -128,6 +128,48 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_f
     if stats.dropped:
         out = out.select([i for i, k in enumerate(keep) if k])
     return out.remove_columns(["_truncated", "_len"]), stats
+
+
+@dataclass
+class PairStats:
+    pairs: int
+    dropped: int  # chosen or rejected longer than the limit
+    max_tokens: int
+    mean_tokens: float
+
+    def describe(self, max_len: int) -> str:
+        pct = 100.0 * self.dropped / max(self.pairs, 1)
+        return (
+            f"{self.pairs} pairs, mean {self.mean_tokens:.0f} / max {self.max_tokens} tokens (the longer response); "
+            f"{self.dropped} ({pct:.1f}%) dropped as longer than model.max_seq_len={max_len}"
+        )
+
+
+def tokenize_preferences(ds, tokenizer, max_len: int, field: str = "data.train"):
+    """Returns (dataset with chosen_ids/rejected_ids, PairStats).
+
+    A pair that does not fit is dropped, not truncated: cutting both responses at the
+    same length often cuts away exactly the tokens that differ. Drops are counted.
+    """
+
+    def encode(row):
+        chosen, rejected = encode_preference(row, tokenizer)
+        return {"chosen_ids": chosen, "rejected_ids": rejected, "_len": max(len(chosen), len(rejected))}
+
+    key = [getattr(ds, "_fingerprint", None), "preference", tokenizer.name_or_path, len(tokenizer),
+           getattr(tokenizer, "chat_template", None), tokenizer.eos_token]
+    fingerprint = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
+    out = ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing pairs", new_fingerprint=fingerprint)
+    lengths = out["_len"]
+    keep = [i for i, n in enumerate(lengths) if n <= max_len]
+    stats = PairStats(pairs=len(out), dropped=len(out) - len(keep), max_tokens=max(lengths),
+                      mean_tokens=sum(lengths) / len(lengths))
+    if not keep:
+        raise DataError(f"{field}: every pair is longer than model.max_seq_len={max_len} tokens (longest "
+                        f"{stats.max_tokens}). Fix: raise model.max_seq_len.")
+    if stats.dropped:
+        out = out.select(keep)
+    return out.remove_columns(["_len"]), stats
 
 
 def load_checked(source: str, data, field: str, fmt: str | None = None):

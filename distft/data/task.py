@@ -6,6 +6,9 @@ one right answer, so exact match is a true accuracy. Held-out items use
 sentences that never occur in training, so a model cannot pass by memorising
 items; it has to learn to follow the instruction.
 
+Preference pairs for reward models reuse the same items: `chosen` is the right
+answer and `rejected` a near miss, never a random string (see `near_miss`).
+
 `python -m distft.data.task OUT_DIR` regenerates the files shipped in
 `configs/data/`; a test checks that they match this generator.
 """
@@ -14,8 +17,11 @@ from __future__ import annotations
 
 import json
 import random
+import string
 import sys
 from pathlib import Path
+
+from distft.data.formats import alpaca_prompt
 
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white", "brown", "silver"]
 ANIMALS = ["cat", "dog", "horse", "rabbit", "fox", "bear", "owl", "goat", "tiger", "mouse", "duck", "wolf"]
@@ -69,6 +75,75 @@ def make_splits(n_train: int = 4000, n_test: int = 600, seed: int = 0) -> tuple[
     return items[:n_train], items[n_train:]
 
 
+CATEGORIES = {"color": COLORS, "animal": ANIMALS, "place": PLACES, "number": NUMBERS}
+NEAR_MISS_KINDS = ("typo", "same_category", "swap")
+
+
+def facts_in(sentence: str) -> dict:
+    """The facts of a rendered sentence: each category occurs in it exactly once."""
+    words = {w.strip(".,").lower() for w in sentence.split()}
+    facts = {}
+    for key, values in CATEGORIES.items():
+        found = [v for v in values if v.lower() in words]
+        if len(found) != 1:
+            raise ValueError(f"expected one {key} in {sentence!r}, found {found}")
+        facts[key] = found[0]
+    return facts
+
+
+def typo(word: str, rng: random.Random) -> str:
+    """`word` with one letter replaced, never landing on a real answer of any category."""
+    known = {v.lower() for values in CATEGORIES.values() for v in values}
+    while True:
+        i = rng.randrange(len(word))
+        letter = rng.choice(string.ascii_lowercase)
+        if letter == word[i].lower():
+            continue
+        candidate = word[:i] + (letter.upper() if word[i].isupper() else letter) + word[i + 1 :]
+        if candidate.lower() not in known:
+            return candidate
+
+
+def near_miss(facts: dict, ask: str, kind: str, rng: random.Random) -> str:
+    """A wrong answer that is close to the right one.
+
+    - typo: the right word with one letter wrong ("bear" -> "bexr")
+    - same_category: another value of the asked category, absent from the sentence ("bear" -> "wolf")
+    - swap: another fact of the same sentence, from the wrong slot (asked the animal, answers its colour)
+    """
+    answer = facts[ask]
+    if kind == "typo":
+        return typo(answer, rng)
+    if kind == "same_category":
+        return rng.choice([v for v in CATEGORIES[ask] if v != answer])
+    if kind == "swap":
+        return facts[rng.choice([k for k in facts if k != ask])]
+    raise ValueError(f"unknown near-miss kind {kind!r}; one of {', '.join(NEAR_MISS_KINDS)}")
+
+
+def make_preference_item(item: dict, kind: str, rng: random.Random) -> dict:
+    """A chat-format pair from a task item: the prompt SFT trains on, the answer, and a near miss."""
+    ask = next(k for k, q in QUESTIONS.items() if q == item["instruction"])
+    miss = near_miss(facts_in(item["input"]), ask, kind, rng)
+    return {
+        "prompt": [{"role": "user", "content": alpaca_prompt(item)}],
+        "chosen": [{"role": "assistant", "content": item["output"]}],
+        "rejected": [{"role": "assistant", "content": miss}],
+        "kind": kind,
+    }
+
+
+def make_preference_splits(n_train: int = 3000, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Pairs from the task's train and held-out items (so held-out sentences stay unseen), kinds in turn."""
+    train, test = make_splits()
+    rng = random.Random(seed + 1)
+
+    def pairs(items):
+        return [make_preference_item(item, NEAR_MISS_KINDS[i % len(NEAR_MISS_KINDS)], rng) for i, item in enumerate(items)]
+
+    return pairs(train[:n_train]), pairs(test)
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -80,6 +155,10 @@ def main(argv: list[str]) -> None:
     write_jsonl(train, out / "facts_train.jsonl")
     write_jsonl(test, out / "facts_test.jsonl")
     print(f"wrote {len(train)} train and {len(test)} held-out items to {out}")
+    train, test = make_preference_splits()
+    write_jsonl(train, out / "facts_prefs_train.jsonl")
+    write_jsonl(test, out / "facts_prefs_test.jsonl")
+    print(f"wrote {len(train)} train and {len(test)} held-out preference pairs to {out}")
 
 
 if __name__ == "__main__":

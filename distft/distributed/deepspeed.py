@@ -31,7 +31,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def build_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, dtype: str, world_size: int) -> dict:
+def build_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int) -> dict:
+    """`precision` is the resolved training precision: fp32, bf16 or fp16."""
     zero: dict = {"stage": strategy.zero_stage}
     if strategy.zero_stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True)
@@ -51,8 +52,8 @@ def build_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, dtype: 
         "gradient_accumulation_steps": train.grad_accum(world_size),
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # the stage prints progress itself
         "wall_clock_breakdown": False,

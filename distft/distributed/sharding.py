@@ -9,37 +9,68 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
+def _local_numel(t) -> int:
+    """Elements this rank stores: a DTensor's (FSDP2) local shard, else the whole tensor."""
+    to_local = getattr(t, "to_local", None)
+    return to_local().numel() if to_local is not None else t.numel()
+
+
 def parameter_shard(model) -> dict:
-    """Local vs full parameter elements on this rank (ZeRO-3 partitions; otherwise local == full)."""
+    """Local vs full parameter elements on this rank (ZeRO-3 and FSDP2 partition; otherwise local == full)."""
     local = full = 0
     for p in model.parameters():
         if hasattr(p, "ds_tensor"):
             local += p.ds_tensor.numel()
             full += p.ds_numel
         else:
-            local += p.numel()
+            local += _local_numel(p)
             full += p.numel()
     return {"param_elements_local": local, "param_elements_full": full}
 
 
-def optimizer_shard(engine) -> dict:
-    """fp32 optimizer partition held by this rank under DeepSpeed ZeRO-1/2/3; {} for other engines."""
+def optimizer_shard(engine, optimizer=None) -> dict:
+    """Optimizer partition held by this rank, in parameter elements; {} when it is not partitioned.
+
+    DeepSpeed ZeRO-1/2/3: the fp32 master partition of its engine. FSDP2: the Adam
+    moments are DTensors shaped like the parameters, so their local shard counts.
+    """
     opt = getattr(engine, "optimizer", None)
     groups = getattr(opt, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
     if groups is None:
         groups = getattr(opt, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-    if groups is None:
+    if groups is not None:
+        return {"optimizer_fp32_elements_local": sum(g.numel() for g in groups)}
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    states = [st.get("exp_avg") for st in getattr(inner, "state", {}).values()]
+    if not states or not all(hasattr(t, "to_local") for t in states):
         return {}
-    return {"optimizer_fp32_elements_local": sum(g.numel() for g in groups)}
+    return {"optimizer_fp32_elements_local": sum(_local_numel(t) for t in states)}
 
 
 @contextmanager
-def full_parameters(model, zero3: bool):
-    """Every rank holds the whole model inside the block (ZeRO-3 gathers once, not per token)."""
-    if not zero3:
+def full_parameters(model, strategy: str):
+    """Every rank holds the whole model inside the block: gathered once, not per generated token.
+
+    Generation runs a different number of forward passes on each rank (answers end at
+    different lengths), so per-module gathers inside it would deadlock the collectives.
+    """
+    if strategy == "deepspeed-zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if strategy != "fsdp" or not sharded:
         yield
         return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+    for m in sharded:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.unshard()
+    try:
         yield
+    finally:
+        for m in sharded:
+            m.reshard()

@@ -140,7 +140,12 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         lines.append(f"  batch   {st.train.batch_plan(s.num_workers)}")
         strat = st.strategy
         offload = [f"{k}={getattr(strat, k)}" for k in ("offload_optimizer", "offload_params") if getattr(strat, k) != "none"]
-        lines.append(f"  strategy {strat.label()}" + (f" ({', '.join(offload)})" if offload else ""))
+        if strat.name == "fsdp":
+            replicate, shard = strat.fsdp_mesh(s.num_workers)
+            offload.append(f"{strat.fsdp_sharding} sharding over {shard} rank(s)" + (
+                f" x {replicate} replicas" if replicate > 1 else ""))
+        offload.append(f"precision {strat.resolved_precision(cfg.model.dtype)}")
+        lines.append(f"  strategy {strat.label()} ({', '.join(offload)})")
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
         lines.append(f"  data    {st.data.train} (format {st.data.format}, loss on {st.loss_on()}, packing {st.data.packing})")

@@ -16,7 +16,8 @@ from pathlib import Path
 from distft.config import DistftConfig
 
 # Workers inherit these so per-process thread pools match the CPUs Ray reserved.
-WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")
+WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
+                   "DISTFT_SYNC_HASH_MAX_BYTES")
 
 
 class ClusterError(RuntimeError):
@@ -24,7 +25,9 @@ class ClusterError(RuntimeError):
 
 
 def cluster_address(cfg: DistftConfig, address: str | None = None) -> str | None:
-    return address or cfg.run.address or os.environ.get("RAY_ADDRESS") or None
+    from distft.launch.cluster import resolve_address
+
+    return resolve_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS") or None)
 
 
 def init_ray(cfg: DistftConfig, address: str | None):
@@ -33,13 +36,17 @@ def init_ray(cfg: DistftConfig, address: str | None):
     if ray.is_initialized():
         return ray
     if address:
+        from distft.launch.cluster import use_cluster_auth
+
+        use_cluster_auth(address)  # token auth on; the token of a `distft cluster up` cluster found by path
         try:
             ray.init(address=address, log_to_driver=True)
         except Exception as e:  # ConnectionError, auth errors, timeouts: all mean "cannot use it"
             raise ClusterError(
                 f"could not connect to the Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0]}. "
-                "Fix: check the address (`ray status` on the head), set RAY_AUTH_MODE=token for clusters with "
-                "token auth, or drop --address/run.address/RAY_ADDRESS to use a private local cluster."
+                "Fix: check the address (`distft cluster status`, or `ray status` on the head) and that this machine "
+                "has the cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN), or drop "
+                "--address/run.address/RAY_ADDRESS to use a private local cluster."
             ) from None
     else:
         ray.init(
@@ -70,6 +77,18 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
             )
 
 
+def check_storage(cfg: DistftConfig, run_dir: Path) -> None:
+    """On a cluster of several nodes, refuse run storage that only one node can see."""
+    import ray
+
+    from distft.launch.cluster import shared_storage_node_ids, storage_problem
+
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    problem = storage_problem(cfg.run, run_dir, alive, shared_storage_node_ids())
+    if problem:
+        raise ClusterError(problem)
+
+
 def _worker_env(cfg: DistftConfig) -> dict[str, str]:
     threads = str(cfg.scaling.threads_per_worker())
     env = {
@@ -83,6 +102,19 @@ def _worker_env(cfg: DistftConfig) -> dict[str, str]:
     }
     env.update({k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ})
     return env
+
+
+def ray_storage_path(cfg: DistftConfig, run_dir: Path) -> str:
+    """Ray Train's checkpoint copies: <run.storage_path>/<run name>, else <run dir>/ray."""
+    from distft.launch.cluster import is_remote_uri
+
+    run = cfg.run
+    if not run.storage_path:
+        return str(run_dir / "ray")
+    if is_remote_uri(run.storage_path):
+        return f"{run.storage_path.rstrip('/')}/{run_dir.name}"
+    local = run.storage_path.removeprefix("file://")
+    return str(Path(local).expanduser().resolve() / run_dir.name)
 
 
 def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
@@ -106,7 +138,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
         ),
         run_config=RunConfig(
             name=stage.label(),
-            storage_path=str(run_dir / "ray"),
+            storage_path=ray_storage_path(cfg, run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
@@ -118,8 +150,20 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
     result = trainer.fit()
     if result.error:
         raise result.error
-    summary_path = run_dir / stage.label() / "summary.json"
-    return json.loads(summary_path.read_text())
+    summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
+    placed = [json.loads(p.read_text()) for p in (run_dir / stage.label() / "placement").glob("rank-*.json")]
+    summary["worker_nodes"] = [p["node_id"] for p in sorted(placed, key=lambda p: p["rank"])]
+    return summary
+
+
+def _record_placement(stage_dir: Path, rank: int) -> None:
+    """Which Ray node this rank runs on; the driver adds them to the summary as `worker_nodes`."""
+    import ray
+
+    out = stage_dir / "placement"
+    out.mkdir(parents=True, exist_ok=True)
+    node = ray.get_runtime_context().get_node_id()
+    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "node_id": node}))
 
 
 def _quiet_report_logger() -> None:
@@ -142,6 +186,7 @@ def _worker_entry(config: dict) -> None:
     import ray.train
 
     from distft.config import DistftConfig
+    from distft.distributed.checkpoint import read_manifest
     from distft.stages import StageContext, stage_runner
 
     _quiet_report_logger()
@@ -164,9 +209,15 @@ def _worker_entry(config: dict) -> None:
             report_fn=report,
         )
         if resume_from:
-            ctx.log(f"[{cfg.stages[stage_index].label()}] resuming from {resume_from}")
+            step = (read_manifest(resume_from) or {}).get("step", "?")
+            ctx.log(f"[{cfg.stages[stage_index].label()}] resuming from {resume_from} (step {step})")
         stage_runner(cfg.stages[stage_index].stage)(cfg, ctx)
 
+    _record_placement(Path(config["run_dir"]) / cfg.stages[stage_index].label(), tctx.get_world_rank())
+    # Ray only ever registers sealed checkpoints (ReportCallback attaches one after its manifest is
+    # written). The stage verifies it against that manifest before building anything, as for every
+    # other launcher, and refuses a damaged one (CheckpointError) naming the file and the latest
+    # earlier checkpoint that verifies.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         run(None)
@@ -186,6 +237,7 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     try:
         if address or not owns_ray:
             check_cluster_resources(cfg)
+            check_storage(cfg, run_dir)
         summaries = []
         for i, stage in enumerate(cfg.stages):
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s)")

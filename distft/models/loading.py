@@ -54,10 +54,7 @@ def _device_map(use_gpu: bool):
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 
-def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
-    """A causal LM ready to train with `method`; adapters are attached for lora/qlora."""
-    from transformers import AutoModelForCausalLM
-
+def _pretrained_kwargs(model: ModelConfig, method: MethodConfig, use_gpu: bool) -> dict:
     kwargs = dict(
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
@@ -68,14 +65,57 @@ def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, 
     if method.name == "qlora":
         kwargs["quantization_config"] = build_bnb_config(method, model, use_gpu)
         kwargs["device_map"] = _device_map(use_gpu)
-    net = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path), **kwargs)
+    return kwargs
+
+
+def _attach_method(net, method: MethodConfig, task_type: str):
     if method.uses_adapter():
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if method.name == "qlora":
             net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
-        net = get_peft_model(net, build_lora_config(method))
+        net = get_peft_model(net, build_lora_config(method, task_type))
+    return net
+
+
+def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
+    """A causal LM ready to train with `method`; adapters are attached for lora/qlora."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = _pretrained_kwargs(model, method, use_gpu)
+    net = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path), **kwargs)
+    net = _attach_method(net, method, "CAUSAL_LM")
     log(f"method {method.name}: {count_params(net).describe()}")
+    return net
+
+
+def _has_score_head(path: str, model: ModelConfig) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def load_reward_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
+    """A one-output sequence classifier (a scalar reward) ready to train with `method`.
+
+    From a causal LM (a base or an SFT output) the transformer body is reused and the
+    `score` head is new; from a reward model, its head is kept. With lora/qlora, peft's
+    SEQ_CLS task trains the adapters and the whole (small) head, and saves both.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    path = resolve_model_path(model.name_or_path)
+    kwargs = _pretrained_kwargs(model, method, use_gpu)
+    has_head = _has_score_head(path, model)
+    # A causal LM has no `score` weights (and an `lm_head` a classifier does not use): expected,
+    # so the loading report that lists them is silenced. A reward model loads with no such report.
+    with suppress_seqcls_warning():
+        net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    net = _attach_method(net, method, "SEQ_CLS")
+    log(f"reward head: {'loaded from the checkpoint' if has_head else 'new (the checkpoint is a language model)'}; "
+        f"method {method.name}: {count_params(net).describe()}")
     return net
 
 
@@ -85,6 +125,43 @@ def final_model_dir(path: str | Path) -> Path:
     if (path / "final").is_dir():
         return path / "final"
     return path
+
+
+def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False):
+    """(model, tokenizer) of a trained reward model: a full model, a LoRA adapter, or a run directory.
+
+    Refuses a checkpoint without a trained `score` head instead of scoring with a random one.
+    """
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = final_model_dir(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no reward model at {path}. Fix: pass a run directory or a model directory.")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    adapter = path / "adapter_config.json"
+    if adapter.exists():
+        from peft import PeftModel
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        with suppress_seqcls_warning():  # the base is a language model; the adapter carries the head
+            net = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
+                                                                     trust_remote_code=trust_remote_code)
+        net = PeftModel.from_pretrained(net, str(path)).merge_and_unload()
+    else:
+        net, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+        if info["missing_keys"]:
+            raise ValueError(f"{path} is not a trained reward model: {sorted(info['missing_keys'])} missing. "
+                             "Fix: pass the output of a `stage: reward` run.")
+    net.config.pad_token_id = tokenizer.pad_token_id
+    net.eval()
+    return net, tokenizer
 
 
 def load_for_inference(path: str | Path, trust_remote_code: bool = False):

@@ -9,6 +9,8 @@ def stage_runner(kind: str):
         from distft.stages.sft import run
     elif kind == "pretrain":
         from distft.stages.pretrain import run
+    elif kind == "reward":
+        from distft.stages.reward import run
     else:
         raise ValueError(f"unknown stage kind {kind!r}")
     return run

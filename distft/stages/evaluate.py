@@ -75,3 +75,79 @@ def exact_match(model, tokenizer, rows, fmt: str, max_new_tokens: int, batch_siz
         dist.all_reduce(counts)
         correct, total = (int(x) for x in counts.tolist())
     return ExactMatch(correct, total, list(zip(prompts, refs, got))[:3])
+
+
+def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 64):
+    """One scalar per token sequence from a sequence-classification (reward) model, as a float tensor.
+
+    Batches are right-padded; the model reads its score at the last non-pad token.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(sequences), batch_size):
+            batch = sequences[i : i + batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, s in enumerate(batch):
+                ids[j, : len(s)] = torch.tensor(s)
+                mask[j, : len(s)] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            out.append(logits[:, 0].float().cpu())
+    finally:
+        if was_training:
+            model.train()
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@dataclass
+class Pairwise:
+    correct: int
+    total: int
+    margin_sum: float  # sum of score(chosen) - score(rejected)
+    by_kind: dict[str, tuple[int, int]]  # kind -> (correct, total), for rows that carry a `kind`
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.total, 1)
+
+    @property
+    def mean_margin(self) -> float:
+        return self.margin_sum / max(self.total, 1)
+
+
+def pairwise_accuracy(model, pad_token_id: int, chosen: list[list[int]], rejected: list[list[int]],
+                      kinds: list[str] | None = None, batch_size: int = 64, rank: int = 0,
+                      world_size: int = 1) -> Pairwise:
+    """Share of pairs whose chosen response scores strictly above the rejected one (ties count as wrong)."""
+    import torch
+
+    names = sorted(set(kinds)) if kinds else []
+    mine = range(rank, len(chosen), world_size)
+    good = reward_scores(model, [chosen[i] for i in mine], pad_token_id, batch_size)
+    bad = reward_scores(model, [rejected[i] for i in mine], pad_token_id, batch_size)
+    wins = (good > bad).long()
+    # counts: correct, total, then (correct, total) per kind; the margin sum travels separately as a float
+    counts = torch.tensor([int(wins.sum()), len(wins)] + [0] * (2 * len(names)), dtype=torch.long)
+    for win, i in zip(wins.tolist(), mine):
+        if names:
+            k = 2 + 2 * names.index(kinds[i])
+            counts[k] += win
+            counts[k + 1] += 1
+    margin = torch.tensor([float((good - bad).sum())], dtype=torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            counts, margin = counts.cuda(), margin.cuda()
+        dist.all_reduce(counts)
+        dist.all_reduce(margin)
+    c = counts.tolist()
+    by_kind = {name: (c[2 + 2 * j], c[3 + 2 * j]) for j, name in enumerate(names)}
+    return Pairwise(c[0], c[1], float(margin.item()), by_kind)

@@ -3,6 +3,12 @@
 `ray.train.huggingface.RayTrainReportCallback` reports only when a checkpoint
 is saved; Tune's early stopping and users watching a run need every log and
 every eval, so this reports on each `on_log` and attaches checkpoints on save.
+
+Checkpoints: the Trainer writes each one into `checkpoints/.partial/` and this
+callback seals it (manifest written last, then one rename into `checkpoints/`,
+see distft/distributed/checkpoint.py) before any report names it. Only rank 0
+attaches the checkpoint (Ray Train takes a checkpoint from any rank, and one
+copy of a directory shared by all ranks is enough); every rank still reports.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from distft.config import dump_config
+from distft.distributed.checkpoint import CheckpointPublisher, barrier, checkpoint_step, from_main, staging_dir
 
 
 PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
@@ -30,12 +37,24 @@ class ReportCallback(TrainerCallback):
         self.metrics_path = self.stage_dir / "metrics.jsonl"
         self.started = time.time()
         self.last: dict = {}
+        self.checkpoints = None
+        if ctx.is_main:
+            self.checkpoints = CheckpointPublisher(
+                self.stage_dir / "checkpoints", keep=cfg.run.keep_checkpoints, world_size=ctx.world_size,
+                strategy=cfg.stages[ctx.stage_index].strategy.label(), log=ctx.log,
+            )
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
         self.start_step = state.global_step
+        staging = staging_dir(self.stage_dir / "checkpoints")
+        if Path(args.output_dir).resolve() != staging.resolve():
+            raise ValueError(f"the Trainer's output_dir is {args.output_dir}, but ReportCallback seals checkpoints "
+                             f"staged in {staging}. Fix: build the Trainer with "
+                             "output_dir=staging_dir(<stage>/checkpoints).")
         if self.ctx.is_main:
             self.stage_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoints.recover()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
@@ -57,10 +76,30 @@ class ReportCallback(TrainerCallback):
         return f"[{self.label}] step {step}/{total} ({100 * step / total:.0f}%) {shown} | {_fmt_seconds(elapsed)} elapsed, eta {_fmt_seconds(eta)}"
 
     def on_save(self, args, state, control, **kwargs):
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if self.ctx.is_main and ckpt.is_dir():
-            dump_config(self.cfg, ckpt / "distft_config.yaml")
-        self.ctx.report(dict(self.last, step=state.global_step), checkpoint_dir=str(ckpt) if ckpt.is_dir() else None)
+        barrier()  # every rank has written its files (rng_state_<rank>.pth, ZeRO shards) before rank 0 hashes them
+        ready = None
+        if self.ctx.is_main:
+            staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if staged.is_dir():
+                dump_config(self.cfg, staged / "distft_config.yaml")
+            ready = self.checkpoints.publish(state.global_step)
+        self._report(state, ready)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # Background seals finish before the stage goes on (and before the process can exit);
+        # the newest one not yet registered is registered now. Rank 0 alone knows whether
+        # there is one, and every rank must make the same reports: it tells them.
+        ready = self.checkpoints.finish() if self.ctx.is_main else None
+        if from_main(ready is not None):
+            self._report(state, ready)
+
+    def _report(self, state, checkpoint: Path | None) -> None:
+        metrics = dict(self.last, step=state.global_step)
+        if checkpoint is not None:
+            metrics["checkpoint_step"] = checkpoint_step(checkpoint)
+        self.ctx.report(metrics, checkpoint_dir=str(checkpoint) if checkpoint is not None else None)
+        if self.ctx.is_main:
+            self.checkpoints.rotate()  # after the report: Ray has copied what it registered
 
 
 def quiet_libraries() -> None:

@@ -15,9 +15,11 @@ from pathlib import Path
 
 from distft.config import DistftConfig, dump_config
 from distft.data.loading import load_checked, split_rows, tokenize_dataset
-from distft.distributed.deepspeed import build_deepspeed_config
+from distft.distributed import fsdp
+from distft.distributed.checkpoint import check_resume_on_ranks, staging_dir
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.sharding import full_parameters, optimizer_shard, parameter_shard
+from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.context import StageContext
@@ -33,7 +35,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
     stage = cfg.stages[ctx.stage_index]
     train_cfg, data_cfg, strategy = stage.train, stage.data, stage.strategy
-    use_deepspeed = strategy.name == "deepspeed"
+    use_deepspeed, use_fsdp = strategy.name == "deepspeed", strategy.name == "fsdp"
     if use_deepspeed and not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     stage_dir = Path(ctx.run_dir) / stage.label()
@@ -42,6 +44,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     quiet_libraries()
     ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed)
     set_seed(train_cfg.seed)
+    if ctx.resume_from:  # a damaged, half-written or incompatible checkpoint is refused before anything is built
+        check_resume_on_ranks(ctx.resume_from, world_size=ctx.world_size, strategy=strategy.label(),
+                              is_main=ctx.is_main, search=[stage_dir / "checkpoints"])
     ctx.log(f"[{stage.label()}] {train_cfg.batch_plan(ctx.world_size)}")
 
     # Data: validated rows -> token ids with loss labels (prompt tokens masked).
@@ -56,7 +61,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     steps_per_epoch = math.ceil(len(train_ds) / (train_cfg.micro_batch_size * ctx.world_size * grad_accum))
     total_steps = train_cfg.max_steps or max(1, math.ceil(steps_per_epoch * train_cfg.epochs))
     args = SFTConfig(
-        output_dir=str(stage_dir / "checkpoints"),
+        output_dir=str(staging_dir(stage_dir / "checkpoints")),  # ReportCallback seals each into checkpoints/
         per_device_train_batch_size=train_cfg.micro_batch_size,
         per_device_eval_batch_size=train_cfg.micro_batch_size,
         gradient_accumulation_steps=grad_accum,
@@ -75,23 +80,21 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         eval_steps=train_cfg.eval_every,
         save_strategy="steps" if train_cfg.save_every else "epoch",
         save_steps=train_cfg.save_every,
-        save_total_limit=cfg.run.keep_checkpoints,
+        save_total_limit=None,  # ReportCallback rotates (run.keep_checkpoints), never the last complete one
         max_length=max_len,
         packing=data_cfg.packing,
         use_cpu=not cfg.scaling.use_gpu,
-        bf16=cfg.model.dtype == "bfloat16",
-        fp16=cfg.model.dtype == "float16",
         report_to="none",
         disable_tqdm=True,
-        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=strategy.gradient_checkpointing,
         # Created before the model on purpose: under ZeRO-3 `from_pretrained` then loads
         # straight into partitions (zero.Init) instead of a full copy per worker.
-        deepspeed=build_deepspeed_config(strategy, train_cfg, cfg.model.dtype, ctx.world_size) if use_deepspeed else None,
+        **trainer_strategy_kwargs(strategy, train_cfg, cfg.model.dtype, ctx.world_size),
     )
-    # Model, with the method's adapters attached.
-    model = load_model(cfg.model, stage.method, cfg.scaling.use_gpu, log=ctx.log)
+    # Model, with the method's adapters attached. Under FSDP2 only local rank 0 reads the
+    # weights; the other ranks build on the meta device and get their shards at prepare time.
+    with fsdp.load_env(use_fsdp and ctx.world_size > 1):
+        model = load_model(cfg.model, stage.method, cfg.scaling.use_gpu, log=ctx.log)
     params = count_params(model)
 
     # Held-out task score before training, so the summary shows what training bought.
@@ -102,7 +105,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         if stage.evaluate.max_samples:
             task_rows = task_rows.select(range(min(len(task_rows), stage.evaluate.max_samples)))
         if stage.evaluate.before and not ctx.resume_from:
-            before = _score(model, tokenizer, task_rows, fmt, stage, ctx)
+            before = _score_before(model, tokenizer, task_rows, fmt, stage, ctx, rank0_only=use_fsdp)
             ctx.log(f"[{stage.label()}] held-out exact match before training: {before:.1%} ({len(task_rows)} items)")
 
     trainer = SFTTrainer(
@@ -114,6 +117,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         callbacks=[ReportCallback(ctx, stage.label(), stage_dir, total_steps, cfg)],
     )
     trainer.remove_callback(PrinterCallback)  # ReportCallback prints one progress line instead
+    if use_fsdp and fsdp.enable_on_cpu(trainer):
+        ctx.log(f"[{stage.label()}] FSDP2 on CPU: fully_shard over gloo")
     result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     eval_metrics = trainer.evaluate()
 
@@ -124,7 +129,10 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
     # Export: a full HF model, or the adapter (its config points at the base).
     final_dir = stage_dir / "final"
-    trainer.save_model(str(final_dir))
+    if trainer.is_fsdp_enabled:
+        fsdp.save_full_model(trainer, final_dir, ctx.is_main)
+    else:
+        trainer.save_model(str(final_dir))
     summary = {
         "stage": stage.label(),
         "kind": stage.stage,
@@ -144,7 +152,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "world_size": ctx.world_size,
         "strategy": strategy.label(),
         **parameter_shard(trainer.model),
-        **optimizer_shard(trainer.model_wrapped),
+        **optimizer_shard(trainer.model_wrapped, trainer.optimizer),
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
     }
@@ -159,9 +167,23 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
 def _score(model, tokenizer, rows, fmt, stage, ctx) -> float:
     ev = stage.evaluate
-    with full_parameters(model, zero3=stage.strategy.partitions_parameters()):
+    with full_parameters(model, stage.strategy.label()):
         result = exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size, ctx.rank, ctx.world_size)
     return result.accuracy
+
+
+def _score_before(model, tokenizer, rows, fmt, stage, ctx, rank0_only: bool) -> float:
+    """Before training. Under FSDP2 only rank 0 has weights yet (the rest are on the meta device)."""
+    if not rank0_only or ctx.world_size == 1:
+        return _score(model, tokenizer, rows, fmt, stage, ctx)
+    import torch.distributed as dist
+
+    ev = stage.evaluate
+    result = [None]
+    if ctx.is_main:
+        result[0] = exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size).accuracy
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
 
 
 def _logged_loss(history: list[dict], index: int) -> float | None:

@@ -1,0 +1,398 @@
+"""Checkpoints that are complete or absent, and verifiable before a resume trusts them.
+
+transformers 5.23's `Trainer._save_checkpoint` writes straight into `checkpoints/checkpoint-N`:
+no temporary name and no rename, so a crash mid-save leaves a directory that looks like
+any other, and its rotation (`save_total_limit`) keeps "the newest" by mtime whether or not
+that one is complete. distft keeps the Trainer's save logic as it is and moves where it writes:
+
+1. the Trainer's `output_dir` is a staging folder, `checkpoints/.partial/` (`staging_dir`);
+2. once every rank has written its files, rank 0 hashes each file and writes
+   `distft_manifest.json` (path, size and sha256 of every file, plus step, world size,
+   strategy label and distft version) last, atomically (temporary name, fsync, os.replace);
+3. then renames `.partial/checkpoint-N` to `checkpoints/checkpoint-N`, one atomic rename
+   on the same filesystem (`seal`).
+
+So a `checkpoint-N` directory exists only once it is complete, and `verify_checkpoint`
+re-checks it later. The manifest detects truncation, corruption and files changed or added
+after the save; it is not a signature, so whoever can write the directory can rewrite it too.
+
+Resume verifies first (`check_resume`) and refuses a damaged checkpoint with the files at
+fault and the latest earlier checkpoint that verifies. It also refuses a world-size change
+for strategies whose optimizer state is one shard per rank (DeepSpeed ZeRO); `reshardable`
+is the hook for strategies whose checkpoints load on any world size.
+
+No Ray imports, and torch only inside the two collective helpers at the bottom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+MANIFEST = "distft_manifest.json"
+STAGING = ".partial"
+FORMAT_VERSION = 1
+# Checkpoints up to this size are hashed on the training thread (sha256 runs at roughly
+# 0.5-2 GB/s per core, so about a second); larger ones on a background thread.
+SYNC_HASH_ENV = "DISTFT_SYNC_HASH_MAX_BYTES"
+DEFAULT_SYNC_HASH_MAX_BYTES = 1 << 30
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (damaged, incomplete or incompatible); the message names the file and the fix."""
+
+
+def reshardable(strategy_label: str) -> bool:
+    """Whether a checkpoint written under this strategy loads on another world size.
+
+    DDP: the HF checkpoint holds one full optimizer state, and the global batch is fixed
+    (accumulation is derived), so any world size continues the same run. FSDP (torch
+    distributed checkpoint) reshards on load. DeepSpeed ZeRO keeps one optimizer shard per
+    rank; universal checkpoints could convert them, but distft does not do that (yet).
+    """
+    return strategy_label == "ddp" or strategy_label.startswith("fsdp")
+
+
+def staging_dir(checkpoints_dir: str | Path) -> Path:
+    """Where the Trainer writes (its `output_dir`): checkpoints appear beside it only once sealed."""
+    return Path(checkpoints_dir) / STAGING
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    m = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _files(root: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            rel = (Path(dirpath) / name).relative_to(root).as_posix()
+            if rel not in (MANIFEST, MANIFEST + ".tmp"):
+                out.append(rel)
+    return out
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    h = hashlib.sha256()  # hashlib releases the GIL on large buffers: a background hash runs beside training
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+        if fsync:  # the data must be on disk before a rename publishes it
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dir_bytes(path: str | Path) -> int:
+    root = Path(path)
+    return sum((root / rel).stat().st_size for rel in _files(root)) if root.is_dir() else 0
+
+
+def build_manifest(ckpt_dir: str | Path, *, step: int, world_size: int, strategy: str, fsync: bool = False) -> dict:
+    from distft import __version__
+
+    root = Path(ckpt_dir)
+    files = [{"path": rel, "size": (root / rel).stat().st_size, "sha256": _sha256(root / rel, fsync)}
+             for rel in _files(root)]
+    return {
+        "format": FORMAT_VERSION,
+        "distft_version": __version__,
+        "step": step,
+        "world_size": world_size,
+        "strategy": strategy,
+        "created": round(time.time(), 3),
+        "total_bytes": sum(f["size"] for f in files),
+        "files": files,
+    }
+
+
+def write_manifest(ckpt_dir: str | Path, manifest: dict) -> Path:
+    """Atomically: a reader sees the previous manifest (or none), never half of this one."""
+    root = Path(ckpt_dir)
+    tmp, final = root / (MANIFEST + ".tmp"), root / MANIFEST
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def seal(staged: str | Path, final: str | Path, *, step: int, world_size: int, strategy: str) -> Path:
+    """Hash `staged`, write its manifest last, then rename it to `final`. Returns `final`."""
+    staged, final = Path(staged), Path(final)
+    write_manifest(staged, build_manifest(staged, step=step, world_size=world_size, strategy=strategy, fsync=True))
+    old = None
+    if final.exists():  # the same step saved again (a restart redid it): the new copy replaces it
+        old = staged.parent / f"replaced-{final.name}-{time.time_ns()}"
+        os.rename(final, old)
+    os.rename(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict | None:
+    """The manifest, or None when missing or unreadable (`verify_checkpoint` says which)."""
+    try:
+        m = json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("files"), list) else None
+
+
+def verify_checkpoint(ckpt_dir: str | Path) -> list[str]:
+    """Problems with a checkpoint directory, one line each, naming the file; [] when it verifies."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return [f"{root}: not a directory"]
+    path = root / MANIFEST
+    if not path.exists():
+        return [f"{MANIFEST} is missing: the save never completed (interrupted mid-write), "
+                "or the directory was not written by distft"]
+    manifest = read_manifest(root)
+    if manifest is None:
+        return [f"{MANIFEST} is unreadable or not a distft manifest"]
+    problems, listed = [], set()
+    for entry in manifest["files"]:
+        rel, size, digest = entry.get("path", ""), entry.get("size"), entry.get("sha256")
+        listed.add(rel)
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            problems.append(f"{rel!r}: not a path inside the checkpoint (manifest entry refused)")
+            continue
+        f = root / rel
+        if not f.is_file():
+            problems.append(f"{rel}: missing (the manifest lists {size} bytes)")
+            continue
+        actual = f.stat().st_size
+        if actual != size:
+            how = "truncated" if actual < size else "grew"
+            problems.append(f"{rel}: {actual} bytes, the manifest says {size} ({how} after the save)")
+        elif _sha256(f) != digest:
+            problems.append(f"{rel}: contents differ from the manifest (sha256 mismatch: corrupted or modified)")
+    for rel in _files(root):
+        if rel not in listed:
+            problems.append(f"{rel}: not in the manifest (added after the checkpoint was completed)")
+    return problems
+
+
+def complete_checkpoints(parent: str | Path) -> list[Path]:
+    """Directories directly under `parent` that carry a manifest, oldest step first (not hashed)."""
+    found = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    for d in parent.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and (m := read_manifest(d)) is not None:
+            found.append((int(m.get("step", -1)), d.name, d))
+    return [d for _, _, d in sorted(found)]
+
+
+def previous_good(ckpt_dir: str | Path, search: list[str | Path] = ()) -> Path | None:
+    """The latest checkpoint before `ckpt_dir` (beside it, or in `search`) that verifies."""
+    ckpt_dir = Path(ckpt_dir)
+    m = read_manifest(ckpt_dir)
+    step = m.get("step") if m else checkpoint_step(ckpt_dir)
+    candidates = {}
+    for parent in [ckpt_dir.parent, *map(Path, search)]:
+        for d in complete_checkpoints(parent):
+            if d.resolve() != ckpt_dir.resolve():
+                s = read_manifest(d).get("step", -1)
+                if step is None or s < step:
+                    candidates[d.resolve()] = (s, d)
+    for _, d in sorted(candidates.values(), key=lambda x: x[0], reverse=True):
+        if not verify_checkpoint(d):
+            return d
+    return None
+
+
+def check_resume(ckpt_dir: str | Path, *, world_size: int, strategy: str, search: list[str | Path] = ()) -> dict:
+    """Verify a checkpoint before resuming from it; returns its manifest or raises CheckpointError."""
+    ckpt_dir = Path(ckpt_dir)
+    problems = verify_checkpoint(ckpt_dir)
+    if problems:
+        prev = previous_good(ckpt_dir, search)
+        fix = (f"Fix: resume from {prev} instead (the latest earlier checkpoint that verifies)." if prev else
+               f"No earlier checkpoint in {ckpt_dir.parent} verifies. Fix: start the stage again without resuming.")
+        raise CheckpointError(f"refusing to resume from {ckpt_dir}: it does not match its {MANIFEST}:\n  - "
+                              + "\n  - ".join(problems) + f"\n{fix}")
+    manifest = read_manifest(ckpt_dir)
+    saved_strategy, saved_world = manifest.get("strategy"), manifest.get("world_size")
+    if saved_strategy != strategy:
+        raise CheckpointError(
+            f"refusing to resume from {ckpt_dir}: it was written under strategy {saved_strategy!r} and this run uses "
+            f"{strategy!r}, whose checkpoints have another layout (resuming would load it partially or fail late). "
+            f"Fix: resume with the strategy section it was written with, or start a new run from the exported model."
+        )
+    if saved_world != world_size and not reshardable(strategy):
+        raise CheckpointError(
+            f"refusing to resume from {ckpt_dir}: it was written by {saved_world} ranks under {strategy}, which keeps "
+            f"one optimizer shard per rank, and this run has {world_size}. Fix: resume with "
+            f"scaling.num_workers={saved_world}, or start a new run from the exported model "
+            f"(DDP and FSDP checkpoints resume on any number of workers)."
+        )
+    return manifest
+
+
+class CheckpointPublisher:
+    """Rank 0's side of checkpointing: seal staged checkpoints, say which to register, rotate.
+
+    Registration (the report to Ray that attaches a checkpoint) must only ever name a sealed
+    checkpoint, yet every rank has to call report the same number of times. The choice:
+
+    - up to `sync_max_bytes` (the common case) the checkpoint is sealed on the training thread,
+      and the report at the same save registers it;
+    - above it, sealing runs on one background thread (in save order) while training goes on,
+      and each later save, or the end of training, registers the newest checkpoint sealed by
+      then. A crash can then cost one more save interval than a synchronous seal would;
+      nothing unsealed is ever registered.
+
+    Rotation runs on the training thread only, never deletes the newest sealed checkpoint,
+    and ignores directories without a manifest (it cannot tell what they are).
+    """
+
+    def __init__(self, checkpoints_dir: str | Path, *, keep: int, world_size: int, strategy: str,
+                 sync_max_bytes: int | None = None, log: Callable[[str], None] = print):
+        self.dir = Path(checkpoints_dir)
+        self.staging = staging_dir(self.dir)
+        self.keep, self.world_size, self.strategy, self.log = keep, world_size, strategy, log
+        if sync_max_bytes is None:
+            sync_max_bytes = int(os.environ.get(SYNC_HASH_ENV, DEFAULT_SYNC_HASH_MAX_BYTES))
+        self.sync_max_bytes = sync_max_bytes
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+        self._sealed: list[Path] = []
+        self._lock = threading.Lock()
+        self.registered: Path | None = None
+
+    def recover(self) -> None:
+        """At train start: publish staged checkpoints a crash left sealed, delete the ones it left half-written."""
+        if not self.staging.is_dir():
+            return
+        for d in sorted(self.staging.iterdir()):
+            if not d.is_dir():
+                continue
+            final = self.dir / d.name
+            if checkpoint_step(d) is not None and not final.exists() and not verify_checkpoint(d):
+                os.rename(d, final)
+                self.log(f"published {final}: sealed before an interruption, not yet renamed")
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+                self.log(f"removed {d}: left incomplete (or superseded) by an interrupted save")
+
+    def publish(self, step: int) -> Path | None:
+        """Seal the Trainer's checkpoint for `step`; return a sealed checkpoint to register now, if any."""
+        self._reap()
+        staged = self.staging / f"checkpoint-{step}"
+        if staged.is_dir():
+            job = dict(staged=staged, final=self.dir / staged.name, step=step,
+                       world_size=self.world_size, strategy=self.strategy)
+            if not self._pending and dir_bytes(staged) <= self.sync_max_bytes:
+                self._done(seal(**job))
+            else:  # behind any pending seal too, so checkpoints complete in save order
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distft-seal")
+                self._pending.append(self._pool.submit(lambda: self._done(seal(**job))))
+        return self._to_register()
+
+    def finish(self) -> Path | None:
+        """Wait for background seals (the run must not end before them); return a checkpoint to register, if any."""
+        for fut in self._pending:
+            fut.result()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        return self._to_register()
+
+    def _done(self, path: Path) -> Path:
+        with self._lock:
+            self._sealed.append(path)
+        return path
+
+    def _reap(self) -> None:
+        for fut in [f for f in self._pending if f.done()]:
+            self._pending.remove(fut)
+            fut.result()  # a failed seal (disk full, ...) fails the run here, as a failed torch.save would
+
+    def _to_register(self) -> Path | None:
+        self._reap()
+        with self._lock:
+            newest = max(self._sealed, key=lambda p: checkpoint_step(p) or -1, default=None)
+        if newest is None or (self.registered and checkpoint_step(newest) <= checkpoint_step(self.registered)):
+            return None
+        self.registered = newest
+        return newest
+
+    def rotate(self) -> list[Path]:
+        """Keep the newest `keep` sealed checkpoints; the newest one is never deleted."""
+        sealed = [d for d in complete_checkpoints(self.dir) if checkpoint_step(d) is not None]
+        doomed = sealed[: max(0, len(sealed) - max(self.keep, 1))]
+        for d in doomed:
+            shutil.rmtree(d, ignore_errors=True)
+        return doomed
+
+
+# Collectives over torch.distributed, when a process group exists (none with one process).
+
+def _group_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if not _group_ready():
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def from_main(value):
+    """Rank 0's `value` on every rank (a small picklable object)."""
+    if not _group_ready():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_resume_on_ranks(ckpt_dir: str | Path, *, world_size: int, strategy: str, is_main: bool,
+                          search: list[str | Path] = ()) -> None:
+    """`check_resume` on rank 0 only (hashing once, not once per rank); every rank raises its verdict."""
+    error = None
+    if is_main:
+        try:
+            check_resume(ckpt_dir, world_size=world_size, strategy=strategy, search=search)
+        except CheckpointError as e:
+            error = str(e)
+    error = from_main(error)
+    if error:
+        raise CheckpointError(error)
