@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ EPILOG = """examples:
   distft train configs/quickstart.yaml
   distft train configs/quickstart.yaml train.lr=1e-3 scaling.num_workers=1
   distft validate configs/quickstart.yaml
+  distft resume runs/<run>                      # after an interruption: continues from the last checkpoint
   distft generate runs/<run> --prompt "Which animal is in this sentence?" --input "The red fox walked to Oslo."
   distft eval runs/<run> --data configs/data/facts_test.jsonl
   distft cluster up --workers 2 && distft train configs/quickstart.yaml --address 127.0.0.1:6379
@@ -58,7 +60,7 @@ def cmd_validate(args) -> int:
 
 def cmd_train(args) -> int:
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import ClusterError, cluster_address, launch
+    from distft.launch.train import ClusterError, cluster_address
     from distft.stages.tiny_base import ensure_tiny_base
 
     cfg = _load(args)
@@ -70,17 +72,47 @@ def cmd_train(args) -> int:
         cfg.model.name_or_path = str(ensure_tiny_base())
     run_dir.mkdir(parents=True)
     dump_config(cfg, run_dir / "config.yaml")
-    started = time.time()
+    args.run_dir_hint = run_dir
     try:
-        summaries = launch(cfg, run_dir, args.address)
+        return _launch(cfg, run_dir, args.address, resume=False)
     except ClusterError:
         # Refused before any worker started (resources, storage): leave no half-made run behind,
         # so the same run.name works once the cause is fixed.
         if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
             shutil.rmtree(run_dir)
         raise
+
+
+def cmd_resume(args) -> int:
+    """Continue an interrupted run in place: finished stages are skipped, the current one resumes."""
+    from distft.launch.preflight import describe_plan, preflight
+    from distft.launch.train import cluster_address
+
+    run_dir = Path(args.run_dir).resolve()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise UsageError(f"{run_dir} is not a distft run directory (no config.yaml). Fix: pass runs/<run>.")
+    if (run_dir / "summary.json").is_file():
+        raise UsageError(f"{run_dir} already finished (summary.json exists); nothing to resume.")
+    cfg = load_config(saved, args.overrides)
+    preflight(cfg, cluster_address(cfg, args.address))
+    print(describe_plan(cfg, run_dir), flush=True)
+    args.run_dir_hint = run_dir
+    if args.overrides:  # keep what the run started with; the new resolved config is the current one
+        saved.rename(run_dir / f"config.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        dump_config(cfg, saved)
+    return _launch(cfg, run_dir, args.address, resume=True)
+
+
+def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool) -> int:
+    from distft.launch.train import launch
+
+    started = time.time()
+    summaries = launch(cfg, run_dir, address, resume=resume)
     final = run_dir / cfg.stages[-1].label() / "final"
-    (run_dir / "final").symlink_to(final.relative_to(run_dir))
+    link = run_dir / "final"
+    if not link.is_symlink():
+        link.symlink_to(final.relative_to(run_dir))
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
     print(render_summary(run_dir, summaries, time.time() - started))
     return 0
@@ -104,9 +136,15 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
             before = s.get("exact_match_before")
             shown = f"{before:.1%} -> " if before is not None else ""
             lines.append(f"  held-out exact match  {shown}{s['exact_match_after']:.1%}  ({s['eval_items']} items)")
+        if s.get("pairwise_accuracy_after") is not None:
+            before = s.get("pairwise_accuracy_before")
+            shown = f"{before:.1%} -> " if before is not None else ""
+            lines.append(f"  held-out pairwise accuracy  {shown}{s['pairwise_accuracy_after']:.1%}  "
+                         f"(mean margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
     lines.append(f"model        {run_dir / 'final'}")
-    lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
-    lines.append(f"score it     distft eval {run_dir} --data <held-out file>")
+    if summaries and summaries[-1].get("kind") != "reward":  # a reward model scores, it does not generate
+        lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
+        lines.append(f"score it     distft eval {run_dir} --data <held-out file>")
     lines.append("=" * 64)
     return "\n".join(lines)
 
@@ -168,6 +206,10 @@ def cmd_cluster(args) -> int:
     return cluster.status() if args.action == "status" else cluster.down()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distft",
@@ -185,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("train", "Fine-tune with Ray Train (every stage in the config)").set_defaults(func=cmd_train)
+    sp = sub.add_parser("resume", help="Continue an interrupted run from its latest verified checkpoint",
+                        description="Continue an interrupted run in place: finished stages are skipped, the "
+                                    "unfinished one resumes from its latest checkpoint that verifies.")
+    sp.add_argument("run_dir", help="the run directory (runs/<run>)")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scaling.num_workers=4 (DDP/FSDP only)")
+    sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local cluster)")
+    sp.set_defaults(func=cmd_resume)
     with_config(
         "validate", "Resolve the config, check model and data files, print the plan; launches nothing"
     ).set_defaults(func=cmd_validate)
@@ -244,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     from distft.launch.preflight import PreflightError
     from distft.launch.train import ClusterError
 
+    # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: workers stopped, checkpoints kept.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except ConfigError as e:
@@ -253,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, UsageError, FileNotFoundError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        resume = f" (resume with: distft resume {args.run_dir_hint})" if getattr(args, "run_dir_hint", None) else ""
+        print(f"interrupted{resume}", file=sys.stderr)
         return 130
     return 2
 

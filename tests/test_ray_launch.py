@@ -91,3 +91,56 @@ def test_fsdp2_on_ray_shards_parameters(ray_cluster, tiny_base, tmp_path):
     assert summary["param_elements_local"] == pytest.approx(summary["param_elements_full"] / 2, rel=0.02)
     assert summary["last_logged_loss"] < summary["first_logged_loss"]
     assert (tmp_path / "run" / "sft" / "final" / "model.safetensors").exists()
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint_and_finishes(tiny_base, tmp_path):
+    """Ctrl-C mid-run (SIGINT to the whole process group, as a terminal sends it), then `distft resume`."""
+    import signal
+    import time
+
+    from distft.distributed.checkpoint import complete_checkpoints, verify_checkpoint
+
+    import psutil
+
+    def ray_daemons() -> set[int]:
+        return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")}
+
+    before = ray_daemons()  # e.g. the shared test cluster, if it is up
+    run_dir = tmp_path / "runs" / "cut"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "distft.cli", "train", "configs/quickstart.yaml", f"model.name_or_path={tiny_base}",
+           "train.max_steps=60", "train.save_every=10", "train.log_every=5", "evaluate.max_samples=16",
+           "data.max_train_samples=1500", f"run.output_dir={tmp_path / 'runs'}", "run.name=cut"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    ckpts = run_dir / "sft" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not any(
+            c.name == "checkpoint-20" for c in complete_checkpoints(ckpts)):
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted (resume with: distft resume" in out
+    for _ in range(40):  # the private cluster it started is gone: no orphan raylet or GCS
+        if ray_daemons() <= before:
+            break
+        time.sleep(0.5)
+    assert ray_daemons() <= before
+    assert not (run_dir / "summary.json").exists()
+    kept = complete_checkpoints(ckpts)
+    assert kept and all(not verify_checkpoint(c) for c in kept)  # what was sealed stays intact
+    last = max(int(c.name.split("-")[1]) for c in kept)
+    assert 20 <= last < 60
+
+    r = subprocess.run([sys.executable, "-m", "distft.cli", "resume", str(run_dir)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resuming from checkpoint-{last}" in r.stdout
+    (summary,) = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 60
+    logged = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    after = [x["step"] for x in logged if "loss" in x and x["step"] > last]
+    assert after and min(after) == last + 5  # continued at the next log step, not from scratch
+    assert (run_dir / "final" / "adapter_model.safetensors").exists()

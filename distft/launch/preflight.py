@@ -148,9 +148,10 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         lines.append(f"  strategy {strat.label()} ({', '.join(offload)})")
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
-        lines.append(f"  data    {st.data.train} (format {st.data.format}, loss on {st.loss_on()}, packing {st.data.packing})")
+        loss_on = "" if st.stage == "reward" else f", loss on {st.loss_on()}, packing {st.data.packing}"
+        lines.append(f"  data    {st.data.train} (format {st.data.format}{loss_on})")
         if st.evaluate.data:
-            lines.append(f"  task    exact match on {st.evaluate.data}")
+            lines.append(f"  task    {st.evaluate.metric.replace('_', ' ')} on {st.evaluate.data}")
     if run_dir:
         lines.append(f"output  {run_dir}")
     return "\n".join(lines)

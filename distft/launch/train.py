@@ -117,7 +117,7 @@ def ray_storage_path(cfg: DistftConfig, run_dir: Path) -> str:
     return str(Path(local).expanduser().resolve() / run_dir.name)
 
 
-def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
+def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from: str | None = None) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -129,6 +129,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
             "config": cfg.model_dump(mode="json"),
             "stage_index": stage_index,
             "run_dir": str(run_dir),
+            "resume_from": resume_from,
         },
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -147,13 +148,40 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path) -> dict:
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = _fit_interruptibly(trainer)
     if result.error:
         raise result.error
     summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
     placed = [json.loads(p.read_text()) for p in (run_dir / stage.label() / "placement").glob("rank-*.json")]
     summary["worker_nodes"] = [p["node_id"] for p in sorted(placed, key=lambda p: p["rank"])]
     return summary
+
+
+def _fit_interruptibly(trainer):
+    """`trainer.fit()` on a helper thread, so Ctrl-C and SIGTERM reach distft.
+
+    On the main thread Ray Train installs its own SIGINT handler: it aborts the run, then the
+    process exits with status 1 and no message. Off the main thread Ray installs none, the
+    KeyboardInterrupt lands here, and `launch` shuts down the Ray it started, which stops the
+    workers; sealed checkpoints stay as they are for `distft resume`.
+    """
+    import threading
+
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # re-raised on the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="distft-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _record_placement(stage_dir: Path, rank: int) -> None:
@@ -218,16 +246,34 @@ def _worker_entry(config: dict) -> None:
     # written). The stage verifies it against that manifest before building anything, as for every
     # other launcher, and refuses a damaged one (CheckpointError) naming the file and the latest
     # earlier checkpoint that verifies.
+    # A checkpoint Ray registered (a restarted worker group) wins; else the one `distft resume` found.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        run(None)
+        run(config.get("resume_from"))
     else:
         with checkpoint.as_directory() as path:
             run(path)
 
 
-def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print) -> list[dict]:
-    """Run every stage in order on one Ray cluster; returns each stage's summary."""
+def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int) -> tuple[dict | None, str | None]:
+    """(summary if the stage finished, else the latest checkpoint that verifies, or None for a fresh start)."""
+    from distft.distributed.checkpoint import complete_checkpoints, verify_checkpoint
+
+    stage_dir = run_dir / cfg.stages[stage_index].label()
+    if (stage_dir / "summary.json").is_file() and (stage_dir / "final").is_dir():
+        return json.loads((stage_dir / "summary.json").read_text()), None
+    for ckpt in reversed(complete_checkpoints(stage_dir / "checkpoints")):
+        if not verify_checkpoint(ckpt):
+            return None, str(ckpt)
+    return None, None
+
+
+def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print, resume: bool = False) -> list[dict]:
+    """Run every stage in order on one Ray cluster; returns each stage's summary.
+
+    With `resume`, stages that finished in `run_dir` are skipped and an unfinished one continues
+    from its latest verified checkpoint (a damaged newer one is passed over, never deleted).
+    """
     import ray
 
     started = time.time()
@@ -240,8 +286,14 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
             check_storage(cfg, run_dir)
         summaries = []
         for i, stage in enumerate(cfg.stages):
-            log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s)")
-            summaries.append(train_stage(cfg, i, run_dir))
+            done, resume_from = resume_point(cfg, run_dir, i) if resume else (None, None)
+            if done is not None:
+                log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier; skipped")
+                summaries.append(done)
+                continue
+            where = f", resuming from {Path(resume_from).name}" if resume_from else ""
+            log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s){where}")
+            summaries.append(train_stage(cfg, i, run_dir, resume_from))
         log(f"all stages done in {time.time() - started:.0f}s")
         return summaries
     finally:

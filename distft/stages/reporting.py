@@ -104,9 +104,13 @@ class ReportCallback(TrainerCallback):
 
 def quiet_libraries() -> None:
     """Per-item progress bars from datasets/transformers drown our progress lines in worker logs."""
+    import logging
+
     import datasets
     import transformers
 
+    # accelerate logs every FSDP shard it saves or loads at INFO ("[RANK 0] Optimizer state saved in ...").
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()

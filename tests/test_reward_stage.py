@@ -1,0 +1,223 @@
+"""The reward stage in-process (no Ray): preference data, learning near misses, export and reload, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, write_jsonl
+from distft.config import build_config, load_config
+from distft.data.formats import DataError, encode_preference, encode_row
+from distft.data.loading import load_checked
+from distft.stages import StageContext, stage_runner
+
+PREFS_TRAIN = REPO / "configs" / "data" / "facts_prefs_train.jsonl"
+PREFS_TEST = REPO / "configs" / "data" / "facts_prefs_test.jsonl"
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def reward_cfg(model_dir, train_file, method="full", evaluate=None, **train):
+    return build_config(
+        {
+            "model": {"name_or_path": str(model_dir), "max_seq_len": 64},
+            "scaling": {"num_workers": 1, "torch_threads": 2},
+            "stage": "reward",
+            "data": {"train": str(train_file), "eval_fraction": 0.05, "max_eval_samples": 64},
+            "method": {"name": method, "lora": {"r": 16, "alpha": 32}},
+            "train": {"global_batch_size": 32, "micro_batch_size": 32, "log_every": 20, "warmup_ratio": 0.05,
+                      "save_every": 10_000, **train},
+            "evaluate": evaluate or {"data": str(PREFS_TEST)},
+        }
+    )
+
+
+# ---------------------------------------------------------------- the bundled near-miss pairs
+
+
+def test_shipped_preference_files_match_the_generator_and_are_near_misses():
+    from distft.data.task import CATEGORIES, NEAR_MISS_KINDS, facts_in, make_preference_splits
+
+    train, test = make_preference_splits()
+    assert read_jsonl(PREFS_TRAIN) == train and read_jsonl(PREFS_TEST) == test
+    assert PREFS_TRAIN.stat().st_size < 1_000_000 and PREFS_TEST.stat().st_size < 1_000_000
+    sentence = lambda row: row["prompt"][0]["content"].split("\n\n")[1]  # noqa: E731
+    assert not {sentence(r) for r in train} & {sentence(r) for r in test}  # held-out sentences are unseen
+    assert [sum(r["kind"] == k for r in test) for k in NEAR_MISS_KINDS] == [200, 200, 200]
+    for row in train + test:
+        good, bad = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        facts = facts_in(sentence(row))
+        assert good in facts.values() and bad != good
+        if row["kind"] == "typo":  # one letter wrong, and no real answer of any category
+            assert len(bad) == len(good) and sum(a != b for a, b in zip(good, bad)) == 1
+            assert all(bad.lower() not in (v.lower() for v in vs) for vs in CATEGORIES.values())
+        elif row["kind"] == "same_category":  # another entity of the asked kind, absent from the sentence
+            category = next(vs for vs in CATEGORIES.values() if good in vs)
+            assert bad in category and bad not in facts.values()
+        else:  # swap: another fact of the same sentence
+            assert bad in facts.values()
+
+
+def test_our_tokenization_is_trls(tiny_random, tmp_path):
+    """The stage tokenizes pairs itself (to count drops and score held-out pairs identically); TRL agrees."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_random)
+    chat = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(PREFS_TEST)[:6]]
+    plain = [{"prompt": "Q: two plus two?\nA:", "chosen": " four", "rejected": " five"}]
+    implicit = [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]  # no prompt
+    args = RewardConfig(output_dir=str(tmp_path), max_length=None, use_cpu=True, report_to="none")
+    for rows in (chat, plain, implicit):
+        trl_ds = RewardTrainer._prepare_dataset(None, datasets.Dataset.from_list(rows), tok, args, "train")
+        for row, theirs in zip(rows, trl_ds):
+            assert encode_preference(row, tok) == (theirs["chosen_ids"], theirs["rejected_ids"])
+
+
+# ---------------------------------------------------------------- errors
+
+
+BAD_ROWS = [
+    ({"prompt": "Q", "rejected": "b"}, "field `chosen` is missing"),
+    ({"prompt": "Q", "chosen": "  ", "rejected": "b"}, "field `chosen` is empty"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "a"}, "fields `chosen` and `rejected` are identical"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+     "field `rejected` must end with an assistant turn"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "bot", "content": "b"}]},
+     "rejected[0].role 'bot' is not one of system, user, assistant"),
+    ({"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "prompt[0] must have `role` and `content`"),
+]
+
+
+@pytest.mark.parametrize("bad,problem", BAD_ROWS, ids=[p.split("`")[1] if "`" in p else p[:20] for _, p in BAD_ROWS])
+def test_bad_preference_row_names_file_row_and_field(tmp_path, bad, problem):
+    good = dict(bad)
+    for field in ("chosen", "rejected"):
+        value = bad.get(field, bad.get("chosen"))
+        good[field] = [{"role": "assistant", "content": f"ok {field}"}] if isinstance(value, list) else f"ok {field}"
+    if isinstance(bad.get("prompt"), list):
+        good["prompt"] = [{"role": "user", "content": "Q"}]
+    path = write_jsonl(tmp_path / "prefs.jsonl", [good, good, bad, good])
+    data = build_config({"stage": "reward", "data": {"train": str(path)}}).stages[0].data
+    with pytest.raises(DataError) as e:
+        load_checked(str(path), data, "data.train")
+    assert str(e.value).startswith(f"data.train: {path} row 3: {problem}")
+    assert str(e.value).endswith("(format preference).")
+
+
+def test_prompt_and_responses_must_be_the_same_kind():
+    from distft.data.formats import check_row
+
+    row = {"prompt": [{"role": "user", "content": "Q"}], "chosen": "a", "rejected": "b"}
+    assert check_row(row, "preference", "text") == "field `prompt` must be a string like `chosen`, got list"
+    row = {"prompt": "Q", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}
+    assert check_row(row, "preference", "text") == (
+        "field `rejected` must be a list of {role, content} turns like `chosen`, got str")
+
+
+def test_each_stage_refuses_the_other_kind_of_data(tiny_random, alpaca_rows, tmp_path):
+    sft_rows = write_jsonl(tmp_path / "sft.jsonl", alpaca_rows[:20])
+    with pytest.raises(DataError, match=r"the reward stage trains on preference pairs .* has format alpaca"):
+        stage_runner("reward")(reward_cfg(tiny_random, sft_rows), StageContext(run_dir=tmp_path / "run"))
+    with pytest.raises(DataError, match="preference rows .* train a reward model.* Fix: use `stage: reward`"):
+        encode_row(read_jsonl(PREFS_TEST)[0], "preference", None, 64, "completion")
+    with pytest.raises(Exception, match="data.format: the reward stage trains on preference pairs"):
+        build_config({"stage": "reward", "data": {"train": "x.jsonl", "format": "alpaca"}})
+
+
+# ---------------------------------------------------------------- learning, export, reload
+
+
+def plain_transformers_accuracy(model_dir, rows) -> float:
+    """Held-out pairwise accuracy with nothing from distft: transformers' own loading, one pair at a time."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+
+    def score(prompt, response):
+        text = tok.apply_chat_template(prompt + response, tokenize=False)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            return model(**ids).logits[0, 0].item()
+
+    wins = [score(r["prompt"], r["chosen"]) > score(r["prompt"], r["rejected"]) for r in rows]
+    return sum(wins) / len(wins)
+
+
+def test_reward_model_learns_near_misses_and_reloads_with_plain_transformers(tiny_base, tmp_path):
+    # 800 pairs x 4 epochs = 100 steps (about 10 s). Measured: held-out accuracy 34.8% -> 74.7%
+    # (typos 100%, wrong-slot answers 78%; same-category entities need the full recipe, see the slow test).
+    cfg = reward_cfg(tiny_base, PREFS_TRAIN, lr=1e-3, epochs=4, eval_every=50)
+    cfg.stages[0].data.max_train_samples = 800
+    ctx = StageContext(run_dir=tmp_path / "run")
+    summary = stage_runner("reward")(cfg, ctx)
+
+    before, after = summary["pairwise_accuracy_before"], summary["pairwise_accuracy_after"]
+    assert before < 0.55  # a new, random head
+    assert after >= 0.65 and after - before >= 0.25, (before, after)
+    assert summary["pairwise_accuracy_by_kind"]["typo"] >= 0.95
+    assert summary["mean_margin_after"] > summary["mean_margin_before"] + 1.0
+    assert summary["eval_pairs"] == 600 and summary["steps"] == 100
+    # TRL's own accuracy and margin on the eval split are reported at every eval, not only at the end
+    evals = [m for m in ctx.reported if "eval_accuracy" in m and "done" not in m]
+    assert len(evals) >= 2 and all("eval_margin" in m for m in evals)
+    assert any("accuracy" in m and "loss" in m for m in ctx.reported)
+    assert summary["first_logged_loss"] > summary["last_logged_loss"]
+
+    final = tmp_path / "run" / "reward" / "final"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "distft_config.yaml"):
+        assert (final / name).exists(), name
+    config = json.loads((final / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    # Reloaded by plain transformers, it ranks the held-out pairs as the stage measured.
+    rows = read_jsonl(PREFS_TEST)
+    assert plain_transformers_accuracy(final, rows) == pytest.approx(after, abs=2 / len(rows))
+
+
+def test_lora_reward_adapter_exports_its_head_and_reloads(tiny_base, tmp_path):
+    from distft.models.loading import load_reward_for_inference
+    from distft.stages.evaluate import pairwise_accuracy
+
+    held_out = tmp_path / "held_out.jsonl"
+    write_jsonl(held_out, read_jsonl(PREFS_TEST)[:150])
+    cfg = reward_cfg(tiny_base, PREFS_TRAIN, method="lora", evaluate={"data": str(held_out)}, lr=2e-3, max_steps=40)
+    cfg.stages[0].data.max_train_samples = 640
+    summary = stage_runner("reward")(cfg, StageContext(run_dir=tmp_path / "run"))
+    assert summary["trainable_params"] < summary["total_params"]
+    # measured: 34.7% -> 69.3% (typos learned first)
+    assert summary["pairwise_accuracy_after"] > summary["pairwise_accuracy_before"] + 0.25
+
+    final = tmp_path / "run" / "reward" / "final"
+    adapter = json.loads((final / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS" and "score" in adapter["modules_to_save"]
+    assert (final / "adapter_model.safetensors").exists()
+    model, tok = load_reward_for_inference(tmp_path / "run" / "reward")  # base + adapter + head, merged
+    pairs = [encode_preference(r, tok) for r in read_jsonl(held_out)]
+    reloaded = pairwise_accuracy(model, tok.pad_token_id, [c for c, _ in pairs], [r for _, r in pairs])
+    assert reloaded.accuracy == pytest.approx(summary["pairwise_accuracy_after"], abs=1 / 150)
+
+
+def test_reward_loader_refuses_a_model_without_a_trained_head(tiny_base):
+    from distft.models.loading import load_reward_for_inference
+
+    with pytest.raises(ValueError, match="not a trained reward model: .*score.weight"):
+        load_reward_for_inference(tiny_base)
+
+
+@pytest.mark.slow
+def test_shipped_reward_recipe_reaches_the_target_on_near_misses(tiny_base, tmp_path):
+    """configs/reward.yaml, in one process (same global batch): measured 99.3% held-out (same-category 98%)."""
+    cfg = load_config(REPO / "configs" / "reward.yaml", [
+        f"model.name_or_path={tiny_base}", "scaling.num_workers=1", "scaling.torch_threads=2",
+        f"data.train={PREFS_TRAIN}", f"evaluate.data={PREFS_TEST}",
+    ])
+    summary = stage_runner("reward")(cfg, StageContext(run_dir=tmp_path / "run"))
+    assert summary["pairwise_accuracy_after"] >= 0.90, summary
+    assert min(summary["pairwise_accuracy_by_kind"].values()) >= 0.85, summary["pairwise_accuracy_by_kind"]
