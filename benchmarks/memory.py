@@ -294,15 +294,6 @@ def main() -> None:
         write_jsonl(rows, data)
         for i, name in enumerate(names, 1):
             t0 = time.time()
-            if name == "fsdp":
-                from distft.config.schema import StrategyConfig
-
-                try:
-                    StrategyConfig(name="fsdp")
-                except ValueError:
-                    print(f"[{i}/{len(names)}] fsdp: skipped, strategy.name=fsdp is not available in this checkout",
-                          flush=True)
-                    continue
             print(f"[{i}/{len(names)}] {name}: 2 steps on {args.world} ranks ...", flush=True)
             results[name] = run_strategy(name, model_dir, data, args.world, work, args.deepspeed_config)
             total = max(r["states"]["total"] for r in results[name])

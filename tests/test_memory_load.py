@@ -200,3 +200,30 @@ def test_each_rank_loads_about_half_of_a_full_load(strategy, setup):
         # placeholders); they become resident only as shards. Not asserted: while accelerate shards on
         # CPU, each rank's peak reached about 2x a full load here (see the report line).
         assert all(r["load_growth"] < 0.1 * full["load_growth"] for r in ranks), report
+
+
+def test_zero1_and_zero2_partition_optimizer_state_and_gradients(tmp_path):
+    """Measured from the live ZeRO optimizer between backward and step (benchmarks/memory.py's probe).
+
+    Against DeepSpeed stage 0 on the same 2 ranks: ZeRO-1 and -2 hold half the Adam state per rank,
+    and ZeRO-2 half the gradients (one gradient that straddles the partition boundary is kept whole).
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("deepspeed")
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    out = tmp_path / "memory.json"
+    r = subprocess.run([sys.executable, "benchmarks/memory.py", "--hidden", "256", "--layers", "4",
+                        "--strategies", "zero0,zero1,zero2", "--json", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    states = {name: [rank["states"] for rank in ranks] for name, ranks in json.loads(out.read_text()).items()}
+    ref = states["zero0"][0]
+    for name in ("zero1", "zero2"):
+        for rank_states in states[name]:
+            assert rank_states["optimizer"] == pytest.approx(ref["optimizer"] / 2, rel=0.05), (name, rank_states)
+    for rank_states in states["zero2"]:
+        assert rank_states["grads"] < 0.6 * ref["grads"], rank_states
+    assert sum(r["grads"] for r in states["zero2"]) == pytest.approx(ref["grads"], rel=0.1)
