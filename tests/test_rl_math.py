@@ -276,12 +276,12 @@ def test_one_rollout_end_to_end_early_ending_response_matches_its_unpadded_self(
     logp = t([-1.0, -0.5, -0.2, 3.0, 3.0])
     ref = t([-1.2, -0.4, -0.2, 0.0, 0.0])
     values = t([0.3, 0.6, 0.9, 5.0, 5.0])
-    rewards, _ = token_rewards(torch.tensor([1.0], dtype=torch.float64), logp, ref, mask, kl_coef=0.2, finished=finished,
-                               unfinished_penalty=1.0)
+    score = torch.tensor([1.0], dtype=torch.float64)
+    rewards, _ = token_rewards(score, logp, ref, mask, kl_coef=0.2, finished=finished, unfinished_penalty=1.0)
     adv, ret = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.95)
 
     unpadded_mask = torch.ones(1, 3)
-    r2, _ = token_rewards(torch.tensor([1.0], dtype=torch.float64), logp[:, :3], ref[:, :3], unpadded_mask, kl_coef=0.2)
+    r2, _ = token_rewards(score, logp[:, :3], ref[:, :3], unpadded_mask, kl_coef=0.2)
     adv2, ret2 = gae_advantages(r2, values[:, :3], unpadded_mask, gamma=1.0, lam=0.95)
     close(adv[:, :3], adv2)
     close(ret[:, :3], ret2)

@@ -157,8 +157,10 @@ def _finish(ids: list[int], labels: list[int], max_len: int) -> Encoded:
 
 def encode_row(row: dict, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text") -> Encoded:
     if fmt == "preference":
-        raise DataError("preference rows (chosen/rejected) train a reward model, not a language model. "
-                        "Fix: use `stage: reward`, or give this stage alpaca, messages, prompt_completion or text rows.")
+        raise DataError(
+            "preference rows (chosen/rejected) train a reward model, not a language model. "
+            "Fix: use `stage: reward`, or give this stage alpaca, messages, prompt_completion or text rows."
+        )
     if fmt == "text":
         ids = tokenizer(row[text_field], add_special_tokens=True)["input_ids"]
         if tokenizer.eos_token_id is not None:

@@ -96,6 +96,19 @@ def _has_score_head(path: str, model: ModelConfig) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
 
 
+def _materialize_new_weights(net) -> None:
+    """Give weights left on the meta device real (uninitialised) storage.
+
+    Under FSDP2's rank-0 loading (`fsdp.load_env`) the other ranks skip initialising
+    weights the checkpoint lacks, so a new `score` head stays on the meta device there and
+    the Trainer's `.to(device)` fails. Its values come from rank 0 when `fully_shard` runs.
+    """
+    real = [p.device for p in net.parameters() if not p.is_meta]
+    for module in net.modules():
+        if real and any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=real[0], recurse=False)
+
+
 def load_reward_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
     """A one-output sequence classifier (a scalar reward) ready to train with `method`.
 
@@ -113,6 +126,7 @@ def load_reward_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = 
     # so the loading report that lists them is silenced. A reward model loads with no such report.
     with suppress_seqcls_warning():
         net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    _materialize_new_weights(net)
     net = _attach_method(net, method, "SEQ_CLS")
     log(f"reward head: {'loaded from the checkpoint' if has_head else 'new (the checkpoint is a language model)'}; "
         f"method {method.name}: {count_params(net).describe()}")

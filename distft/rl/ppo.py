@@ -78,7 +78,8 @@ def response_mask(response_ids: torch.Tensor, eos_token_id: int | list[int]) -> 
     is_eos = torch.isin(response_ids, eos)
     finished = is_eos.any(dim=1)
     length = response_ids.shape[1]
-    first_eos = torch.where(finished, is_eos.int().argmax(dim=1), torch.full_like(finished, length - 1, dtype=torch.long))
+    no_eos = torch.full_like(finished, length - 1, dtype=torch.long)
+    first_eos = torch.where(finished, is_eos.int().argmax(dim=1), no_eos)
     positions = torch.arange(length, device=response_ids.device).unsqueeze(0)
     return (positions <= first_eos.unsqueeze(1)).long(), finished
 

@@ -183,7 +183,8 @@ def _held_out_pairs(stage, data_cfg, tokenizer) -> dict:
     if stage.evaluate.max_samples:
         rows = rows.select(range(min(len(rows), stage.evaluate.max_samples)))
     pairs = [encode_preference(row, tokenizer) for row in rows]
-    kinds = rows["kind"] if "kind" in rows.column_names else None
+    # An optional `kind` per pair (the bundled pairs have one) splits the accuracy by kind.
+    kinds = [str(k) if k is not None else "other" for k in rows["kind"]] if "kind" in rows.column_names else None
     return {"chosen": [c for c, _ in pairs], "rejected": [r for _, r in pairs], "kinds": kinds}
 
 
