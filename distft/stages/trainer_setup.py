@@ -1,0 +1,152 @@
+"""What every Trainer-based stage does the same way: worker set-up and the shared Trainer arguments.
+
+A stage still reads top to bottom; it calls `prepare_worker` first and spreads
+`trainer_arguments(...)` into its TRL config, adding only what is its own
+(SFT's packing and max_length, the reward model's pre-tokenized pairs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from distft.config import DistftConfig
+from distft.distributed.checkpoint import check_resume_on_ranks, staging_dir
+from distft.distributed.process_group import ensure_process_group
+from distft.distributed.strategy import trainer_strategy_kwargs
+from distft.stages.context import StageContext
+from distft.stages.reporting import quiet_libraries
+
+
+def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
+    """Threads, logging, process group, seed, and the resume check. Returns the stage directory."""
+    import torch
+    from transformers import set_seed
+
+    stage = cfg.stages[ctx.stage_index]
+    strategy = stage.strategy
+    use_deepspeed = strategy.name == "deepspeed"
+    if use_deepspeed and not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    stage_dir = Path(ctx.run_dir) / stage.label()
+    torch.set_num_threads(cfg.scaling.threads_per_worker())
+    quiet_libraries()
+    ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed)
+    set_seed(stage.train.seed)
+    if ctx.resume_from:  # a damaged, half-written or incompatible checkpoint is refused before anything is built
+        check_resume_on_ranks(ctx.resume_from, world_size=ctx.world_size, strategy=strategy.label(),
+                              is_main=ctx.is_main, search=[stage_dir / "checkpoints"])
+    ctx.log(f"[{stage.label()}] {stage.train.batch_plan(ctx.world_size)}")
+    return stage_dir
+
+
+def total_steps(cfg: DistftConfig, ctx: StageContext, train_rows: int) -> int:
+    train = cfg.stages[ctx.stage_index].train
+    per_step = train.micro_batch_size * ctx.world_size * train.grad_accum(ctx.world_size)
+    return train.max_steps or max(1, math.ceil(math.ceil(train_rows / per_step) * train.epochs))
+
+
+def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> dict:
+    """TrainingArguments kwargs shared by every stage, derived from the same typed sections."""
+    stage = cfg.stages[ctx.stage_index]
+    train = stage.train
+    return dict(
+        output_dir=str(staging_dir(stage_dir / "checkpoints")),  # ReportCallback seals each into checkpoints/
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.grad_accum(ctx.world_size),
+        learning_rate=train.lr,
+        optim=train.optimizer,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5 takes a ratio (<1) here
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        seed=train.seed,
+        logging_steps=train.log_every,
+        logging_first_step=True,
+        eval_strategy="steps" if train.eval_every else "epoch",
+        eval_steps=train.eval_every,
+        save_strategy="steps" if train.save_every else "epoch",
+        save_steps=train.save_every,
+        save_total_limit=None,  # ReportCallback rotates (run.keep_checkpoints), never the last complete one
+        use_cpu=not cfg.scaling.use_gpu,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        # Built before the model on purpose: under ZeRO-3 `from_pretrained` then loads
+        # straight into partitions (zero.Init) instead of a full copy per worker.
+        **trainer_strategy_kwargs(stage.strategy, train, cfg.model.dtype, ctx.world_size),
+    )
+
+
+def score_on_rank0(score, ctx: StageContext):
+    """Run `score()` on rank 0 only and share its result: before training under FSDP2, the other
+    ranks hold meta tensors until `fully_shard` hands them their shards."""
+    if ctx.world_size == 1:
+        return score()
+    import torch.distributed as dist
+
+    box = [score() if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def export_model(trainer, final_dir: Path, ctx: StageContext) -> None:
+    """One consolidated HF model (or adapter) in `final_dir`. Call on every rank."""
+    from distft.distributed import fsdp
+
+    if trainer.is_fsdp_enabled:
+        fsdp.save_full_model(trainer, final_dir, ctx.is_main)
+    else:
+        trainer.save_model(str(final_dir))
+
+
+def _logged(history: list[dict], key: str, index: int) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return values[index] if values else None
+
+
+def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metrics: dict, params, started: float,
+                final_dir: Path) -> dict:
+    """The summary keys every stage shares; each stage adds its own task metrics."""
+    import time
+
+    from distft.distributed.sharding import optimizer_shard, parameter_shard
+
+    stage = cfg.stages[ctx.stage_index]
+    history = trainer.state.log_history
+    return {
+        "stage": stage.label(),
+        "kind": stage.stage,
+        "method": stage.method.name,
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "first_logged_loss": _logged(history, "loss", 0),
+        "last_logged_loss": _logged(history, "loss", -1),
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "world_size": ctx.world_size,
+        "strategy": stage.strategy.label(),
+        **parameter_shard(trainer.model),
+        **optimizer_shard(trainer.model_wrapped, trainer.optimizer),
+        "wall_seconds": round(time.time() - started, 1),
+        "model_dir": str(final_dir),
+    }
+
+
+def finish(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_dir: Path, summary: dict, tokenizer) -> dict:
+    """Rank 0 completes the export (tokenizer, resolved config) and writes the summary; every rank reports done."""
+    import json
+
+    from distft.config import dump_config
+
+    if ctx.is_main:
+        tokenizer.save_pretrained(str(final_dir))
+        dump_config(cfg, final_dir / "distft_config.yaml")
+        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ctx.report({"done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
+    return summary
