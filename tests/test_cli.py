@@ -59,6 +59,16 @@ def test_validate_row_missing_its_field(tmp_path, alpaca_rows):
     assert f"data.train: {data} row 42: field `instruction` is missing (format alpaca)." in r.stderr
 
 
+def test_data_of_the_wrong_kind_for_its_stage_is_refused_before_launch():
+    prefs, facts = REPO / "configs" / "data" / "facts_prefs_train.jsonl", REPO / "configs" / "data" / "facts_train.jsonl"
+    r = distft("validate", REPO / "configs" / "quickstart.yaml", f"data.train={prefs}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"data.train: {prefs} holds preference pairs (chosen/rejected), which stage sft cannot train on" in r.stderr
+    r = distft("validate", REPO / "configs" / "reward.yaml", f"data.train={facts}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"data.train: {facts} has format alpaca, but stage reward trains on preference pairs" in r.stderr
+
+
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("stage: sft\n data: x\n")

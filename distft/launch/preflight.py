@@ -69,7 +69,19 @@ def check_data(cfg: DistftConfig) -> tuple[list[str], list[str]]:
                 notes.append(f"{name}: {src}: {len(ds)} rows, format {fmt}")
             except DataError as e:
                 problems.append(str(e))
+                continue
+            if (fmt == "preference") != (st.stage == "reward"):
+                problems.append(_format_mismatch(name, src, fmt, st.stage))
     return problems, notes
+
+
+def _format_mismatch(name: str, src: str, fmt: str, kind: str) -> str:
+    """A file of the wrong kind for its stage, found here rather than in the workers."""
+    if kind == "reward":
+        return (f"{name}: {src} has format {fmt}, but stage reward trains on preference pairs. "
+                "Fix: point it at rows with chosen/rejected (and optionally prompt).")
+    return (f"{name}: {src} holds preference pairs (chosen/rejected), which stage {kind} cannot train on. "
+            "Fix: use stage: reward for them, or point this stage at alpaca, messages, prompt/completion or text rows.")
 
 
 def check_local_resources(cfg: DistftConfig) -> list[str]:
