@@ -18,15 +18,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from distft.distributed.sharding import local_part
+
 # Adam keeps two moments per parameter; the paper's fp32 formula is params 4, grads 4, Adam 8 bytes per
 # parameter. Mixed precision adds a 4-byte fp32 master copy to the optimizer side (the paper's K = 12).
 ADAM_STATE_BYTES_PER_PARAM = 8
-
-
-def _local(t):
-    """The part of a tensor this rank holds: an FSDP2 DTensor's local shard, or the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def _storages(tensors) -> dict[int, int]:
@@ -35,7 +31,7 @@ def _storages(tensors) -> dict[int, int]:
     for t in tensors:
         if t is None:
             continue
-        t = _local(t)
+        t = local_part(t)
         if t.device.type == "meta" or t.numel() == 0:
             continue
         storage = t.untyped_storage()
@@ -154,7 +150,7 @@ def touch_local_parameters(model) -> None:
         for p in model.parameters():
             for t in (p.data, getattr(p, "ds_tensor", None)):
                 if t is not None:
-                    t = _local(t)
+                    t = local_part(t)
                     if t.device.type != "meta" and t.numel():
                         t.mul_(1)
 

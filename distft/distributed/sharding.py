@@ -9,10 +9,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 
-def _local_numel(t) -> int:
-    """Elements this rank stores: a DTensor's (FSDP2) local shard, else the whole tensor."""
+def local_part(t):
+    """The part of a tensor this rank holds: an FSDP2 DTensor's local shard, or the tensor itself."""
     to_local = getattr(t, "to_local", None)
-    return to_local().numel() if to_local is not None else t.numel()
+    return to_local() if callable(to_local) else t
 
 
 def parameter_shard(model) -> dict:
@@ -23,7 +23,7 @@ def parameter_shard(model) -> dict:
             local += p.ds_tensor.numel()
             full += p.ds_numel
         else:
-            local += _local_numel(p)
+            local += local_part(p).numel()
             full += p.numel()
     return {"param_elements_local": local, "param_elements_full": full}
 
@@ -44,7 +44,7 @@ def optimizer_shard(engine, optimizer=None) -> dict:
     states = [st.get("exp_avg") for st in getattr(inner, "state", {}).values()]
     if not states or not all(hasattr(t, "to_local") for t in states):
         return {}
-    return {"optimizer_fp32_elements_local": sum(_local_numel(t) for t in states)}
+    return {"optimizer_fp32_elements_local": sum(local_part(t).numel() for t in states)}
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from distft.config import DistftConfig
-from distft.distributed.checkpoint import check_resume_on_ranks, staging_dir
+from distft.distributed.checkpoint import check_resume_on_ranks, from_main, staging_dir
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.stages.context import StageContext
@@ -85,13 +85,7 @@ def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> 
 def score_on_rank0(score, ctx: StageContext):
     """Run `score()` on rank 0 only and share its result: before training under FSDP2, the other
     ranks hold meta tensors until `fully_shard` hands them their shards."""
-    if ctx.world_size == 1:
-        return score()
-    import torch.distributed as dist
-
-    box = [score() if ctx.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return from_main(score() if ctx.is_main else None)
 
 
 def export_model(trainer, final_dir: Path, ctx: StageContext) -> None:
