@@ -120,8 +120,8 @@ def test_global_batch_must_divide_and_the_fix_is_named():
 
 
 def test_unknown_stage_and_method_list_the_choices():
-    (p,) = problems({"stages": [{"stage": "ppo", "data": {"train": "a"}}]})
-    assert "unknown stage 'ppo'" in p and "sft" in p
+    (p,) = problems({"stages": [{"stage": "kto", "data": {"train": "a"}}]})
+    assert "unknown stage 'kto'" in p and "sft" in p and "ppo" in p
     (p,) = problems(BASE, ["method.name=lorra"])
     assert p.startswith("method.name:") and "'full', 'lora' or 'qlora'" in p
 

@@ -18,6 +18,12 @@ from pydantic import BaseModel, ValidationError
 
 from distft.config.schema import (
     STAGE_KINDS,
+    DPOStage,
+    GRPOStage,
+    PPOStage,
+    PretrainStage,
+    RewardStage,
+    SFTStage,
     DataConfig,
     DistftConfig,
     EvaluateConfig,
@@ -39,7 +45,13 @@ STAGE_SECTIONS: dict[str, type[BaseModel]] = {
     "strategy": StrategyConfig,
 }
 SHARED_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "scaling": ScalingConfig, "run": RunConfig}
-TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages"]
+STAGE_CLASSES: dict[str, type[StageBase]] = {
+    "sft": SFTStage, "pretrain": PretrainStage, "reward": RewardStage, "ppo": PPOStage, "dpo": DPOStage,
+    "grpo": GRPOStage,
+}
+# Keys of one stage only (never shared defaults); the single-stage shorthand takes them at top level.
+STAGE_ONLY_KEYS = ("name", "init_from", "reward", "ppo", "dpo", "grpo")
+TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages", *STAGE_ONLY_KEYS]
 
 
 class ConfigError(Exception):
@@ -217,7 +229,19 @@ def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
     if "stage" in raw and "stages" in raw:
         problems.append("stage and stages are both set. Fix: use `stage: sft` for one stage, or a `stages:` list.")
     if shorthand:
-        stage_dicts = [{"stage": raw.pop("stage", "sft")}]
+        single = {"stage": raw.pop("stage", "sft")}
+        single.update({k: raw.pop(k) for k in STAGE_ONLY_KEYS if k in raw})
+        cls = STAGE_CLASSES.get(single["stage"]) if isinstance(single["stage"], str) else None
+        for key in STAGE_ONLY_KEYS:
+            if key in single and cls is not None:
+                if key not in cls.model_fields:
+                    problems.append(f"{key}: not a setting of stage {single['stage']}; "
+                                    f"{_suggest(key, [k for k in cls.model_fields if k != 'stage'])}")
+                else:
+                    sub = _unwrap_model(cls.model_fields[key].annotation)
+                    if sub is not None:
+                        problems.extend(unknown_keys(single[key], sub, key))
+        stage_dicts = [single]
     else:
         stage_dicts = raw.pop("stages")
         if not isinstance(stage_dicts, list) or not stage_dicts:
@@ -230,7 +254,8 @@ def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
             structural.append(f"stages.{i}: must be a mapping with at least `stage: <{'|'.join(STAGE_KINDS)}>`.")
             continue
         if not shorthand:
-            problems.extend(unknown_keys(st, StageBase, f"stages.{i}", extra_allowed=("stage",)))
+            cls = STAGE_CLASSES.get(st.get("stage")) if isinstance(st.get("stage"), str) else None
+            problems.extend(unknown_keys(st, cls or StageBase, f"stages.{i}", extra_allowed=("stage",)))
         stages.append(_deep_merge(shared, st))
     if structural:
         raise ConfigError(source, problems + structural)

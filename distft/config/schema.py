@@ -249,6 +249,10 @@ class StrategyConfig(Section):
 
 class StageBase(Section):
     name: str | None = Field(None, description="Output sub-directory; default: the stage kind")
+    init_from: str | None = Field(
+        None, description="Start from an earlier stage's output (its name) or a model directory; default: "
+        "model.name_or_path (ppo, dpo, grpo: the last earlier sft/pretrain stage, if any)"
+    )
     data: DataConfig
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
@@ -317,8 +321,96 @@ class RewardStage(StageBase):
         return self
 
 
-Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage], Field(discriminator="stage")]
-STAGE_KINDS = ("sft", "pretrain", "reward")
+class RewardSpec(Section):
+    """What scores a sampled response (ppo, grpo): a reward model, Python reward functions, or both, weighted.
+
+    The score is `model_weight * RM(prompt, response) + sum(weight * function(...))`.
+    """
+
+    model: str | None = Field(
+        None, description="An earlier reward stage's name or a reward-model directory; default: the last earlier "
+        "reward stage, if any"
+    )
+    model_weight: float = 1.0
+    functions: dict[str, float] = Field(
+        default_factory=dict,
+        description="name -> weight: built-ins (exact_match, length_penalty) or 'package.module:function'",
+    )
+
+
+class PPOSettings(Section):
+    """Classic RLHF PPO (Ziegler et al. 2019; Ouyang et al. 2022): rollouts, per-token KL, GAE, clipped losses."""
+
+    rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout, over all workers")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout; minibatches are train.global_batch_size")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0: off")
+    top_p: float = Field(1.0, gt=0, le=1)
+    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty")
+    kl_target: float | None = Field(
+        None, gt=0, description="Adaptive KL controller (Ziegler et al.): steer the rollout KL to this; unset: fixed"
+    )
+    kl_horizon: int = Field(10_000, ge=1, description="Samples over which the adaptive controller corrects an error")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_eps: float = Field(0.2, gt=0)
+    value_clip_eps: float = Field(0.2, gt=0)
+    critic_lr: float | None = Field(None, gt=0, description="Default: train.lr")
+    critic_from: str | None = Field(
+        None, description="Critic initialisation: a stage name or a directory; default: the reward model, else "
+        "the policy's initialisation with a new value head"
+    )
+    whiten_rewards: bool = False
+    unfinished_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a response without EOS")
+    generation: Literal["hf"] = Field("hf", description="Rollout engine; `hf` is transformers generate")
+
+
+class PPOStage(StageBase):
+    """PPO RLHF (distft's own; TRL removed its PPOTrainer): `data` holds the prompts (alpaca, messages or
+    prompt/completion rows, whose answers feed reward functions); the policy starts from `init_from`."""
+
+    stage: Literal["ppo"]
+    reward: RewardSpec = RewardSpec()
+    ppo: PPOSettings = PPOSettings()
+
+
+class DPOSettings(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class DPOStage(StageBase):
+    """Direct preference optimisation with TRL's DPOTrainer on chosen/rejected pairs."""
+
+    stage: Literal["dpo"]
+    dpo: DPOSettings = DPOSettings()
+
+
+class GRPOSettings(Section):
+    num_generations: int = Field(8, ge=2, description="Samples per prompt; advantages are relative within the group")
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference (0: no reference model)")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio")
+
+
+class GRPOStage(StageBase):
+    """Group relative policy optimisation with TRL's GRPOTrainer: prompts in `data`, scored by `reward`."""
+
+    stage: Literal["grpo"]
+    reward: RewardSpec = RewardSpec()
+    grpo: GRPOSettings = GRPOSettings()
+
+
+Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage],
+                  Field(discriminator="stage")]
+STAGE_KINDS = ("sft", "pretrain", "reward", "ppo", "dpo", "grpo")
+# Stages whose policy starts, by default, from the last earlier sft/pretrain stage.
+POLICY_STAGES = ("ppo", "dpo", "grpo")
+PREFERENCE_STAGES = ("reward", "dpo")
 
 
 def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, scaling: ScalingConfig,
@@ -376,6 +468,64 @@ class DistftConfig(Section):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             errors.append(f"stages: duplicate stage name(s) {sorted(dup)}. Fix: give each stage a distinct `name`.")
+        errors += self._chain_errors(names)
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+    # ---- how stages feed each other: a source is an earlier stage's name, or a model path / hub id
+
+    def _earlier(self, index: int, kinds: tuple[str, ...]) -> str | None:
+        """The label of the last stage before `index` whose kind is in `kinds`."""
+        found = [st.label() for st in self.stages[:index] if st.stage in kinds]
+        return found[-1] if found else None
+
+    def init_source(self, index: int) -> str:
+        """Where stage `index` starts: `init_from`, else (ppo/dpo/grpo) the last sft/pretrain stage, else the model."""
+        stage = self.stages[index]
+        if stage.init_from:
+            return stage.init_from
+        if stage.stage in POLICY_STAGES:
+            return self._earlier(index, ("sft", "pretrain")) or self.model.name_or_path
+        return self.model.name_or_path
+
+    def reward_source(self, index: int) -> str | None:
+        """The reward model of a ppo/grpo stage: `reward.model`, else the last earlier reward stage."""
+        stage = self.stages[index]
+        if stage.stage not in ("ppo", "grpo"):
+            return None
+        return stage.reward.model or self._earlier(index, ("reward",))
+
+    def critic_source(self, index: int) -> str | None:
+        """PPO's critic initialisation: `ppo.critic_from`, else the reward model (None: the policy's init, new head)."""
+        stage = self.stages[index]
+        if stage.stage != "ppo":
+            return None
+        return stage.ppo.critic_from or self.reward_source(index)
+
+    def stage_named(self, name: str) -> int | None:
+        return next((i for i, st in enumerate(self.stages) if st.label() == name), None)
+
+    def _chain_errors(self, names: list[str]) -> list[str]:
+        errors = []
+        for i, st in enumerate(self.stages):
+            refs = [("init_from", st.init_from)]
+            if st.stage in ("ppo", "grpo"):
+                refs.append(("reward.model", st.reward.model))
+                if not self.reward_source(i) and not st.reward.functions:
+                    errors.append(
+                        f"stages.{i}.reward: stage {st.stage} needs something to score responses, and this config "
+                        "has no earlier reward stage. Fix: reward.model=<reward model dir or stage name>, and/or "
+                        "reward.functions={exact_match: 1.0}."
+                    )
+            if st.stage == "ppo":
+                refs.append(("ppo.critic_from", st.ppo.critic_from))
+                if st.method.name == "qlora":
+                    errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
+                                  "support qlora. Fix: method.name=lora (or full).")
+            for field, ref in refs:
+                j = self.stage_named(ref) if ref else None
+                if j is not None and j >= i:
+                    errors.append(f"stages.{i}.{field}: {ref!r} is {'this' if j == i else 'a later'} stage; a stage "
+                                  f"can only start from earlier ones ({', '.join(names[:i]) or 'none here'}).")
+        return errors
