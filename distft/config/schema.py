@@ -334,7 +334,7 @@ class RewardSpec(Section):
     model_weight: float = 1.0
     functions: dict[str, float] = Field(
         default_factory=dict,
-        description="name -> weight: built-ins (exact_match, length_penalty) or 'package.module:function'",
+        description="name -> weight: the built-in exact_match, or 'package.module:function'",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distft.data.formats import generation_prompt, reference_answer
+from distft.rl.rewards import normalize_answer
 
 
 @dataclass
@@ -20,10 +21,6 @@ class ExactMatch:
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.total, 1)
-
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.strip().split()).lower()
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:

@@ -18,6 +18,7 @@ from distft.distributed import fsdp
 from distft.distributed.sharding import full_parameters
 from distft.models.loading import load_reward_model, load_tokenizer
 from distft.models.methods import count_params
+from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import Pairwise, pairwise_accuracy
 from distft.stages.reporting import ReportCallback
@@ -34,10 +35,11 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     use_fsdp = strategy.name == "fsdp"
     started = time.time()
     stage_dir = prepare_worker(cfg, ctx)
+    model_cfg = stage_model(cfg, ctx)  # the base, or an earlier stage's output
 
     # Data: validated pairs -> chosen/rejected token ids. We tokenize (as TRL would), so the
     # held-out scoring below reads exactly what training read, and over-long pairs are counted.
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_cfg)
     train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
     if fmt != "preference":
         raise DataError(f"data.train: the reward stage trains on preference pairs (chosen/rejected, optional prompt); "
@@ -55,7 +57,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     # Model: the base or SFT model's body under a new one-output `score` head (or an RM's own
     # head), with the method's adapters attached. Under FSDP2 only local rank 0 reads the weights.
     with fsdp.load_env(use_fsdp and ctx.world_size > 1):
-        model = load_reward_model(cfg.model, stage.method, cfg.scaling.use_gpu, log=ctx.log)
+        model = load_reward_model(model_cfg, stage.method, cfg.scaling.use_gpu, log=ctx.log)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
     params = count_params(model)
 

@@ -15,6 +15,7 @@ from distft.distributed import fsdp
 from distft.distributed.sharding import full_parameters
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
+from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import exact_match
 from distft.stages.reporting import ReportCallback
@@ -31,9 +32,10 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     use_fsdp = strategy.name == "fsdp"
     started = time.time()
     stage_dir = prepare_worker(cfg, ctx)
+    model_cfg = stage_model(cfg, ctx)  # the base, or an earlier stage's output
 
     # Data: validated rows -> token ids with loss labels (prompt tokens masked).
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(model_cfg)
     train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
     max_len = cfg.model.max_seq_len
     train_ds, train_stats = tokenize_dataset(train_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
@@ -49,7 +51,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     # Model, with the method's adapters attached. Under FSDP2 only local rank 0 reads the
     # weights; the other ranks build on the meta device and get their shards at prepare time.
     with fsdp.load_env(use_fsdp and ctx.world_size > 1):
-        model = load_model(cfg.model, stage.method, cfg.scaling.use_gpu, log=ctx.log)
+        model = load_model(model_cfg, stage.method, cfg.scaling.use_gpu, log=ctx.log)
     params = count_params(model)
 
     # Held-out task score before training, so the summary shows what training bought.
