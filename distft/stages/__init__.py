@@ -11,6 +11,12 @@ def stage_runner(kind: str):
         from distft.stages.pretrain import run
     elif kind == "reward":
         from distft.stages.reward import run
+    elif kind == "ppo":
+        from distft.stages.ppo import run
+    elif kind == "dpo":
+        from distft.stages.dpo import run
+    elif kind == "grpo":
+        from distft.stages.grpo import run
     else:
         raise ValueError(f"unknown stage kind {kind!r}")
     return run
