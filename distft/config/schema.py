@@ -443,6 +443,19 @@ def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, s
     return errors
 
 
+def _ppo_fits(where: str, stage: PPOStage, world: int) -> list[str]:
+    errors = []
+    rollout, minibatch = stage.ppo.rollout_batch_size, stage.train.global_batch_size
+    if rollout % minibatch:
+        errors.append(f"{where}.ppo.rollout_batch_size: {rollout} must be a multiple of train.global_batch_size "
+                      f"({minibatch}, the PPO minibatch). Fix: ppo.rollout_batch_size={max(1, rollout // minibatch) * minibatch}"
+                      f" or a train.global_batch_size that divides {rollout}.")
+    if stage.strategy.name == "fsdp":
+        errors.append(f"{where}.strategy.name: the ppo stage runs under ddp or deepspeed (ZeRO-0..3), not fsdp. "
+                      "Fix: strategy.name=deepspeed with strategy.zero_stage=3 to shard the models.")
+    return errors
+
+
 class DistftConfig(Section):
     model: ModelConfig = ModelConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -520,6 +533,7 @@ class DistftConfig(Section):
                     )
             if st.stage == "ppo":
                 refs.append(("ppo.critic_from", st.ppo.critic_from))
+                errors += _ppo_fits(f"stages.{i}", st, self.scaling.num_workers)
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
                                   "support qlora. Fix: method.name=lora (or full).")

@@ -12,6 +12,7 @@ and under ZeRO-3 or FSDP2 every loader sees ordinary weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from distft.config import DistftConfig
@@ -39,13 +40,22 @@ def is_adapter(path: str) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def merge_adapter(adapter_dir: str, out_dir: Path, trust_remote_code: bool = False) -> None:
-    """Base + LoRA adapter -> one full HF model (safetensors) with the adapter's tokenizer."""
-    from peft import AutoPeftModelForCausalLM
+def merge_adapter(adapter_dir: str, out_dir: Path, trust_remote_code: bool = False, reward: bool = False) -> None:
+    """Base + LoRA adapter -> one full HF model (safetensors) with the adapter's tokenizer.
+
+    `reward`: the adapter belongs to a reward model (a sequence classifier whose head it carries).
+    """
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
-    merged = model.merge_and_unload()
+    if reward:
+        from distft.models.loading import load_reward_for_inference
+
+        merged, _ = load_reward_for_inference(adapter_dir, trust_remote_code)
+    else:
+        from peft import AutoPeftModelForCausalLM
+
+        merged = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
+        merged = merged.merge_and_unload()
     tmp = out_dir.with_name(out_dir.name + ".partial")
     merged.save_pretrained(str(tmp), safe_serialization=True)
     AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(str(tmp))
@@ -53,7 +63,8 @@ def merge_adapter(adapter_dir: str, out_dir: Path, trust_remote_code: bool = Fal
     tmp.rename(out_dir)
 
 
-def plain_model_dir(path: str, stage_dir: Path, ctx: StageContext, model: ModelConfig, name: str = "init") -> str:
+def plain_model_dir(path: str, stage_dir: Path, ctx: StageContext, model: ModelConfig, name: str = "init",
+                    reward: bool = False) -> str:
     """`path` itself, or for a LoRA adapter a merged copy in `<stage_dir>/<name>` (rank 0 writes, all wait)."""
     if not is_adapter(path):
         return path
@@ -61,7 +72,8 @@ def plain_model_dir(path: str, stage_dir: Path, ctx: StageContext, model: ModelC
     if ctx.is_main and not (out / "config.json").exists():
         ctx.log(f"merging the LoRA adapter {path} into its base -> {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        merge_adapter(path, out, model.trust_remote_code)
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # left by an interrupted merge
+        merge_adapter(path, out, model.trust_remote_code, reward=reward)
     barrier()
     return str(out)
 
