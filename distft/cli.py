@@ -18,6 +18,7 @@ EPILOG = """examples:
   distft train configs/quickstart.yaml train.lr=1e-3 scaling.num_workers=1
   distft validate configs/quickstart.yaml
   distft resume runs/<run>                      # after an interruption: continues from the last checkpoint
+  distft pipeline configs/rlhf_quickstart.yaml  # sft -> reward -> ppo in runs/rlhf_quickstart; reruns skip done stages
   distft generate runs/<run> --prompt "Which animal is in this sentence?" --input "The red fox walked to Oslo."
   distft eval runs/<run> --data configs/data/facts_test.jsonl
   distft cluster up --workers 2 && distft train configs/quickstart.yaml --address 127.0.0.1:6379
@@ -104,11 +105,40 @@ def cmd_resume(args) -> int:
     return _launch(cfg, run_dir, args.address, resume=True)
 
 
-def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool) -> int:
+def cmd_pipeline(args) -> int:
+    """Run a multi-stage config as one job in a stable run directory; a rerun skips finished stages."""
+    from distft.launch.preflight import describe_plan, preflight
+    from distft.launch.train import cluster_address
+    from distft.stages.tiny_base import ensure_tiny_base
+
+    cfg = _load(args)
+    force_from = None
+    if args.force:
+        force_from = 0 if args.force == "all" else cfg.stage_named(args.force)
+        if force_from is None:
+            names = ", ".join(st.label() for st in cfg.stages)
+            raise UsageError(f"--force {args.force}: no such stage; this config has {names} (or --force all).")
+    preflight(cfg, cluster_address(cfg, args.address))
+    run_dir = (Path(cfg.run.output_dir) / (cfg.run.name or Path(args.config).stem)).resolve()
+    cfg.run.name = run_dir.name
+    print(describe_plan(cfg, run_dir), flush=True)
+    if cfg.model.name_or_path == TINY_BASE:
+        cfg.model.name_or_path = str(ensure_tiny_base())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved = run_dir / "config.yaml"
+    if saved.is_file() and load_config(saved) != cfg:  # keep what earlier attempts ran with
+        saved.rename(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    dump_config(cfg, saved)
+    (run_dir / "summary.json").unlink(missing_ok=True)  # rewritten when every stage has finished
+    args.run_dir_hint = run_dir
+    return _launch(cfg, run_dir, args.address, resume=True, force_from=force_from)
+
+
+def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool, force_from: int | None = None) -> int:
     from distft.launch.train import launch
 
     started = time.time()
-    summaries = launch(cfg, run_dir, address, resume=resume)
+    summaries = launch(cfg, run_dir, address, resume=resume, force_from=force_from)
     final = run_dir / cfg.stages[-1].label() / "final"
     link = run_dir / "final"
     if not link.is_symlink():
@@ -118,29 +148,60 @@ def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool)
     return 0
 
 
+def _before_after(s: dict, key: str, fmt: str) -> str | None:
+    after = s.get(f"{key}_after")
+    if after is None:
+        return None
+    before = s.get(f"{key}_before")
+    return (format(before, fmt) + " -> " if before is not None else "") + format(after, fmt)
+
+
+def stage_result(s: dict) -> str:
+    """The held-out outcome of one stage, in words."""
+    parts = []
+    em = _before_after(s, "exact_match", ".1%")
+    if em:
+        parts.append(f"exact match {em} ({s.get('eval_items', 0)} items)")
+    pairwise = _before_after(s, "pairwise_accuracy", ".1%")
+    if pairwise:
+        parts.append(f"pairwise accuracy {pairwise} (margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
+    reward = _before_after(s, "heldout_reward", ".3f")
+    if reward:
+        parts.append(f"mean reward {reward}")
+    if s.get("kl_last") is not None:
+        target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
+        parts.append(f"KL {s['kl_last']:.3f}{target}")
+    return "; ".join(parts) or "-"
+
+
 def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
     lines = ["", "=" * 64, f"distft run finished in {seconds:.0f}s: {run_dir}"]
+    rows = [("stage", "kind", "method", "steps", "time", "held-out result")]
+    for s in summaries:
+        took = "skipped" if s.get("skipped") else f"{s.get('wall_seconds', 0):.0f}s"
+        rows.append((s["stage"], s["kind"], s["method"], str(s["steps"]), took, stage_result(s)))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
     for s in summaries:
         pct = 100.0 * s["trainable_params"] / max(s["total_params"], 1)
         lines.append(f"stage {s['stage']} ({s['kind']}, {s['method']}): {s['trainable_params']:,} trainable params ({pct:.2f}%)")
-        first, last = s.get("first_logged_loss"), s.get("last_logged_loss")
-        loss = f"{first:.3f} -> {last:.3f}" if first is not None else f"{s['train_loss']:.3f} (mean)"
-        lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
+        if s.get("train_loss") is not None:
+            first, last = s.get("first_logged_loss"), s.get("last_logged_loss")
+            loss = f"{first:.3f} -> {last:.3f}" if first is not None else f"{s['train_loss']:.3f} (mean)"
+            lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
+        if s.get("reward_last") is not None:
+            lines.append(f"  rollout reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, "
+                         f"{s['steps']} rollouts on {s['world_size']} workers")
         full = s.get("param_elements_full")
         if full and s.get("world_size", 1) > 1:
             shares = [f"parameters {100 * s['param_elements_local'] / full:.1f}%"]
             if "optimizer_fp32_elements_local" in s:
                 shares.append(f"optimizer state {100 * s['optimizer_fp32_elements_local'] / full:.1f}%")
             lines.append(f"  per rank     {', '.join(shares)} of the model, measured ({s.get('strategy', 'ddp')})")
-        if s.get("exact_match_after") is not None:
-            before = s.get("exact_match_before")
-            shown = f"{before:.1%} -> " if before is not None else ""
-            lines.append(f"  held-out exact match  {shown}{s['exact_match_after']:.1%}  ({s['eval_items']} items)")
-        if s.get("pairwise_accuracy_after") is not None:
-            before = s.get("pairwise_accuracy_before")
-            shown = f"{before:.1%} -> " if before is not None else ""
-            lines.append(f"  held-out pairwise accuracy  {shown}{s['pairwise_accuracy_after']:.1%}  "
-                         f"(mean margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
+        result = stage_result(s)
+        if result != "-":
+            lines.append(f"  held-out     {result}")
     lines.append(f"model        {run_dir / 'final'}")
     if summaries and summaries[-1].get("kind") != "reward":  # a reward model scores, it does not generate
         lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
@@ -234,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scaling.num_workers=4 (DDP/FSDP only)")
     sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local cluster)")
     sp.set_defaults(func=cmd_resume)
+    sp = with_config("pipeline", "Run a multi-stage config (e.g. sft -> reward -> ppo) as one job; a rerun "
+                                 "skips stages that finished with the same settings")
+    sp.add_argument("--force", metavar="STAGE", help="rerun this stage and every later one ('all': every stage)")
+    sp.set_defaults(func=cmd_pipeline)
     with_config(
         "validate", "Resolve the config, check model and data files, print the plan; launches nothing"
     ).set_defaults(func=cmd_validate)

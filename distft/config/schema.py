@@ -516,6 +516,17 @@ class DistftConfig(Section):
             return None
         return stage.ppo.critic_from or self.reward_source(index)
 
+    def stage_fingerprint(self, index: int) -> str:
+        """A digest of everything a stage's output depends on: the model, this stage's settings and every
+        earlier stage's. A pipeline rerun reuses a finished stage only while this is unchanged."""
+        import hashlib
+        import json
+
+        blob = json.dumps({"model": self.model.model_dump(mode="json"),
+                           "stages": [st.model_dump(mode="json") for st in self.stages[: index + 1]]},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     def stage_named(self, name: str) -> int | None:
         return next((i for i, st in enumerate(self.stages) if st.label() == name), None)
 

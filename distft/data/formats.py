@@ -207,15 +207,34 @@ def _encode_chat(messages: list[dict], tokenizer, max_len: int, loss_on: str) ->
     return _finish(ids, labels, max_len)
 
 
+def prompt_turns(row: dict, fmt: str) -> list[dict]:
+    """The conversation before the (last) answer of an alpaca or messages row."""
+    messages = to_messages(row, fmt)
+    last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last]
+
+
 def generation_prompt(row: dict, fmt: str, tokenizer) -> str:
     """The text a model is given at eval time: everything before the (last) answer."""
     if fmt == "prompt_completion":
         return row["prompt"]
     if fmt == "text":
         raise DataError("exact-match evaluation needs prompt/answer rows, not plain text (data.format=text).")
-    messages = to_messages(row, fmt)
-    last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-    return tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(prompt_turns(row, fmt), tokenize=False, add_generation_prompt=True)
+
+
+def policy_prompt(row: dict, fmt: str, tokenizer) -> str | list[dict]:
+    """What an RL policy is prompted with: the prompt string of prompt_completion rows (SFT trained on it
+    raw), else the turns before the answer, which the trainer renders with the chat template itself.
+    Rendered, it is `generation_prompt`: rollouts see what the exact-match evaluation sees."""
+    if fmt == "prompt_completion":
+        return row["prompt"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"the tokenizer has no chat template, so {fmt} rows cannot be turned into prompts. Fix: use a model "
+            "with a chat template, or convert the data to prompt_completion (data.format=prompt_completion)."
+        )
+    return prompt_turns(row, fmt)
 
 
 def reference_answer(row: dict, fmt: str) -> str:

@@ -151,7 +151,21 @@ def tokenize_preferences(ds, tokenizer, max_len: int, field: str = "data.train")
     A pair that does not fit is dropped, not truncated: cutting both responses at the
     same length often cuts away exactly the tokens that differ. Drops are counted.
     """
+    out = _encode_pairs(ds, tokenizer)
+    keep, stats = _fitting(out["_len"], max_len, field)
+    if stats.dropped:
+        out = out.select(keep)
+    return out.remove_columns(["_len"]), stats
 
+
+def fitting_preferences(ds, tokenizer, max_len: int, field: str = "data.train"):
+    """Returns (the validated rows of the pairs that fit, PairStats), for trainers that tokenize pairs
+    themselves (DPO). Lengths are those of prompt + response, as `tokenize_preferences` counts them."""
+    keep, stats = _fitting(_encode_pairs(ds, tokenizer)["_len"], max_len, field)
+    return (ds.select(keep) if stats.dropped else ds), stats
+
+
+def _encode_pairs(ds, tokenizer):
     def encode(row):
         chosen, rejected = encode_preference(row, tokenizer)
         return {"chosen_ids": chosen, "rejected_ids": rejected, "_len": max(len(chosen), len(rejected))}
@@ -159,17 +173,17 @@ def tokenize_preferences(ds, tokenizer, max_len: int, field: str = "data.train")
     key = [getattr(ds, "_fingerprint", None), "preference", tokenizer.name_or_path, len(tokenizer),
            getattr(tokenizer, "chat_template", None), tokenizer.eos_token]
     fingerprint = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
-    out = ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing pairs", new_fingerprint=fingerprint)
-    lengths = out["_len"]
+    return ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing pairs", new_fingerprint=fingerprint)
+
+
+def _fitting(lengths: list[int], max_len: int, field: str) -> tuple[list[int], PairStats]:
     keep = [i for i, n in enumerate(lengths) if n <= max_len]
-    stats = PairStats(pairs=len(out), dropped=len(out) - len(keep), max_tokens=max(lengths),
+    stats = PairStats(pairs=len(lengths), dropped=len(lengths) - len(keep), max_tokens=max(lengths),
                       mean_tokens=sum(lengths) / len(lengths))
     if not keep:
         raise DataError(f"{field}: every pair is longer than model.max_seq_len={max_len} tokens (longest "
                         f"{stats.max_tokens}). Fix: raise model.max_seq_len.")
-    if stats.dropped:
-        out = out.select(keep)
-    return out.remove_columns(["_len"]), stats
+    return keep, stats
 
 
 def load_checked(source: str, data, field: str, fmt: str | None = None):

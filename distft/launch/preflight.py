@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 from distft.config import TINY_BASE, DistftConfig
+from distft.config.schema import PREFERENCE_STAGES
 from distft.data.formats import DataError
 from distft.data.loading import looks_local, load_checked
 
@@ -28,10 +29,19 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
             return str((base / value).resolve())
         return value
 
+    def fix_model(value: str) -> str:  # a relative directory that exists here, else a hub id
+        return str((base / value).resolve()) if (base / value).exists() else value
+
     cfg = cfg.model_copy(deep=True)
     if (base / cfg.model.name_or_path).exists():
         cfg.model.name_or_path = str((base / cfg.model.name_or_path).resolve())
     for st in cfg.stages:
+        if st.init_from and cfg.stage_named(st.init_from) is None:
+            st.init_from = fix_model(st.init_from)
+        if st.stage in ("ppo", "grpo") and st.reward.model and cfg.stage_named(st.reward.model) is None:
+            st.reward.model = fix_model(st.reward.model)
+        if st.stage == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
+            st.ppo.critic_from = fix_model(st.ppo.critic_from)
         st.data.train = fix(st.data.train)
         st.data.eval = fix(st.data.eval)
         st.evaluate.data = fix(st.evaluate.data)
@@ -70,18 +80,57 @@ def check_data(cfg: DistftConfig) -> tuple[list[str], list[str]]:
             except DataError as e:
                 problems.append(str(e))
                 continue
-            if (fmt == "preference") != (st.stage == "reward"):
-                problems.append(_format_mismatch(name, src, fmt, st.stage))
+            problem = _format_mismatch(name, src, fmt, st.stage, field)
+            if problem:
+                problems.append(problem)
     return problems, notes
 
 
-def _format_mismatch(name: str, src: str, fmt: str, kind: str) -> str:
+def _format_mismatch(name: str, src: str, fmt: str, kind: str, field: str) -> str | None:
     """A file of the wrong kind for its stage, found here rather than in the workers."""
-    if kind == "reward":
-        return (f"{name}: {src} has format {fmt}, but stage reward trains on preference pairs. "
+    if kind == "dpo" and field == "evaluate.data":  # DPO trains on pairs and is scored by answering prompts
+        kind = "ppo"
+    if kind in PREFERENCE_STAGES:
+        if fmt == "preference":
+            return None
+        return (f"{name}: {src} has format {fmt}, but stage {kind} trains on preference pairs. "
                 "Fix: point it at rows with chosen/rejected (and optionally prompt).")
-    return (f"{name}: {src} holds preference pairs (chosen/rejected), which stage {kind} cannot train on. "
-            "Fix: use stage: reward for them, or point this stage at alpaca, messages, prompt/completion or text rows.")
+    if fmt == "preference":
+        return (f"{name}: {src} holds preference pairs (chosen/rejected), which stage {kind} cannot train on. "
+                "Fix: use stage: reward or dpo for them, or point this stage at alpaca, messages, "
+                "prompt/completion or text rows.")
+    if kind in ("ppo", "grpo") and fmt == "text":
+        return (f"{name}: {src} is plain text, but stage {kind} needs prompts to answer. "
+                "Fix: alpaca, messages or prompt/completion rows (their answers feed reward functions).")
+    return None
+
+
+def check_sources(cfg: DistftConfig) -> list[str]:
+    """Models named by path (init_from, reward.model, ppo.critic_from) exist, and reward functions import."""
+    from distft.rl.rewards import RewardFunctionError, resolve
+
+    problems = []
+    for i, st in enumerate(cfg.stages):
+        where = "" if len(cfg.stages) == 1 else f"stages.{i}."
+        fields = [("init_from", st.init_from)]
+        if st.stage in ("ppo", "grpo"):
+            fields.append(("reward.model", st.reward.model))
+            for name in st.reward.functions:
+                try:
+                    resolve(name)
+                except RewardFunctionError as e:
+                    problems.append(f"{where}{e}")
+        if st.stage == "ppo":
+            fields.append(("ppo.critic_from", st.ppo.critic_from))
+        for field, ref in fields:
+            if not ref or cfg.stage_named(ref) is not None or ref == TINY_BASE:
+                continue
+            path = Path(ref).expanduser()
+            if (path.is_absolute() or ref.startswith(".")) and not path.exists():
+                names = ", ".join(s.label() for s in cfg.stages[:i]) or "none"
+                problems.append(f"{where}{field}: {ref} is neither an earlier stage ({names}) nor an existing "
+                                "directory. Fix: a stage name, a model directory or a hub id.")
+    return problems
 
 
 def check_local_resources(cfg: DistftConfig) -> list[str]:
@@ -129,7 +178,7 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> list[str]:
 def preflight(cfg: DistftConfig, address: str | None) -> list[str]:
     """Problems that make the run impossible, found before anything starts. Returns notes worth printing."""
     local_cluster = not address
-    problems = check_address(address) + check_model(cfg)
+    problems = check_address(address) + check_model(cfg) + check_sources(cfg)
     data_problems, notes = check_data(cfg)
     problems += data_problems
     if local_cluster:
@@ -160,7 +209,13 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         lines.append(f"  strategy {strat.label()} ({', '.join(offload)})")
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
-        loss_on = "" if st.stage == "reward" else f", loss on {st.loss_on()}, packing {st.data.packing}"
+        loss_on = f", loss on {st.loss_on()}, packing {st.data.packing}" if st.stage in ("sft", "pretrain") else ""
+        if st.stage in ("ppo", "dpo", "grpo") or st.init_from:
+            lines.append(f"  from    {cfg.init_source(i)}")
+        if st.stage in ("ppo", "grpo"):
+            scored = ([f"reward model {cfg.reward_source(i)} x{st.reward.model_weight:g}"] if cfg.reward_source(i) else [])
+            scored += [f"{name} x{w:g}" for name, w in st.reward.functions.items()]
+            lines.append(f"  reward  {' + '.join(scored)}")
         lines.append(f"  data    {st.data.train} (format {st.data.format}{loss_on})")
         if st.evaluate.data:
             lines.append(f"  task    {st.evaluate.metric.replace('_', ' ')} on {st.evaluate.data}")

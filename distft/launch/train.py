@@ -255,24 +255,52 @@ def _worker_entry(config: dict) -> None:
             run(path)
 
 
+def stage_done(cfg: DistftConfig, run_dir: Path, stage_index: int) -> dict | None:
+    """The summary of a stage that finished in `run_dir` with this config and an intact export, else None.
+
+    Finished means: summary.json, and a `final/` whose manifest verifies (it is written last) for the
+    same stage fingerprint (model, this stage's and every earlier stage's settings).
+    """
+    from distft.distributed.checkpoint import verify_checkpoint
+
+    stage_dir = run_dir / cfg.stages[stage_index].label()
+    path = stage_dir / "summary.json"
+    if not path.is_file() or verify_checkpoint(stage_dir / "final"):
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("fingerprint") == cfg.stage_fingerprint(stage_index) else None
+
+
 def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int) -> tuple[dict | None, str | None]:
     """(summary if the stage finished, else the latest checkpoint that verifies, or None for a fresh start)."""
     from distft.distributed.checkpoint import complete_checkpoints, verify_checkpoint
 
-    stage_dir = run_dir / cfg.stages[stage_index].label()
-    if (stage_dir / "summary.json").is_file() and (stage_dir / "final").is_dir():
-        return json.loads((stage_dir / "summary.json").read_text()), None
-    for ckpt in reversed(complete_checkpoints(stage_dir / "checkpoints")):
+    done = stage_done(cfg, run_dir, stage_index)
+    if done is not None:
+        return done, None
+    for ckpt in reversed(complete_checkpoints(run_dir / cfg.stages[stage_index].label() / "checkpoints")):
         if not verify_checkpoint(ckpt):
             return None, str(ckpt)
     return None, None
 
 
-def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print, resume: bool = False) -> list[dict]:
+def set_aside(stage_dir: Path) -> Path | None:
+    """Move an earlier attempt's stage directory out of the way (never deleted): `<stage>.superseded-<time>`."""
+    if not stage_dir.is_dir() or not any(stage_dir.iterdir()):
+        return None
+    target = stage_dir.with_name(f"{stage_dir.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+    stage_dir.rename(target)
+    return target
+
+
+def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print, resume: bool = False,
+           force_from: int | None = None) -> list[dict]:
     """Run every stage in order on one Ray cluster; returns each stage's summary.
 
-    With `resume`, stages that finished in `run_dir` are skipped and an unfinished one continues
-    from its latest verified checkpoint (a damaged newer one is passed over, never deleted).
+    With `resume` (`distft resume`, `distft pipeline`), a stage that finished in `run_dir` with the same
+    settings is skipped and an unfinished one continues from its latest verified checkpoint (a damaged
+    newer one is passed over, never deleted). Once a stage runs, every later stage runs afresh (its
+    inputs changed); `force_from` reruns from that stage on. Earlier attempts are set aside, not deleted.
     """
     import ray
 
@@ -285,12 +313,20 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
             check_cluster_resources(cfg)
             check_storage(cfg, run_dir)
         summaries = []
+        rerun_rest = False
         for i, stage in enumerate(cfg.stages):
-            done, resume_from = resume_point(cfg, run_dir, i) if resume else (None, None)
+            done, resume_from = None, None
+            if resume and not rerun_rest and (force_from is None or i < force_from):
+                done, resume_from = resume_point(cfg, run_dir, i)
             if done is not None:
-                log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier; skipped")
-                summaries.append(done)
+                log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier with these settings; skipped")
+                summaries.append({**done, "skipped": True})
                 continue
+            if resume_from is None:
+                moved = set_aside(run_dir / stage.label())
+                if moved:
+                    log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()}: the earlier attempt moved to {moved.name}")
+            rerun_rest = True
             where = f", resuming from {Path(resume_from).name}" if resume_from else ""
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s){where}")
             summaries.append(train_stage(cfg, i, run_dir, resume_from))

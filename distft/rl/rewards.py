@@ -10,7 +10,7 @@ other `package.module:function` is imported by name.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence["str | None"]], Sequence[float]]
 

@@ -44,7 +44,7 @@ from distft.stages.chain import plain_model_dir, source_path, stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import reward_scores
 from distft.stages.reporting import _fmt_seconds
-from distft.stages.trainer_setup import prepare_worker
+from distft.stages.trainer_setup import finish, prepare_worker
 
 PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
 
@@ -224,14 +224,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
     }
-    if ctx.is_main:
-        from distft.config import dump_config
-
-        tokenizer.save_pretrained(str(final_dir))
-        dump_config(cfg, final_dir / "distft_config.yaml")
-        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    ctx.report({"done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
-    return summary
+    return finish(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
 
 
 # ---------------------------------------------------------------- data

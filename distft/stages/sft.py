@@ -10,17 +10,15 @@ from __future__ import annotations
 import time
 
 from distft.config import DistftConfig
-from distft.data.loading import load_checked, split_rows, tokenize_dataset
+from distft.data.loading import split_rows, tokenize_dataset
 from distft.distributed import fsdp
-from distft.distributed.sharding import full_parameters
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
-from distft.stages.evaluate import exact_match
 from distft.stages.reporting import ReportCallback
-from distft.stages.trainer_setup import (export_model, finish, prepare_worker, run_summary, score_on_rank0,
-                                         total_steps, trainer_arguments)
+from distft.stages.trainer_setup import (export_model, finish, held_out_task, prepare_worker, run_summary,
+                                         score_held_out, total_steps, trainer_arguments)
 
 
 def run(cfg: DistftConfig, ctx: StageContext) -> dict:
@@ -55,18 +53,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     params = count_params(model)
 
     # Held-out task score before training, so the summary shows what training bought.
-    task_rows = None
-    before = None
-    if stage.evaluate.data:
-        task_rows, _ = load_checked(stage.evaluate.data, data_cfg, "evaluate.data", fmt=fmt)
-        if stage.evaluate.max_samples:
-            task_rows = task_rows.select(range(min(len(task_rows), stage.evaluate.max_samples)))
-        if stage.evaluate.before and not ctx.resume_from:
-            if use_fsdp:  # only rank 0 holds weights before they are sharded
-                before = score_on_rank0(lambda: _score(model, tokenizer, task_rows, fmt, stage, 0, 1), ctx)
-            else:
-                before = _score(model, tokenizer, task_rows, fmt, stage, ctx.rank, ctx.world_size)
-            ctx.log(f"[{stage.label()}] held-out exact match before training: {before:.1%} ({len(task_rows)} items)")
+    task = held_out_task(stage, fmt)
+    before = score_held_out(model, tokenizer, task, stage, ctx, "before")
 
     trainer = SFTTrainer(
         model=model,
@@ -82,10 +70,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     eval_metrics = trainer.evaluate()
 
-    after = None
-    if task_rows is not None:
-        after = _score(trainer.model, tokenizer, task_rows, fmt, stage, ctx.rank, ctx.world_size)
-        ctx.log(f"[{stage.label()}] held-out exact match after training: {after:.1%} ({len(task_rows)} items)")
+    after = score_held_out(trainer.model, tokenizer, task, stage, ctx, "after")
 
     # Export: a full HF model, or the adapter (its config points at the base).
     final_dir = stage_dir / "final"
@@ -94,17 +79,10 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         **run_summary(cfg, ctx, trainer, result, eval_metrics, params, started, final_dir),
         "exact_match_before": before,
         "exact_match_after": after,
-        "eval_items": len(task_rows) if task_rows is not None else 0,
+        "eval_items": len(task.rows) if task else 0,
         "train_rows": train_stats.rows,
         "truncated_rows": train_stats.truncated,
     }
     if ctx.is_main:
         model.generation_config.save_pretrained(str(final_dir))
     return finish(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
-
-
-def _score(model, tokenizer, rows, fmt, stage, rank: int, world_size: int) -> float:
-    ev = stage.evaluate
-    with full_parameters(model, stage.strategy.label()):
-        result = exact_match(model, tokenizer, rows, fmt, ev.max_new_tokens, ev.batch_size, rank, world_size)
-    return result.accuracy

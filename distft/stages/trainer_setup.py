@@ -2,7 +2,8 @@
 
 A stage still reads top to bottom; it calls `prepare_worker` first and spreads
 `trainer_arguments(...)` into its TRL config, adding only what is its own
-(SFT's packing and max_length, the reward model's pre-tokenized pairs).
+(SFT's packing and max_length, the reward model's pre-tokenized pairs), and scores the
+held-out task with `held_out_task` / `score_held_out` before and after training.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from distft.config import DistftConfig
-from distft.distributed.checkpoint import check_resume_on_ranks, from_main, staging_dir
+from distft.distributed.checkpoint import (build_manifest, check_resume_on_ranks, from_main, staging_dir,
+                                          write_manifest)
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.stages.context import StageContext
@@ -88,6 +91,72 @@ def score_on_rank0(score, ctx: StageContext):
     return from_main(score() if ctx.is_main else None)
 
 
+class HeldOut(NamedTuple):
+    rows: object  # a datasets.Dataset of validated prompt/answer rows
+    fmt: str
+
+
+def held_out_task(stage, fmt: str | None = None) -> HeldOut | None:
+    """The `evaluate.data` rows scored by exact match, capped at evaluate.max_samples; None when unset.
+
+    SFT reads them in its training format (`fmt`). DPO and GRPO train on pairs or prompts, so
+    there the format is detected from the file's columns.
+    """
+    from distft.data.formats import DataError
+    from distft.data.loading import load_checked
+
+    ev = stage.evaluate
+    if not ev.data:
+        return None
+    data = stage.data if fmt else stage.data.model_copy(update={"format": "auto"})
+    rows, fmt = load_checked(ev.data, data, "evaluate.data", fmt=fmt)
+    if fmt not in ("alpaca", "messages", "prompt_completion"):
+        raise DataError(f"evaluate.data: exact match generates answers to prompts (alpaca, messages or "
+                        f"prompt_completion rows); {ev.data} has format {fmt}. Fix: point evaluate.data at "
+                        "held-out prompt/answer rows, or leave it unset.")
+    if ev.max_samples:
+        rows = rows.select(range(min(len(rows), ev.max_samples)))
+    return HeldOut(rows, fmt)
+
+
+def score_held_out(model, tokenizer, task: HeldOut | None, stage, ctx: StageContext, when: str) -> float | None:
+    """Held-out exact match `when` ("before" or "after") training, logged. None without `evaluate.data`,
+    and before training when `evaluate.before` is off or the run resumes (the start was scored already)."""
+    from distft.distributed.sharding import full_parameters
+    from distft.stages.evaluate import exact_match
+
+    if task is None or (when == "before" and (not stage.evaluate.before or ctx.resume_from)):
+        return None
+    ev = stage.evaluate
+
+    def score(rank: int, world_size: int) -> float:
+        with full_parameters(model, stage.strategy.label()):
+            return exact_match(model, tokenizer, task.rows, task.fmt, ev.max_new_tokens, ev.batch_size,
+                               rank, world_size).accuracy
+
+    if when == "before" and stage.strategy.name == "fsdp":  # only rank 0 holds weights before they are sharded
+        accuracy = score_on_rank0(lambda: score(0, 1), ctx)
+    else:
+        accuracy = score(ctx.rank, ctx.world_size)
+    ctx.log(f"[{stage.label()}] held-out exact match {when} training: {accuracy:.1%} ({len(task.rows)} items)")
+    return accuracy
+
+
+def base_as_reference(trainer) -> None:
+    """Make a lora/qlora policy's frozen reference the model with its adapters disabled. Call right after
+    building a TRL DPO or GRPO trainer, before `train()`.
+
+    Handed a PeftModel, those trainers add a `ref` adapter, a frozen copy of the policy's, which then
+    runs in every reference pass and is saved beside the trained adapter in each checkpoint and the
+    export. distft's adapter always starts fresh (zero) on a plain model (an earlier LoRA output is
+    merged first, see chain.py), so the model with adapters disabled is the same reference with no
+    copy; TRL falls back to exactly that when no `ref` adapter exists.
+    """
+    model = trainer.model
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+
+
 def export_model(trainer, final_dir: Path, ctx: StageContext) -> None:
     """One consolidated HF model (or adapter) in `final_dir`. Call on every rank."""
     from distft.distributed import fsdp
@@ -98,7 +167,8 @@ def export_model(trainer, final_dir: Path, ctx: StageContext) -> None:
         trainer.save_model(str(final_dir))
 
 
-def _logged(history: list[dict], key: str, index: int) -> float | None:
+def logged_value(history: list[dict], key: str, index: int) -> float | None:
+    """The `index`-th value of `key` in a Trainer's log history (0: first, -1: last); None if never logged."""
     values = [h[key] for h in history if key in h]
     return values[index] if values else None
 
@@ -120,8 +190,8 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
         "total_params": params.total,
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "first_logged_loss": _logged(history, "loss", 0),
-        "last_logged_loss": _logged(history, "loss", -1),
+        "first_logged_loss": logged_value(history, "loss", 0),
+        "last_logged_loss": logged_value(history, "loss", -1),
         "eval_loss": eval_metrics.get("eval_loss"),
         "world_size": ctx.world_size,
         "strategy": stage.strategy.label(),
@@ -138,9 +208,14 @@ def finish(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_dir: Pat
 
     from distft.config import dump_config
 
+    summary["fingerprint"] = cfg.stage_fingerprint(ctx.stage_index)
     if ctx.is_main:
         tokenizer.save_pretrained(str(final_dir))
         dump_config(cfg, final_dir / "distft_config.yaml")
+        # The manifest, written last, says the export is complete; a pipeline rerun verifies it
+        # before reusing this stage's output.
+        write_manifest(final_dir, build_manifest(final_dir, step=int(summary.get("steps") or 0),
+                                                 world_size=ctx.world_size, strategy=summary.get("strategy", "")))
         (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     ctx.report({"done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
     return summary

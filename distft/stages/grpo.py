@@ -1,0 +1,192 @@
+"""Group relative policy optimisation (Shao et al. 2024) with TRL's GRPOTrainer.
+
+Reads top to bottom: prompts -> rewards -> policy (by default the last earlier SFT
+output) -> held-out exact match before -> trainer -> train -> exact match after ->
+export. For each prompt the policy samples `grpo.num_generations` answers; each answer's
+advantage is its reward relative to its group's, so no critic is needed. The reward is
+`reward.model_weight * RM(prompt, answer) + sum(weight * function(...))`: the reward
+model (`reward.model`, else the last earlier reward stage) scores the chat-rendered
+conversation as the reward stage trained it, and each `reward.functions` entry is a
+distft reward function (see distft/rl/rewards.py) given the row's reference answer.
+With `grpo.beta > 0` a KL penalty holds the policy near its start: with lora/qlora the
+model with adapters disabled, with full a frozen copy. Like every stage it runs in one
+process, under torchrun, or in a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from distft.config import DistftConfig
+from distft.data.formats import DataError, policy_prompt, reference_answer
+from distft.data.loading import split_rows
+from distft.distributed import fsdp
+from distft.models.loading import load_model, load_reward_for_inference, load_tokenizer
+from distft.models.methods import count_params
+from distft.rl.rewards import resolve, weighted_scores
+from distft.stages.chain import source_path, stage_model
+from distft.stages.context import StageContext
+from distft.stages.reporting import ReportCallback
+from distft.stages.trainer_setup import (base_as_reference, export_model, finish, held_out_task, logged_value,
+                                         prepare_worker, run_summary, score_held_out, total_steps, trainer_arguments)
+
+PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
+
+
+def run(cfg: DistftConfig, ctx: StageContext) -> dict:
+    from transformers.trainer_callback import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    stage = cfg.stages[ctx.stage_index]
+    train_cfg, data_cfg, strategy, grpo = stage.train, stage.data, stage.strategy, stage.grpo
+    use_fsdp = strategy.name == "fsdp"
+    started = time.time()
+    check_groups(cfg, ctx.stage_index, ctx.world_size)  # before anything is set up or loaded
+    stage_dir = prepare_worker(cfg, ctx)
+    model_cfg = stage_model(cfg, ctx)  # the last earlier sft/pretrain output, else the base
+
+    # Data: prompts (chat turns when the rows are chat-shaped, so TRL renders them with the template,
+    # exactly as the exact-match evaluation does) and each row's reference answer for reward functions.
+    tokenizer = load_tokenizer(model_cfg)
+    train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
+    if fmt not in PROMPT_FORMATS:
+        raise DataError(f"data.train: the grpo stage samples answers to prompts (alpaca, messages or "
+                        f"prompt_completion rows, whose answers feed reward functions); {data_cfg.train} has "
+                        f"format {fmt}.")
+    train_ds = prompt_dataset(train_rows, fmt, tokenizer)
+    eval_ds = prompt_dataset(eval_rows, fmt, tokenizer)
+    ctx.log(f"[{stage.label()}] data ({fmt}): {len(train_ds)} prompts, {grpo.num_generations} samples each")
+
+    # Rewards: the reward model first, then the functions, with their weights in the same order.
+    for name in stage.reward.functions:
+        resolve(name)  # an unknown or unimportable name fails now, not at the first rollout
+    reward_funcs, weights, reward_tokenizers = [], [], []
+    source = cfg.reward_source(ctx.stage_index)
+    if source:
+        rm, rm_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, source),
+                                                     cfg.model.trust_remote_code)
+        reward_funcs.append(rm)
+        weights.append(stage.reward.model_weight)
+        reward_tokenizers.append(rm_tokenizer)
+        ctx.log(f"[{stage.label()}] reward model {source} (weight {stage.reward.model_weight})")
+    for name, weight in stage.reward.functions.items():
+        reward_funcs.append(trl_reward_function(name, tokenizer))
+        weights.append(weight)
+        reward_tokenizers.append(None)
+    if stage.reward.functions:
+        ctx.log(f"[{stage.label()}] reward functions: "
+                + ", ".join(f"{n} (weight {w})" for n, w in stage.reward.functions.items()))
+    if not reward_funcs:  # the schema refuses this config; a hand-built one gets the same fix
+        raise ValueError(f"stages.{ctx.stage_index}.reward: nothing scores the samples. Fix: "
+                         "reward.model=<reward model dir or stage name>, and/or reward.functions={exact_match: 1.0}.")
+
+    steps = total_steps(cfg, ctx, len(train_ds) * grpo.num_generations)  # a step takes global_batch_size samples
+    args = GRPOConfig(
+        **trainer_arguments(cfg, ctx, stage_dir),
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_new_tokens,
+        temperature=grpo.temperature,
+        beta=grpo.beta,
+        epsilon=grpo.epsilon,
+        reward_weights=weights,
+    )
+    # The policy, with the method's adapters attached. Under FSDP2 only local rank 0 reads the weights.
+    with fsdp.load_env(use_fsdp and ctx.world_size > 1):
+        model = load_model(model_cfg, stage.method, cfg.scaling.use_gpu, log=ctx.log)
+    params = count_params(model)
+
+    # Held-out task score before training (greedy), so the summary shows what training bought.
+    task = held_out_task(stage)
+    before = score_held_out(model, tokenizer, task, stage, ctx, "before")
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizers,
+        callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
+    )
+    trainer.remove_callback(PrinterCallback)  # ReportCallback prints one progress line instead
+    base_as_reference(trainer)
+    if use_fsdp and fsdp.enable_on_cpu(trainer):
+        ctx.log(f"[{stage.label()}] FSDP2 on CPU: fully_shard over gloo")
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    eval_metrics = trainer.evaluate()  # eval split: eval_reward, the mean weighted reward of sampled answers
+
+    after = score_held_out(trainer.model, tokenizer, task, stage, ctx, "after")
+
+    # Export: a full HF model, or the adapter (its config points at the starting model).
+    final_dir = stage_dir / "final"
+    export_model(trainer, final_dir, ctx)
+    history = trainer.state.log_history
+    summary = {
+        **run_summary(cfg, ctx, trainer, result, eval_metrics, params, started, final_dir),
+        "exact_match_before": before,
+        "exact_match_after": after,
+        "eval_items": len(task.rows) if task else 0,
+        "mean_reward_first": logged_value(history, "reward", 0),  # per logging window, over its samples
+        "mean_reward_last": logged_value(history, "reward", -1),
+        "kl_last": logged_value(history, "kl", -1),  # logged only with grpo.beta > 0
+        "eval_reward": eval_metrics.get("eval_reward"),
+        "train_prompts": len(train_ds),
+    }
+    if ctx.is_main:
+        model.generation_config.save_pretrained(str(final_dir))
+    return finish(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
+
+
+def check_groups(cfg: DistftConfig, index: int, world_size: int) -> None:
+    """A step, and an eval batch, must hold whole groups: advantages are relative within a prompt's samples."""
+    stage = cfg.stages[index]
+    n, train = stage.grpo.num_generations, stage.train
+    where = f"stages.{index}"
+    errors = []
+    g = train.global_batch_size
+    if g % n:
+        per_step = train.micro_batch_size * world_size
+        unit = per_step * n // math.gcd(per_step, n)  # a multiple of both
+        lo = max(unit, g // unit * unit)
+        divisors = [d for d in range(2, g + 1) if g % d == 0]
+        near = min(divisors, key=lambda d: abs(d - n)) if divisors else None
+        errors.append(
+            f"{where}.train.global_batch_size: {g} samples per step is not a multiple of grpo.num_generations={n} "
+            f"(each prompt's {n} samples must fall in one step). Fix: train.global_batch_size={lo} (or {lo + unit})"
+            + (f", or grpo.num_generations={near}." if near else ".")
+        )
+    eval_batch = train.micro_batch_size * world_size
+    if eval_batch % n:
+        step = n // math.gcd(n, world_size)  # micro_batch_size must be a multiple of this
+        errors.append(
+            f"{where}.train.micro_batch_size: the eval batch, train.micro_batch_size x workers = "
+            f"{train.micro_batch_size} x {world_size} = {eval_batch}, is not a multiple of grpo.num_generations={n} "
+            f"(TRL samples whole groups for eval too). Fix: train.micro_batch_size="
+            f"{max(step, train.micro_batch_size // step * step)} (a multiple of {step}), or a smaller "
+            "grpo.num_generations."
+        )
+    if errors:
+        raise ValueError("\n".join(errors))
+
+
+def prompt_dataset(rows, fmt: str, tokenizer):
+    """Rows -> {prompt, reference}: TRL samples answers to `prompt`; reward functions get `reference`."""
+    return rows.map(lambda row: {"prompt": policy_prompt(row, fmt, tokenizer), "reference": reference_answer(row, fmt)},
+                    remove_columns=rows.column_names, desc="Building prompts")
+
+
+def trl_reward_function(name: str, tokenizer):
+    """A distft reward function `fn(prompts, completions, references)` as TRL calls one: with keyword
+    arguments, chat-turn prompts and completions, and every dataset column (here `reference`)."""
+
+    def reward(prompts, completions, reference, **_) -> list[float]:
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        prompts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False,
+                                                                              add_generation_prompt=True)
+                   for p in prompts]
+        return weighted_scores({name: 1.0}, prompts, texts, reference)  # checks one number per completion
+
+    reward.__name__ = name  # TRL logs rewards/<name>/mean
+    return reward
