@@ -35,7 +35,7 @@ from distft.data.formats import DataError, generation_prompt, reference_answer, 
 from distft.data.loading import load_checked
 from distft.distributed.checkpoint import CheckpointPublisher, barrier, from_main, staging_dir
 from distft.distributed.engine import TrainEngine, build_engine, frozen
-from distft.distributed.sharding import full_parameters
+from distft.distributed.sharding import full_parameters, optimizer_shard, parameter_shard
 from distft.models.loading import load_model, load_reward_for_inference, load_reward_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.rl import ppo as rl
@@ -89,7 +89,6 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     critic = load_reward_model(policy_cfg.model_copy(update={"name_or_path": critic_path}), stage.method, use_gpu,
                                log=lambda m: ctx.log(f"[{stage.label()}] critic: {m}"))
     critic.config.pad_token_id = tokenizer.pad_token_id
-    values_of = ValueReader(critic)
     reference = None
     if not stage.method.uses_adapter():  # LoRA's reference is the policy with its adapters disabled
         reference = load_model(policy_cfg, stage.method.model_copy(update={"name": "full"}), use_gpu, log=lambda m: None)
@@ -113,6 +112,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     actor = build_engine(policy, strategy, train_cfg, train_cfg.lr, precision, world, optimizer_steps, use_gpu)
     value = build_engine(critic, strategy, train_cfg, settings.critic_lr or train_cfg.lr, precision, world,
                          optimizer_steps, use_gpu)
+    # After the engine: ZeRO-3's own forward hooks must wrap the head's output first, so the
+    # values read here re-gather the head's weights in backward like any other output.
+    values_of = ValueReader(value.module)
     scorer = Scorer(stage.reward, reward_model, reward_tokenizer, stage.evaluate.batch_size)
     kl_ctl = (rl.AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
               if settings.kl_target else rl.FixedKLController(settings.kl_coef))
@@ -135,6 +137,12 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         actor.load(Path(ctx.resume_from) / "actor")
         value.load(Path(ctx.resume_from) / "critic")
         kl_ctl.value, start = state["kl_coef"], state["step"]
+        rng_file = Path(ctx.resume_from) / f"rng_state_{ctx.rank}.pt"
+        if rng_file.is_file():  # absent after a change of world size: sampling then differs, nothing else
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
     publisher = CheckpointPublisher(stage_dir / "checkpoints", keep=cfg.run.keep_checkpoints, world_size=world,
                                     strategy=strategy.label(), log=ctx.log) if ctx.is_main else None
     if publisher:
@@ -171,7 +179,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             with (stage_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
         last = step + 1 == total
-        if (step + 1) % train_cfg.log_every == 0 or step == start or last:
+        logged = (step + 1) % train_cfg.log_every == 0 or step == start or last
+        if logged:
             done = step + 1 - start
             eta = (time.time() - loop_started) / done * (total - step - 1)
             ctx.log(f"[{stage.label()}] step {step + 1}/{total} reward {metrics['score']:.3f} "
@@ -179,12 +188,13 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
                     f"entropy {metrics['entropy']:.3f} clip {metrics['policy_clipfrac']:.2f} "
                     f"vf {metrics['value_loss']:.4f} len {metrics['response_length']:.1f} | gen "
                     f"{metrics['time_generate']:.1f}s train {metrics['time_train']:.1f}s, eta {_fmt_seconds(eta)}")
-        checkpoint = None
         if (step + 1) % save_every == 0 or last:
             checkpoint = save_checkpoint(actor, value, kl_ctl.value, step + 1, stage_dir, cfg, ctx, publisher)
-        ctx.report(metrics, checkpoint_dir=str(checkpoint) if checkpoint else None)
-        if checkpoint and publisher:
-            publisher.rotate()
+            ctx.report(metrics, checkpoint_dir=str(checkpoint) if checkpoint else None)
+            if checkpoint and publisher:
+                publisher.rotate()  # after the report: Ray has copied what it registered
+        elif logged:  # a report per rollout would cost more than the rollout (Ray Train's report is a sync)
+            ctx.report(metrics)
     if publisher:
         publisher.finish()
 
@@ -204,6 +214,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "world_size": world,
         "trainable_params": params.trainable,
         "total_params": params.total,
+        **parameter_shard(actor.module),
+        **optimizer_shard(actor.model, actor.optimizer),
         "steps": total,
         "prompts": len(prompts),
         "policy_from": cfg.init_source(ctx.stage_index),
@@ -434,6 +446,7 @@ def make_experience(actor: TrainEngine, value: TrainEngine, values_of: ValueRead
         values = values_of(value.module, ids, attention, positions, start)
     mask = rollout.mask
     scores = scores.to(logprobs.device)
+    raw = scores
     if settings.whiten_rewards:
         scores = rl.masked_whiten(scores.unsqueeze(1), torch.ones_like(scores.unsqueeze(1)), shift_mean=False)[:, 0]
     rewards, kl = rl.token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, settings.kl_estimator,
@@ -442,8 +455,8 @@ def make_experience(actor: TrainEngine, value: TrainEngine, values_of: ValueRead
     advantages = rl.masked_whiten(advantages, mask)
     lengths = mask.sum(dim=1).float()
     stats = {
-        "score": float(scores.mean()),
-        "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        "score": float(raw.mean()),  # before whitening: what the reward model and functions said
+        "score_std": float(raw.std()) if len(raw) > 1 else 0.0,
         "kl": float((kl * mask).sum(dim=1).mean()),  # per sequence: summed over its tokens
         "entropy": float(rl.masked_mean(entropy, mask)),
         "response_length": float(lengths.mean()),
@@ -526,7 +539,6 @@ def evaluate(actor: TrainEngine, held_out: list[Prompt], tokenizer, scorer: Scor
                            for p, t in zip(batch[:keep], rollout.texts[:keep]))
             reward_sum += float(scores[:keep].sum())
     totals = torch.tensor([correct, reward_sum, float(real)], dtype=torch.float64)
-    totals = torch.tensor([correct, reward_sum, float(len(mine))], dtype=torch.float64)
     if ctx.world_size > 1:
         import torch.distributed as dist
 
@@ -544,9 +556,16 @@ def _describe(result: dict) -> str:
 def save_checkpoint(actor: TrainEngine, value: TrainEngine, kl_coef: float, step: int, stage_dir: Path, cfg, ctx,
                     publisher: CheckpointPublisher | None) -> Path | None:
     """Actor and critic (weights, optimizer, scheduler) and the PPO state, staged then sealed by rank 0."""
+    import torch
+
     staged = staging_dir(stage_dir / "checkpoints") / f"checkpoint-{step}"
     actor.save(staged / "actor", ctx.is_main)
     value.save(staged / "critic", ctx.is_main)
+    # Sampling draws from each rank's RNG: restoring it makes a resumed run the uninterrupted one.
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, staged / f"rng_state_{ctx.rank}.pt")
     if ctx.is_main:
         from distft.config import dump_config
 

@@ -1,0 +1,87 @@
+"""`distft pipeline` end to end on Ray: SFT -> reward model -> PPO, then reruns that reuse finished stages.
+
+A smaller variant of configs/rlhf_quickstart.yaml (the reward model starts from the SFT output
+and trains 6 epochs, PPO runs 60 rollouts) so the full tier stays within its budget; the
+quickstart's own numbers are in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SMALL = [
+    "stages.1.init_from=sft", "stages.1.train.epochs=6", "stages.1.train.eval_every=1000",
+    "stages.1.train.save_every=1000", "stages.1.evaluate.max_samples=300",
+    "stages.2.train.max_steps=60", "stages.2.train.save_every=30", "stages.2.evaluate.max_samples=300",
+]
+
+
+def pipeline(tmp_path, *extra, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "distft.cli", "pipeline", str(REPO / "configs" / "rlhf_quickstart.yaml"),
+         f"run.output_dir={tmp_path}", *SMALL, *extra],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"pipeline failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.mark.slow
+def test_sft_reward_ppo_pipeline_improves_the_task_and_reruns_skip_finished_stages(tmp_path):
+    first = pipeline(tmp_path)
+    run_dir = tmp_path / "rlhf_quickstart"
+    sft, reward, ppo = json.loads((run_dir / "summary.json").read_text())
+    # Each stage fed the next: the policy is the SFT output, the reward model scores and is the critic's init.
+    assert reward["pairwise_accuracy_after"] >= 0.85, reward
+    assert ppo["policy_from"] == "sft" and ppo["reward_from"] == "reward" and ppo["critic_from"] == "reward"
+    assert ppo["exact_match_before"] == pytest.approx(sft["exact_match_after"])
+    # PPO never sees the answers: what it gains on held-out prompts comes from the reward model.
+    assert ppo["heldout_reward_after"] > ppo["heldout_reward_before"] + 0.5, ppo
+    assert ppo["exact_match_after"] > ppo["exact_match_before"] + 0.05, ppo
+    assert ppo["reward_last"] > ppo["reward_first"]
+    assert "held-out result" in first.stdout and "pairwise accuracy" in first.stdout
+    for stage in ("sft", "reward", "ppo"):
+        assert (run_dir / stage / "final" / "distft_manifest.json").is_file()
+
+    # The same command again: every stage verified and skipped, nothing retrained.
+    again = pipeline(tmp_path)
+    assert again.stdout.count("finished earlier with these settings; skipped") == 3
+    assert json.loads((run_dir / "summary.json").read_text())[2]["exact_match_after"] == ppo["exact_match_after"]
+
+    # A changed PPO setting reruns PPO only; the earlier PPO output is set aside, not deleted.
+    changed = pipeline(tmp_path, "stages.2.train.max_steps=2", "stages.2.evaluate.before=false")
+    assert changed.stdout.count("skipped") == 2
+    assert json.loads((run_dir / "ppo" / "summary.json").read_text())["steps"] == 2
+    aside = [p for p in run_dir.iterdir() if p.name.startswith("ppo.superseded-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text())["steps"] == 60
+    assert len(list(run_dir.glob("config.before-*.yaml"))) == 1  # the first attempt's config is kept
+
+
+def test_a_damaged_export_is_not_reused(tmp_path):
+    """A stage whose final model no longer matches its manifest reruns (with every later stage)."""
+    from distft.config import load_config
+    from distft.distributed.checkpoint import build_manifest, write_manifest
+    from distft.launch.train import stage_done
+
+    cfg = load_config(REPO / "configs" / "rlhf_quickstart.yaml")
+    run_dir = tmp_path / "run"
+    final = run_dir / "sft" / "final"
+    final.mkdir(parents=True)
+    (final / "model.safetensors").write_bytes(b"weights")
+    write_manifest(final, build_manifest(final, step=1, world_size=1, strategy="ddp"))
+    summary = {"stage": "sft", "fingerprint": cfg.stage_fingerprint(0)}
+    (run_dir / "sft" / "summary.json").write_text(json.dumps(summary))
+    assert stage_done(cfg, run_dir, 0) == summary
+    other = load_config(REPO / "configs" / "rlhf_quickstart.yaml", ["stages.0.train.lr=5e-4"])
+    assert stage_done(other, run_dir, 0) is None  # other settings: not the same stage
+    (final / "model.safetensors").write_bytes(b"weightz")
+    assert stage_done(cfg, run_dir, 0) is None
