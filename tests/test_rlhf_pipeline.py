@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 SMALL = [
-    "stages.1.init_from=sft", "stages.1.train.epochs=6", "stages.1.train.eval_every=1000",
+    "stages.0.evaluate.max_samples=300", "stages.1.init_from=sft", "stages.1.train.epochs=6", "stages.1.train.eval_every=1000",
     "stages.1.train.save_every=1000", "stages.1.evaluate.max_samples=300",
     "stages.2.train.max_steps=60", "stages.2.train.save_every=30", "stages.2.evaluate.max_samples=300",
 ]

@@ -388,6 +388,10 @@ class DPOStage(StageBase):
     stage: Literal["dpo"]
     dpo: DPOSettings = DPOSettings()
 
+    @model_validator(mode="after")
+    def _preference_data(self):
+        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
+
 
 class GRPOSettings(Section):
     num_generations: int = Field(8, ge=2, description="Samples per prompt; advantages are relative within the group")
@@ -403,6 +407,53 @@ class GRPOStage(StageBase):
     stage: Literal["grpo"]
     reward: RewardSpec = RewardSpec()
     grpo: GRPOSettings = GRPOSettings()
+
+    @model_validator(mode="after")
+    def _prompt_data(self):
+        return _require_formats(self, ("auto", "alpaca", "messages", "prompt_completion"),
+                                "samples answers to prompts (alpaca, messages or prompt_completion rows)")
+
+
+def _require_formats(stage, allowed: tuple[str, ...], what: str):
+    errors = []
+    if stage.data.format not in allowed:
+        errors.append(f"data.format: the {stage.stage} stage {what}, got {stage.data.format}. "
+                      f"Fix: data.format={allowed[-1] if len(allowed) == 2 else 'auto'}.")
+    if stage.evaluate.metric != "exact_match":
+        errors.append(f"evaluate.metric: the {stage.stage} stage scores held-out prompts by exact_match, got "
+                      f"{stage.evaluate.metric}. Fix: evaluate.metric=exact_match (or leave it unset).")
+    if errors:
+        raise ValueError("\n".join(errors))
+    return stage
+
+
+def grpo_group_errors(where: str, stage: GRPOStage, world_size: int) -> list[str]:
+    """A step, and an eval batch, must hold whole groups: advantages are relative within a prompt's samples."""
+    n, train = stage.grpo.num_generations, stage.train
+    errors = []
+    g = train.global_batch_size
+    if g % n:
+        per_step = train.micro_batch_size * world_size
+        unit = per_step * n // math.gcd(per_step, n)  # a multiple of both
+        lo = max(unit, g // unit * unit)
+        divisors = [d for d in range(2, g + 1) if g % d == 0]
+        near = min(divisors, key=lambda d: abs(d - n)) if divisors else None
+        errors.append(
+            f"{where}.train.global_batch_size: {g} samples per step is not a multiple of grpo.num_generations={n} "
+            f"(each prompt's {n} samples must fall in one step). Fix: train.global_batch_size={lo} (or {lo + unit})"
+            + (f", or grpo.num_generations={near}." if near else ".")
+        )
+    eval_batch = train.micro_batch_size * world_size
+    if eval_batch % n:
+        step = n // math.gcd(n, world_size)  # micro_batch_size must be a multiple of this
+        errors.append(
+            f"{where}.train.micro_batch_size: the eval batch, train.micro_batch_size x workers = "
+            f"{train.micro_batch_size} x {world_size} = {eval_batch}, is not a multiple of grpo.num_generations={n} "
+            f"(TRL samples whole groups for eval too). Fix: train.micro_batch_size="
+            f"{max(step, train.micro_batch_size // step * step)} (a multiple of {step}), or a smaller "
+            "grpo.num_generations."
+        )
+    return errors
 
 
 Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage],
@@ -542,6 +593,8 @@ class DistftConfig(Section):
                         "has no earlier reward stage. Fix: reward.model=<reward model dir or stage name>, and/or "
                         "reward.functions={exact_match: 1.0}."
                     )
+            if st.stage == "grpo":
+                errors += grpo_group_errors(f"stages.{i}", st, self.scaling.num_workers)
             if st.stage == "ppo":
                 refs.append(("ppo.critic_from", st.ppo.critic_from))
                 errors += _ppo_fits(f"stages.{i}", st, self.scaling.num_workers)

@@ -15,10 +15,10 @@ process, under torchrun, or in a Ray Train worker.
 
 from __future__ import annotations
 
-import math
 import time
 
 from distft.config import DistftConfig
+from distft.config.schema import grpo_group_errors
 from distft.data.formats import DataError, policy_prompt, reference_answer
 from distft.data.loading import split_rows
 from distft.distributed import fsdp
@@ -140,33 +140,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
 
 def check_groups(cfg: DistftConfig, index: int, world_size: int) -> None:
-    """A step, and an eval batch, must hold whole groups: advantages are relative within a prompt's samples."""
-    stage = cfg.stages[index]
-    n, train = stage.grpo.num_generations, stage.train
-    where = f"stages.{index}"
-    errors = []
-    g = train.global_batch_size
-    if g % n:
-        per_step = train.micro_batch_size * world_size
-        unit = per_step * n // math.gcd(per_step, n)  # a multiple of both
-        lo = max(unit, g // unit * unit)
-        divisors = [d for d in range(2, g + 1) if g % d == 0]
-        near = min(divisors, key=lambda d: abs(d - n)) if divisors else None
-        errors.append(
-            f"{where}.train.global_batch_size: {g} samples per step is not a multiple of grpo.num_generations={n} "
-            f"(each prompt's {n} samples must fall in one step). Fix: train.global_batch_size={lo} (or {lo + unit})"
-            + (f", or grpo.num_generations={near}." if near else ".")
-        )
-    eval_batch = train.micro_batch_size * world_size
-    if eval_batch % n:
-        step = n // math.gcd(n, world_size)  # micro_batch_size must be a multiple of this
-        errors.append(
-            f"{where}.train.micro_batch_size: the eval batch, train.micro_batch_size x workers = "
-            f"{train.micro_batch_size} x {world_size} = {eval_batch}, is not a multiple of grpo.num_generations={n} "
-            f"(TRL samples whole groups for eval too). Fix: train.micro_batch_size="
-            f"{max(step, train.micro_batch_size // step * step)} (a multiple of {step}), or a smaller "
-            "grpo.num_generations."
-        )
+    """The config's group checks again with the real world size (the launcher's may differ from the YAML's)."""
+    errors = grpo_group_errors(f"stages.{index}", cfg.stages[index], world_size)
     if errors:
         raise ValueError("\n".join(errors))
 
