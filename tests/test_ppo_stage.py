@@ -340,3 +340,12 @@ def test_two_ranks_share_each_rollout_and_stay_in_step(undertrained_sft, tmp_pat
 
     model, _ = load_for_inference(tmp_path / "ppo" / "final")  # one consolidated model
     assert sum(p.numel() for p in model.parameters()) == s["param_elements_full"]
+
+
+def test_a_generation_engine_plugs_in_by_import_path():
+    from distft.stages.ppo import hf_generate, resolve_generator
+
+    assert resolve_generator("hf") is hf_generate
+    assert resolve_generator("tests.test_ppo_stage:length_reward").__qualname__ == "length_reward"
+    with pytest.raises(ValueError, match="ppo.generation: cannot use 'vllm'"):
+        resolve_generator("vllm")

@@ -140,23 +140,23 @@ def test_reward_functions_take_trl_completions_and_the_reference_column(tiny_ran
 
 
 def test_grpo_batches_must_hold_whole_groups():
+    from distft.config.load import ConfigError
     from distft.stages.grpo import check_groups
 
-    def cfg(global_batch, micro, n):
-        return build_config({"scaling": {"num_workers": 2}, "stage": "grpo", "data": {"train": "x.jsonl"},
+    def cfg(global_batch, micro, n, workers=2):
+        return build_config({"scaling": {"num_workers": workers}, "stage": "grpo", "data": {"train": "x.jsonl"},
                              "reward": {"functions": {"exact_match": 1.0}}, "grpo": {"num_generations": n},
                              "train": {"global_batch_size": global_batch, "micro_batch_size": micro}})
 
     check_groups(cfg(32, 4, 8), 0, world_size=2)  # 32 samples per step = 4 groups; eval batch 4 x 2 = 8
-    with pytest.raises(ValueError) as e:
-        check_groups(cfg(24, 4, 16), 0, world_size=2)
-    first, second = str(e.value).splitlines()
-    assert first == ("stages.0.train.global_batch_size: 24 samples per step is not a multiple of "
+    with pytest.raises(ConfigError) as e:  # found by `distft validate`, before launch
+        cfg(24, 4, 16)
+    first, second = str(e.value).splitlines()[1:]
+    assert first == ("  - train.global_batch_size: 24 samples per step is not a multiple of "
                      "grpo.num_generations=16 (each prompt's 16 samples must fall in one step). Fix: "
                      "train.global_batch_size=16 (or 32), or grpo.num_generations=12.")
-    assert second.startswith("stages.0.train.micro_batch_size: the eval batch, train.micro_batch_size x workers = "
+    assert second.startswith("  - train.micro_batch_size: the eval batch, train.micro_batch_size x workers = "
                              "4 x 2 = 8, is not a multiple of grpo.num_generations=16")
-    assert second.endswith("Fix: train.micro_batch_size=8 (a multiple of 8), or a smaller grpo.num_generations.")
 
 
 # ---------------------------------------------------------------- errors
@@ -308,3 +308,37 @@ def test_grpo_with_exact_match_raises_the_reward_and_the_held_out_score(sft_poli
     rows = read_jsonl(FACTS_TEST)[:200]
     assert exact_match(model, tok, rows, "alpaca", 8).accuracy == pytest.approx(summary["exact_match_after"],
                                                                                 abs=1 / 200)
+
+
+def test_dpo_and_grpo_data_and_batch_problems_are_config_errors():
+    """Caught by `distft validate`, before any worker starts."""
+    from distft.config import build_config
+    from distft.config.load import ConfigError
+
+    with pytest.raises(ConfigError, match="data.format: the dpo stage trains on preference pairs"):
+        build_config({"stage": "dpo", "data": {"train": "x.jsonl", "format": "alpaca"}})
+    with pytest.raises(ConfigError, match="evaluate.metric: the grpo stage scores held-out prompts by exact_match"):
+        build_config({"stage": "grpo", "data": {"train": "x.jsonl"}, "reward": {"functions": {"exact_match": 1}},
+                      "evaluate": {"metric": "pairwise_accuracy"}})
+    with pytest.raises(ConfigError, match="is not a multiple of grpo.num_generations=8"):
+        build_config({"stage": "grpo", "data": {"train": "x.jsonl"}, "reward": {"functions": {"exact_match": 1}},
+                      "scaling": {"num_workers": 2}, "train": {"global_batch_size": 36, "micro_batch_size": 6}})
+
+
+def test_grpo_scores_with_the_reward_model_exactly_what_it_was_trained_on(tiny_random):
+    """TRL decodes " bear" with its leading space; rendered as is, the chat template would write two spaces."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distft.data.formats import encode_preference
+    from distft.stages.evaluate import reward_scores
+    from distft.stages.grpo import reward_model_function
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_random, num_labels=1)
+    tok = AutoTokenizer.from_pretrained(tiny_random)
+    rm.config.pad_token_id = tok.pad_token_id
+    pair = read_jsonl(PREFS_TEST)[0]
+    chosen_ids, rejected_ids = encode_preference(pair, tok)  # what the reward stage trains on
+    expected = reward_scores(rm, [chosen_ids, rejected_ids], tok.pad_token_id).tolist()
+    completions = [[{"role": "assistant", "content": " " + pair[k][0]["content"]}] for k in ("chosen", "rejected")]
+    got = reward_model_function(rm, tok, 8)([pair["prompt"]] * 2, completions)
+    assert got == pytest.approx(expected, abs=1e-5)

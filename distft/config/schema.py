@@ -364,7 +364,10 @@ class PPOSettings(Section):
     )
     whiten_rewards: bool = False
     unfinished_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a response without EOS")
-    generation: Literal["hf"] = Field("hf", description="Rollout engine; `hf` is transformers generate")
+    generation: str = Field(
+        "hf", description="Rollout engine: hf (transformers generate), or 'package.module:function' taking "
+        "(model, tokenizer, prompts, settings, sample) like distft.stages.ppo.hf_generate"
+    )
 
 
 class PPOStage(StageBase):

@@ -19,7 +19,7 @@ import time
 
 from distft.config import DistftConfig
 from distft.config.schema import grpo_group_errors
-from distft.data.formats import DataError, policy_prompt, reference_answer
+from distft.data.formats import DataError, policy_prompt, reference_answer, scored_ids
 from distft.data.loading import split_rows
 from distft.distributed import fsdp
 from distft.models.loading import load_model, load_reward_for_inference, load_tokenizer
@@ -27,15 +27,26 @@ from distft.models.methods import count_params
 from distft.rl.rewards import resolve, weighted_scores
 from distft.stages.chain import source_path, stage_model
 from distft.stages.context import StageContext
+from distft.stages.evaluate import reward_scores
 from distft.stages.reporting import ReportCallback
-from distft.stages.trainer_setup import (base_as_reference, export_model, finish, held_out_task, logged_value,
-                                         prepare_worker, run_summary, score_held_out, total_steps, trainer_arguments)
+from distft.stages.trainer_setup import (
+    base_as_reference,
+    export_model,
+    finish,
+    held_out_task,
+    logged_value,
+    prepare_worker,
+    ready,
+    run_summary,
+    score_held_out,
+    total_steps,
+    trainer_arguments,
+)
 
 PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
 
 
 def run(cfg: DistftConfig, ctx: StageContext) -> dict:
-    from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     stage = cfg.stages[ctx.stage_index]
@@ -66,9 +77,11 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     if source:
         rm, rm_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, source),
                                                      cfg.model.trust_remote_code)
-        reward_funcs.append(rm)
+        if cfg.scaling.use_gpu:
+            rm.to(f"cuda:{ctx.local_rank}")
+        reward_funcs.append(reward_model_function(rm, rm_tokenizer, stage.evaluate.batch_size))
         weights.append(stage.reward.model_weight)
-        reward_tokenizers.append(rm_tokenizer)
+        reward_tokenizers.append(None)
         ctx.log(f"[{stage.label()}] reward model {source} (weight {stage.reward.model_weight})")
     for name, weight in stage.reward.functions.items():
         reward_funcs.append(trl_reward_function(name, tokenizer))
@@ -110,10 +123,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         reward_processing_classes=reward_tokenizers,
         callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
     )
-    trainer.remove_callback(PrinterCallback)  # ReportCallback prints one progress line instead
     base_as_reference(trainer)
-    if use_fsdp and fsdp.enable_on_cpu(trainer):
-        ctx.log(f"[{stage.label()}] FSDP2 on CPU: fully_shard over gloo")
+    ready(trainer, stage, ctx)
     result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     eval_metrics = trainer.evaluate()  # eval split: eval_reward, the mean weighted reward of sampled answers
 
@@ -150,6 +161,24 @@ def prompt_dataset(rows, fmt: str, tokenizer):
     """Rows -> {prompt, reference}: TRL samples answers to `prompt`; reward functions get `reference`."""
     return rows.map(lambda row: {"prompt": policy_prompt(row, fmt, tokenizer), "reference": reference_answer(row, fmt)},
                     remove_columns=rows.column_names, desc="Building prompts")
+
+
+def reward_model_function(model, tokenizer, batch_size: int):
+    """The reward model as a TRL reward function, reading exactly what it was trained on.
+
+    Handed the model itself, TRL renders prompt + decoded completion, and a completion decodes
+    with the leading space it was generated with (" bear"): the chat template then writes two
+    spaces, a token sequence the reward model never saw (measured: GRPO's reward fell instead of
+    rising). Here the answer is stripped and rendered by `scored_ids`, as PPO and the reward stage do.
+    """
+
+    def reward_model(prompts, completions, **_) -> list[float]:
+        texts = [(c if isinstance(c, str) else c[-1]["content"]).strip() for c in completions]
+        seqs = [scored_ids(p, [{"role": "assistant", "content": t}] if isinstance(p, list) else t, tokenizer)
+                for p, t in zip(prompts, texts)]
+        return reward_scores(model, seqs, tokenizer.pad_token_id, batch_size).tolist()
+
+    return reward_model
 
 
 def trl_reward_function(name: str, tokenizer):

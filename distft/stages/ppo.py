@@ -72,6 +72,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(policy_cfg)
     prompts = load_prompts(stage.data.train, stage.data, tokenizer, cfg.model.max_seq_len - settings.max_new_tokens,
                            "data.train", stage.data.max_train_samples, ctx.log)
+    generator = resolve_generator(settings.generation)  # a bad engine name fails before any model loads
     per_rank = settings.rollout_batch_size // world
     steps_per_epoch = max(1, len(prompts) // settings.rollout_batch_size)
     total = train_cfg.max_steps or max(1, math.ceil(steps_per_epoch * train_cfg.epochs))
@@ -149,7 +150,6 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         stage_dir.mkdir(parents=True, exist_ok=True)
         publisher.recover()
     save_every = train_cfg.save_every or steps_per_epoch
-    generator = GENERATORS[settings.generation]
     history: list[dict] = []
     loop_started = time.time()
     for step in range(start, total):
@@ -307,6 +307,20 @@ def hf_generate(model, tokenizer, prompts: list[str], settings, sample: bool):
 
 # A generator turns prompt strings into token ids; a faster engine (vLLM on GPU) plugs in here.
 GENERATORS = {"hf": hf_generate}
+
+
+def resolve_generator(name: str):
+    """A built-in generator, or `package.module:function` with `hf_generate`'s signature and return value."""
+    if name in GENERATORS:
+        return GENERATORS[name]
+    import importlib
+
+    module_name, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"ppo.generation: cannot use {name!r} ({e}). Fix: hf, or an importable "
+                         "'package.module:function'.") from None
 
 
 @dataclass
@@ -531,7 +545,7 @@ def evaluate(actor: TrainEngine, held_out: list[Prompt], tokenizer, scorer: Scor
     with full_parameters(actor.module, stage.strategy.label()):
         for i in range(0, len(mine), bs):
             batch = mine[i : i + bs]
-            rollout = make_rollout(actor.module, GENERATORS[stage.ppo.generation], tokenizer, batch, settings,
+            rollout = make_rollout(actor.module, resolve_generator(stage.ppo.generation), tokenizer, batch, settings,
                                    sample=False)
             scores, _ = scorer.score(batch, rollout)
             keep = max(0, min(len(batch), real - i))

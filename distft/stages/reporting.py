@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 from distft.config import dump_config
 from distft.distributed.checkpoint import CheckpointPublisher, barrier, checkpoint_step, from_main, staging_dir
 
-
 PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
 
 

@@ -17,12 +17,20 @@ from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
 from distft.stages.reporting import ReportCallback
-from distft.stages.trainer_setup import (export_model, finish, held_out_task, prepare_worker, run_summary,
-                                         score_held_out, total_steps, trainer_arguments)
+from distft.stages.trainer_setup import (
+    export_model,
+    finish,
+    held_out_task,
+    prepare_worker,
+    ready,
+    run_summary,
+    score_held_out,
+    total_steps,
+    trainer_arguments,
+)
 
 
 def run(cfg: DistftConfig, ctx: StageContext) -> dict:
-    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     stage = cfg.stages[ctx.stage_index]
@@ -64,9 +72,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         processing_class=tokenizer,
         callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
     )
-    trainer.remove_callback(PrinterCallback)  # ReportCallback prints one progress line instead
-    if use_fsdp and fsdp.enable_on_cpu(trainer):
-        ctx.log(f"[{stage.label()}] FSDP2 on CPU: fully_shard over gloo")
+    ready(trainer, stage, ctx)
     result = trainer.train(resume_from_checkpoint=ctx.resume_from)
     eval_metrics = trainer.evaluate()
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from distft.config import DistftConfig
-from distft.distributed.checkpoint import (build_manifest, check_resume_on_ranks, from_main, staging_dir,
-                                          write_manifest)
+from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks, from_main, staging_dir, write_manifest
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.stages.context import StageContext
@@ -83,6 +82,18 @@ def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> 
         # straight into partitions (zero.Init) instead of a full copy per worker.
         **trainer_strategy_kwargs(stage.strategy, train, cfg.model.dtype, ctx.world_size),
     )
+
+
+def ready(trainer, stage, ctx: StageContext) -> None:
+    """After building a Trainer: ReportCallback prints progress (not the Trainer's PrinterCallback), and
+    FSDP2 is switched on for CPU workers, where accelerate alone would silently run DDP."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from distft.distributed import fsdp
+
+    trainer.remove_callback(PrinterCallback)
+    if stage.strategy.name == "fsdp" and fsdp.enable_on_cpu(trainer):
+        ctx.log(f"[{stage.label()}] FSDP2 on CPU: fully_shard over gloo")
 
 
 def score_on_rank0(score, ctx: StageContext):
