@@ -55,7 +55,33 @@ def cmd_validate(args) -> int:
     print(describe_plan(cfg))
     for note in notes:
         print(f"check   {note}")
+    if cfg.scaling.use_gpu and cfg.scaling.gpu_memory_gib:
+        from distft.launch.sizing import fit_warnings
+
+        warnings = fit_warnings(cfg)
+        for line in warnings:
+            print(f"warning {line}")
+        if not warnings:
+            print(f"check   memory: every stage fits {cfg.scaling.gpu_memory_gib:g} GiB per GPU (see `distft plan`)")
     print(f"config OK: {args.config}")
+    return 0
+
+
+def _gib(text: str) -> float:
+    """'80GiB', '80G', '80' -> 80.0 (GiB)."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("gb").removesuffix("g")
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 80GiB") from None
+
+
+def cmd_plan(args) -> int:
+    from distft.launch.sizing import render_plan
+
+    cfg = _load(args)
+    gpu = args.gpu_memory or cfg.scaling.gpu_memory_gib or 80.0
+    print(render_plan(cfg, gpu, args.gpus_per_node, args.gpus))
     return 0
 
 
@@ -299,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "skips stages that finished with the same settings")
     sp.add_argument("--force", metavar="STAGE", help="rerun this stage and every later one ('all': every stage)")
     sp.set_defaults(func=cmd_pipeline)
+    sp = with_config("plan", "Per-GPU memory of every stage and the fewest GPUs that fit, from config.json "
+                             "alone (no weights downloaded, nothing launched)")
+    sp.add_argument("--gpu-memory", type=_gib, help="memory of each GPU, e.g. 80GiB (default: "
+                    "scaling.gpu_memory_gib, else 80)")
+    sp.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    sp.add_argument("--gpus", type=int, help="plan for this many GPUs (default: scaling.num_workers)")
+    sp.set_defaults(func=cmd_plan)
     with_config(
         "validate", "Resolve the config, check model and data files, print the plan; launches nothing"
     ).set_defaults(func=cmd_validate)

@@ -44,6 +44,9 @@ class ScalingConfig(Section):
     gpus_per_worker: float = Field(1.0, gt=0)
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per worker")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="Memory of each GPU; `distft validate` then warns when the plan does not fit"
+    )
 
     def threads_per_worker(self) -> int:
         # Ray lets workers use every core unless told otherwise; with more workers than

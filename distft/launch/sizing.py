@@ -1,0 +1,136 @@
+"""`distft plan` and the fit check of `distft validate`: the memory plan of a config, as text.
+
+Ray-free: shapes come from config.json on the meta device, formulas from
+distft/distributed/plan.py; nothing is downloaded or launched.
+"""
+
+from __future__ import annotations
+
+from distft.config import DistftConfig
+from distft.config.schema import StrategyConfig
+from distft.distributed import plan
+from distft.models.shapes import ModelShape, model_shape
+
+GiB = plan.GiB
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}" if x < 10 * GiB else f"{x / GiB:.1f}"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def stage_shapes(cfg: DistftConfig, index: int, cache: dict) -> dict:
+    """{"shape": policy or trained model, "critic": ..., "reward": ...} as ModelShapes (cached by source)."""
+
+    def get(source: str | None) -> ModelShape | None:
+        if not source:
+            return None
+        name = plan.architecture_of(cfg, source)
+        if name not in cache:
+            cache[name] = model_shape(name)
+        return cache[name]
+
+    out = {"shape": get(cfg.init_source(index))}
+    stage = cfg.stages[index]
+    if stage.stage in ("ppo", "grpo"):
+        out["reward"] = get(cfg.reward_source(index))
+    if stage.stage == "ppo":
+        out["critic"] = get(cfg.critic_source(index)) or out["shape"]
+    return out
+
+
+def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_gib: float,
+                   gpus_per_node: int) -> list[str]:
+    stage = cfg.stages[index]
+    shape = shapes["shape"]
+    models = {k: v for k, v in shapes.items() if k != "shape"}
+    strategy = stage.strategy
+    mem = plan.stage_memory(cfg, index, shape, world, **models)
+    other = strategy.model_copy(update={"gradient_checkpointing": not strategy.gradient_checkpointing})
+    alt = plan.stage_memory(cfg.model_copy(update={"stages": [*cfg.stages[:index],
+                                                              stage.model_copy(update={"strategy": other}),
+                                                              *cfg.stages[index + 1:]]}),
+                            index, shape, world, **models)
+    gpu = gpu_gib * GiB
+    lines = [
+        f"stage {stage.label()} ({stage.stage}, method {stage.method.name}) on {world} GPU(s), {strategy.label()}, "
+        f"{strategy.resolved_precision(cfg.model.dtype)}: {shape.name}, {_count(shape.params)} parameters, "
+        f"{_count(shape.trainable(stage.method))} trainable",
+        f"  {'per rank':<22}{'GiB':>8}",
+        f"  {'parameters':<22}{_gib(mem.params):>8}",
+        f"  {'gradients':<22}{_gib(mem.grads):>8}",
+        f"  {'optimizer states':<22}{_gib(mem.optimizer):>8}   (Adam moments + fp32 master copy where kept)",
+        f"  {'buffers':<22}{_gib(mem.buffers):>8}   (DDP buckets / DeepSpeed reduce, gather buckets)",
+        f"  {'activations':<22}{_gib(mem.activations):>8}   (gradient checkpointing "
+        f"{'on' if strategy.gradient_checkpointing else 'off'}; {'off' if strategy.gradient_checkpointing else 'on'}: "
+        f"{_gib(alt.activations)})",
+        f"  {'total':<22}{_gib(mem.total):>8}   of {gpu_gib:g} GiB: "
+        + (f"headroom {_gib(gpu - mem.total)}" if mem.total <= gpu else f"OVER by {_gib(mem.total - gpu)}"),
+    ]
+    if mem.cpu:
+        lines.append(f"  {'host memory':<22}{_gib(mem.cpu):>8}   (offloaded, per rank)")
+    lines += [f"  note: {n}" for n in mem.notes]
+    second = plan.deepspeed_estimate(shape, strategy, world, gpus_per_node)
+    if second is not None:
+        lines.append(f"  DeepSpeed's own estimate of model states (a second opinion): {_gib(second)} GiB per GPU")
+    fits = []
+    for name, spec in plan.CANDIDATES.items():
+        if stage.stage == "ppo" and spec["name"] == "fsdp":
+            continue  # the ppo stage runs under DDP or DeepSpeed
+        candidate = StrategyConfig(**spec, precision=strategy.precision,
+                                   gradient_checkpointing=strategy.gradient_checkpointing)
+        found = plan.smallest_fit(cfg, index, shape, gpu, gpus_per_node, candidate, **models)
+        fits.append(f"{name} {found[0]}" if found else f"{name} -")
+    lines.append(f"  fewest {gpu_gib:g} GiB GPUs that fit: {', '.join(fits)}")
+    return lines
+
+
+def render_plan(cfg: DistftConfig, gpu_gib: float, gpus_per_node: int, world: int | None = None) -> str:
+    cache: dict = {}
+    world = world or cfg.scaling.num_workers
+    lines = []
+    for i in range(len(cfg.stages)):
+        lines += describe_stage(cfg, i, stage_shapes(cfg, i, cache), world, gpu_gib, gpus_per_node)
+    lines.append("Estimates from config.json alone (no weights read); activations assume memory-efficient "
+                 "attention (sdpa/flash), so no sequence-squared term.")
+    return "\n".join(lines)
+
+
+def fit_warnings(cfg: DistftConfig, gpus_per_node: int = 8) -> list[str]:
+    """For `validate`: one line per stage that does not fit `scaling.gpu_memory_gib`, naming what would."""
+    s = cfg.scaling
+    if not s.use_gpu or not s.gpu_memory_gib:
+        return []
+    gpu = s.gpu_memory_gib * GiB
+    cache: dict = {}
+    warnings = []
+    for i, stage in enumerate(cfg.stages):
+        shapes = stage_shapes(cfg, i, cache)
+        models = {k: v for k, v in shapes.items() if k != "shape"}
+        mem = plan.stage_memory(cfg, i, shapes["shape"], s.num_workers, **models)
+        if mem.total <= gpu:
+            continue
+        options = []
+        more = plan.smallest_fit(cfg, i, shapes["shape"], gpu, gpus_per_node, stage.strategy, **models)
+        if more:
+            options.append(f"scaling.num_workers={more[0]}")
+        for label, spec in (("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3}),
+                            ("strategy.offload_optimizer=cpu (ZeRO-3)",
+                             {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu"})):
+            candidate = StrategyConfig(**spec, precision=stage.strategy.precision,
+                                       gradient_checkpointing=stage.strategy.gradient_checkpointing)
+            trial = plan.smallest_fit(cfg, i, shapes["shape"], gpu, gpus_per_node, candidate, **models)
+            if trial and trial[0] <= s.num_workers:
+                options.append(label)
+        if not stage.strategy.gradient_checkpointing:
+            trial = plan.smallest_fit(cfg, i, shapes["shape"], gpu, gpus_per_node, stage.strategy,
+                                      checkpointing=True, **models)
+            if trial and trial[0] <= s.num_workers:
+                options.append("strategy.gradient_checkpointing=true")
+        fix = f" Fix: {' or '.join(options)}." if options else " No strategy fits within 1024 GPUs of this size."
+        warnings.append(f"stage {stage.label()}: about {_gib(mem.total)} GiB per GPU on {s.num_workers} GPU(s), "
+                        f"over scaling.gpu_memory_gib={s.gpu_memory_gib:g} (see `distft plan`).{fix}")
+    return warnings

@@ -1,0 +1,104 @@
+"""A model's shape from its `config.json` alone: built on the meta device, so no weight is read or downloaded.
+
+`configs/models/<hub id>/config.json` ships the configs of the real models our shipped
+YAML names, so planning them works offline; any local model directory works too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distft.config.schema import LoraSettings, MethodConfig
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+@dataclass
+class ModelShape:
+    name: str
+    params: int  # every parameter once (tied weights once)
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    # (module name, in_features, out_features) of every nn.Linear, for LoRA and 4-bit counts
+    linears: list[tuple[str, int, int]] = field(default_factory=list)
+    small_params: list[int] = field(default_factory=list)  # sizes of parameters under 1e6 elements
+    largest_layer: int = 0  # parameters of the largest leaf module (DeepSpeed's estimator wants it)
+
+    def lora_params(self, lora: LoraSettings) -> int:
+        """Trainable LoRA parameters: r x (in + out) per targeted linear (all-linear skips the output head)."""
+        total = 0
+        for name, fan_in, fan_out in self.linears:
+            leaf = name.rsplit(".", 1)[-1]
+            if lora.target_modules == "all-linear":
+                hit = leaf not in ("lm_head", "score")
+            else:
+                hit = leaf in lora.target_modules
+            if hit:
+                total += lora.r * (fan_in + fan_out)
+        return total
+
+    def trainable(self, method: MethodConfig) -> int:
+        return self.lora_params(method.lora) if method.uses_adapter() else self.params
+
+    def quantized_linear_params(self) -> int:
+        """Parameters bitsandbytes stores in 4 bits: every linear but the output head."""
+        return sum(i * o for name, i, o in self.linears if name.rsplit(".", 1)[-1] not in ("lm_head", "score"))
+
+
+def find_config(name_or_path: str) -> Path:
+    """The config.json for a model: a local directory, the bundled tiny base, or one shipped in configs/models/."""
+    from distft.models.loading import resolve_model_path
+
+    local = Path(resolve_model_path(name_or_path)).expanduser()
+    for candidate in (local / "config.json", local, SHIPPED_CONFIGS / name_or_path / "config.json"):
+        if candidate.is_file() and candidate.name == "config.json":
+            return candidate
+    if (local / "adapter_config.json").is_file():  # an adapter: plan its base
+        return find_config(json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"])
+    raise FileNotFoundError(
+        f"no config.json for {name_or_path!r}: not a local model directory and not shipped in "
+        f"{SHIPPED_CONFIGS.relative_to(SHIPPED_CONFIGS.parents[1])}/. Fix: download only its config.json "
+        f"(huggingface-cli download {name_or_path} config.json --local-dir configs/models/{name_or_path})."
+    )
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """Count a model's parameters and record its shape, from config.json on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = find_config(name_or_path)
+    config = AutoConfig.from_pretrained(str(path.parent))
+    text = config.get_text_config()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    seen, params, small, largest = set(), 0, [], 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params += p.numel()
+        if p.numel() < 1_000_000:
+            small.append(p.numel())
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        largest = max(largest, own)
+    linears = [(n, m.in_features, m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return ModelShape(
+        name=name_or_path, params=params, layers=text.num_hidden_layers, hidden=text.hidden_size,
+        intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), heads=heads,
+        kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim, vocab=text.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)), linears=linears, small_params=small,
+        largest_layer=largest,
+    )
