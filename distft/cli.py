@@ -51,18 +51,20 @@ def cmd_validate(args) -> int:
     from distft.launch.train import cluster_address
 
     cfg = _load(args)
-    notes = preflight(cfg, cluster_address(cfg, args.address))
-    print(describe_plan(cfg))
-    for note in notes:
-        print(f"check   {note}")
+    # The memory check first: it needs no cluster, and an over-budget plan is worth seeing even when
+    # this machine cannot host the run (a GPU config validated on a laptop).
     if cfg.scaling.use_gpu and cfg.scaling.gpu_memory_gib:
         from distft.launch.sizing import fit_warnings
 
         warnings = fit_warnings(cfg)
         for line in warnings:
-            print(f"warning {line}")
+            print(f"warning {line}", file=sys.stderr)
         if not warnings:
             print(f"check   memory: every stage fits {cfg.scaling.gpu_memory_gib:g} GiB per GPU (see `distft plan`)")
+    notes = preflight(cfg, cluster_address(cfg, args.address))
+    print(describe_plan(cfg))
+    for note in notes:
+        print(f"check   {note}")
     print(f"config OK: {args.config}")
     return 0
 

@@ -122,3 +122,10 @@ def test_plan_is_within_10_percent_of_measured_shards(tmp_path):
     cfg = build_config({"model": {"name_or_path": str(cache_dir() / "bench-llama-h512-l4")}, "stage": "sft",
                         "data": {"train": "x.jsonl"}})
     assert cfg.stages[0].strategy.name == "ddp"
+
+
+def test_validate_prints_the_memory_warning_even_where_the_run_cannot_start():
+    proc = subprocess.run([sys.executable, "-m", "distft.cli", "validate", str(REPO / "configs/llama8b/rlhf.yaml"),
+                           "scaling.num_workers=1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "warning stage sft: about " in proc.stderr and "Fix: scaling.num_workers=" in proc.stderr
+    assert proc.returncode != 0  # this machine has no GPU: preflight still refuses to launch here

@@ -315,9 +315,9 @@ def _ppo_rank(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [{"name": "ddp"},
+@pytest.mark.parametrize("strategy", [{"name": "ddp"}, {"name": "deepspeed", "zero_stage": 2},
                                       {"name": "deepspeed", "zero_stage": 3, "param_persistence_threshold": 0}],
-                         ids=["ddp", "zero3"])
+                         ids=["ddp", "zero2", "zero3"])
 def test_two_ranks_share_each_rollout_and_stay_in_step(undertrained_sft, tmp_path, strategy):
     import torch.multiprocessing as mp
 
@@ -334,8 +334,11 @@ def test_two_ranks_share_each_rollout_and_stay_in_step(undertrained_sft, tmp_pat
     s = r0["summary"]
     assert s["world_size"] == 2 and s["eval_items"] == 21  # 11 + 10 held-out prompts, padding not counted
     assert s["exact_match_after"] == r1["summary"]["exact_match_after"]
-    if strategy["name"] == "deepspeed":
+    if strategy.get("zero_stage") == 3:
         assert s["param_elements_local"] <= 0.55 * s["param_elements_full"]  # ZeRO-3: half the policy per rank
+    if strategy.get("zero_stage") == 2:  # ZeRO-2: the whole policy, half of its fp32 optimizer partition
+        assert s["param_elements_local"] == s["param_elements_full"]
+        assert s["optimizer_fp32_elements_local"] <= 0.55 * s["param_elements_full"]
     from distft.models.loading import load_for_inference
 
     model, _ = load_for_inference(tmp_path / "ppo" / "final")  # one consolidated model
