@@ -51,7 +51,7 @@ def test_quickstart_cli_meets_its_target(tmp_path):
            f"run.output_dir={tmp_path}", "run.name=qs"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "held-out exact match  0.0% ->" in r.stdout
+    assert "held-out     exact match 0.0% ->" in r.stdout
     (summary,) = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval_items"] >= 500
     assert summary["exact_match_after"] >= 0.95, summary

@@ -1,8 +1,9 @@
 """`distft pipeline` end to end on Ray: SFT -> reward model -> PPO, then reruns that reuse finished stages.
 
-A smaller variant of configs/rlhf_quickstart.yaml (the reward model starts from the SFT output
-and trains 6 epochs, PPO runs 60 rollouts) so the full tier stays within its budget; the
-quickstart's own numbers are in the README.
+configs/rlhf_quickstart.yaml as shipped, with held-out evaluation on 300 items instead of 600 and
+fewer checkpoints. A weaker reward model (6 epochs from the SFT output, 90% pairwise accuracy, its
+same-category near misses at 72%) was tried to save time: PPO then learned what the reward model
+gets wrong and held-out exact match fell (32.3% -> 31.3%), so the shipped recipe is what runs here.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import pytest
 from conftest import REPO
 
 SMALL = [
-    "stages.0.evaluate.max_samples=300", "stages.1.init_from=sft", "stages.1.train.epochs=6", "stages.1.train.eval_every=1000",
-    "stages.1.train.save_every=1000", "stages.1.evaluate.max_samples=300",
-    "stages.2.train.max_steps=60", "stages.2.train.save_every=30", "stages.2.evaluate.max_samples=300",
+    "stages.0.evaluate.max_samples=300", "stages.1.train.eval_every=1000", "stages.1.train.save_every=1000",
+    "stages.1.evaluate.max_samples=300", "stages.2.train.save_every=100", "stages.2.evaluate.max_samples=300",
 ]
 
 
@@ -41,12 +41,12 @@ def test_sft_reward_ppo_pipeline_improves_the_task_and_reruns_skip_finished_stag
     run_dir = tmp_path / "rlhf_quickstart"
     sft, reward, ppo = json.loads((run_dir / "summary.json").read_text())
     # Each stage fed the next: the policy is the SFT output, the reward model scores and is the critic's init.
-    assert reward["pairwise_accuracy_after"] >= 0.85, reward
+    assert reward["pairwise_accuracy_after"] >= 0.9, reward
     assert ppo["policy_from"] == "sft" and ppo["reward_from"] == "reward" and ppo["critic_from"] == "reward"
     assert ppo["exact_match_before"] == pytest.approx(sft["exact_match_after"])
     # PPO never sees the answers: what it gains on held-out prompts comes from the reward model.
     assert ppo["heldout_reward_after"] > ppo["heldout_reward_before"] + 0.5, ppo
-    assert ppo["exact_match_after"] > ppo["exact_match_before"] + 0.05, ppo
+    assert ppo["exact_match_after"] > ppo["exact_match_before"] + 0.08, ppo
     assert ppo["reward_last"] > ppo["reward_first"]
     assert "held-out result" in first.stdout and "pairwise accuracy" in first.stdout
     for stage in ("sft", "reward", "ppo"):
@@ -59,10 +59,10 @@ def test_sft_reward_ppo_pipeline_improves_the_task_and_reruns_skip_finished_stag
 
     # A changed PPO setting reruns PPO only; the earlier PPO output is set aside, not deleted.
     changed = pipeline(tmp_path, "stages.2.train.max_steps=2", "stages.2.evaluate.before=false")
-    assert changed.stdout.count("skipped") == 2
+    assert changed.stdout.count("finished earlier with these settings; skipped") == 2
     assert json.loads((run_dir / "ppo" / "summary.json").read_text())["steps"] == 2
     aside = [p for p in run_dir.iterdir() if p.name.startswith("ppo.superseded-")]
-    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text())["steps"] == 60
+    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text())["steps"] == 100
     assert len(list(run_dir.glob("config.before-*.yaml"))) == 1  # the first attempt's config is kept
 
 
@@ -85,3 +85,21 @@ def test_a_damaged_export_is_not_reused(tmp_path):
     assert stage_done(other, run_dir, 0) is None  # other settings: not the same stage
     (final / "model.safetensors").write_bytes(b"weightz")
     assert stage_done(cfg, run_dir, 0) is None
+
+
+def test_a_stage_finished_with_other_settings_restarts_instead_of_resuming_its_checkpoints(tmp_path):
+    from distft.config import load_config
+    from distft.distributed.checkpoint import build_manifest, write_manifest
+    from distft.launch.train import resume_point
+
+    cfg = load_config(REPO / "configs" / "rlhf_quickstart.yaml")
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "sft" / "checkpoints" / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    write_manifest(ckpt, build_manifest(ckpt, step=5, world_size=1, strategy="ddp"))
+    # Interrupted (no summary): continue from the checkpoint.
+    assert resume_point(cfg, run_dir, 0) == (None, str(ckpt))
+    # Finished with other settings: its checkpoints are that run's, so start over.
+    (run_dir / "sft" / "summary.json").write_text(json.dumps({"fingerprint": "other settings"}))
+    assert resume_point(cfg, run_dir, 0) == (None, None)

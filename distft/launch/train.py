@@ -30,7 +30,7 @@ def cluster_address(cfg: DistftConfig, address: str | None = None) -> str | None
     return resolve_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS") or None)
 
 
-def init_ray(cfg: DistftConfig, address: str | None):
+def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None):
     import ray
 
     if ray.is_initialized():
@@ -51,7 +51,7 @@ def init_ray(cfg: DistftConfig, address: str | None):
     else:
         ray.init(
             address="local",
-            num_cpus=os.cpu_count(),
+            num_cpus=num_cpus or os.cpu_count(),
             # The dashboard also serves the State API that Train's placement-group
             # cleaner polls; without it, that cleaner warns every few seconds.
             dashboard_host="127.0.0.1",
@@ -117,7 +117,10 @@ def ray_storage_path(cfg: DistftConfig, run_dir: Path) -> str:
     return str(Path(local).expanduser().resolve() / run_dir.name)
 
 
-def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from: str | None = None) -> dict:
+def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from: str | None = None,
+                callbacks: list | None = None, stop_hook: dict | None = None) -> dict:
+    """One stage on a Ray Train worker group. `callbacks` are Train run callbacks (Tune's reporter);
+    `stop_hook` names the board a Tune trial asks for early-stop decisions (launch/tune.py)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -130,6 +133,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             "stage_index": stage_index,
             "run_dir": str(run_dir),
             "resume_from": resume_from,
+            "stop_hook": stop_hook,
         },
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -146,6 +150,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             # Keeps the `ray.train` logger's INFO chatter off the console; the per-report
             # INFO lines come from another logger, quieted in the worker (_quiet_report_logger).
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
     result = _fit_interruptibly(trainer)
@@ -221,6 +226,11 @@ def _worker_entry(config: dict) -> None:
     cfg = DistftConfig.model_validate(config["config"])
     stage_index = config["stage_index"]
     tctx = ray.train.get_context()
+    stop_fn = None
+    if config.get("stop_hook"):  # a Tune trial: evals wait for the scheduler's continue/stop decision
+        from distft.launch.tune import stop_asker
+
+        stop_fn = stop_asker(config["stop_hook"])
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -235,6 +245,7 @@ def _worker_entry(config: dict) -> None:
             local_rank=tctx.get_local_rank(),
             resume_from=resume_from,
             report_fn=report,
+            stop_fn=stop_fn,
         )
         if resume_from:
             step = (read_manifest(resume_from) or {}).get("step", "?")
@@ -278,6 +289,10 @@ def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int) -> tuple[di
     done = stage_done(cfg, run_dir, stage_index)
     if done is not None:
         return done, None
+    if (run_dir / cfg.stages[stage_index].label() / "summary.json").is_file():
+        # It finished, but with other settings (or its export is damaged): its checkpoints belong to
+        # that run, and continuing from them would mix two configs. It reruns from the start.
+        return None, None
     for ckpt in reversed(complete_checkpoints(run_dir / cfg.stages[stage_index].label() / "checkpoints")):
         if not verify_checkpoint(ckpt):
             return None, str(ckpt)
