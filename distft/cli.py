@@ -238,6 +238,76 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
     return "\n".join(lines)
 
 
+def cmd_tune(args) -> int:
+    """A Ray Tune search over the config's `tune.space`; --resume continues one without rerunning finished trials."""
+    from distft.config import read_yaml
+    from distft.config.search import load_search
+    from distft.launch.preflight import absolutize_paths, preflight
+    from distft.launch.train import cluster_address
+    from distft.stages.tiny_base import ensure_tiny_base
+
+    if bool(args.resume) == bool(args.config):
+        raise UsageError("give a config (distft tune CONFIG) or --resume RUN_DIR, not both or neither.")
+    if args.resume and args.overrides:
+        raise UsageError("--resume continues the search as it was started; overrides cannot change it. "
+                         "Fix: drop the overrides, or start a new search with them.")
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        meta_path = run_dir / "search.json"
+        if not meta_path.is_file():
+            raise UsageError(f"{run_dir} is not a search directory (no search.json). Fix: pass the directory "
+                             "`distft tune` printed, e.g. runs/<name>.")
+        meta = json.loads(meta_path.read_text())
+        config_path, cwd = str(run_dir / "search.yaml"), meta["cwd"]
+        if not (run_dir / "tune").is_dir():
+            raise UsageError(f"{run_dir} has no Tune state (tune/); the search never started. Fix: start it again.")
+    else:
+        config_path, cwd = args.config, str(Path.cwd())
+    raw, tune_cfg, cfg = load_search(config_path, args.overrides if not args.resume else [])
+    preflight(absolutize_paths(cfg, Path(cwd)), cluster_address(cfg, args.address))
+    if args.resume:
+        print(f"[tune] resuming {run_dir}: finished trials are kept, unfinished ones continue", flush=True)
+    else:
+        run_dir = _run_dir(cfg, args.config)
+        run_dir.mkdir(parents=True)
+        (run_dir / "search.yaml").write_text(Path(args.config).read_text() if not args.overrides else
+                                             yaml_dump(raw))
+        (run_dir / "search.json").write_text(json.dumps({"cwd": cwd, "config": str(Path(args.config).resolve()),
+                                                         "overrides": args.overrides}, indent=1))
+    print(f"search  {run_dir}", flush=True)
+    for path, d in tune_cfg.space.items():
+        print(f"  {path}: {d.kind} {d.values}")
+    base = {k: v for k, v in raw.items() if k != "tune"}
+    if cfg.model.name_or_path == TINY_BASE:
+        ensure_tiny_base()  # trials keep `distft://tiny-base` (so does best.yaml); workers find it in the cache
+    from distft.launch.tune import markdown_table, search
+
+    args.run_dir_hint = run_dir
+    out = search(base, tune_cfg, cfg, run_dir, cwd, args.address, restore=args.resume)
+    print(markdown_table(out["rows"], tune_cfg.metric, out["best"]))
+    if out["interrupted"]:
+        print(f"search interrupted; continue it with: distft tune --resume {run_dir}", file=sys.stderr)
+        return 130
+    best = out["best"]
+    if best is None:
+        failed = [r for r in out["rows"] if r["status"] == "failed"]
+        hint = failed[0]["stop_reason"] if failed else f"no trial reported {tune_cfg.metric}"
+        print(f"error: no trial produced a result ({hint}). Trials: {run_dir / 'trials'}", file=sys.stderr)
+        return 1
+    print(f"best    trial {best['trial']}: {tune_cfg.metric} {best['final']:.4g} with "
+          + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+    print(f"        config {run_dir / 'best.yaml'}  (distft train {run_dir / 'best.yaml'})")
+    print(f"        model  {best['model_dir']}")
+    print(f"results {run_dir / 'trials.csv'}, {run_dir / 'results.md'}, curves {run_dir / 'curves.png'}")
+    return 0
+
+
+def yaml_dump(raw: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
 def cmd_tiny_model(args) -> int:
     from distft.stages.tiny_base import ensure_tiny_base
 
@@ -334,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     sp.add_argument("--gpus", type=int, help="plan for this many GPUs (default: scaling.num_workers)")
     sp.set_defaults(func=cmd_plan)
+    help_ = ("Search hyperparameters (the config's `tune:` section) with Ray Tune and ASHA early stopping; "
+             "each trial is a distributed Ray Train run")
+    sp = sub.add_parser("tune", help=help_, description=help_)
+    sp.add_argument("config", nargs="?", help="YAML config file with a `tune:` section")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. tune.num_samples=4 train.max_steps=60")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted search; finished trials are kept")
+    sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local cluster)")
+    sp.set_defaults(func=cmd_tune)
     with_config(
         "validate", "Resolve the config, check model and data files, print the plan; launches nothing"
     ).set_defaults(func=cmd_validate)

@@ -263,8 +263,8 @@ def test_resume_continues_at_k_plus_1_with_weights_only_loads(sealed_run, tmp_pa
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
     resumed = StageContext(run_dir=tmp_path / "resumed", resume_from=str(ckpts / "checkpoint-10"))
     stage_runner("sft")(cfg, resumed)
-    got = {m["step"]: m for m in resumed.reported if "loss" in m and "done" not in m}
-    want = {m["step"]: m for m in full.reported if "loss" in m and "done" not in m}
+    got = {m["step"]: m for m in resumed.reported if "loss" in m and "stage_done" not in m}
+    want = {m["step"]: m for m in full.reported if "loss" in m and "stage_done" not in m}
     assert sorted(got) == list(range(11, 21))
     for s in got:
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-4)
@@ -315,7 +315,7 @@ def _resume_worker(rank: int, world: int, port: int, raw_json: str, run_dir: str
 
     ctx = context_from_env(run_dir, resume_from=resume_from)
     stage_runner("sft")(build_config(json.loads(raw_json)), ctx)
-    losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
+    losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
     Path(run_dir, f"rank{rank}.json").write_text(json.dumps({str(k): v for k, v in losses.items()}))
 
 
@@ -331,7 +331,7 @@ def run_stage(raw: dict, run_dir: Path, world: int, resume_from: Path | None = N
 
         ctx = StageContext(run_dir=run_dir, resume_from=resume)
         stage_runner("sft")(build_config(raw), ctx)
-        return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
+        return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
     import torch.multiprocessing as mp
 
     from test_distributed_stage import _free_port

@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str, resum
     ctx = context_from_env(run_dir, resume_from=resume_from)
     summary = stage_runner("sft")(cfg, ctx)
     # One loss per step (a checkpoint report repeats the latest metrics; keep the step's value).
-    losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
+    losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"summary": summary, "steps": sorted(losses), "losses": [losses[k] for k in sorted(losses)]}, f)
 
@@ -179,7 +179,7 @@ def single_process_losses(tiny_base, tmp_path_factory) -> dict[int, float]:
                         "data": {"train": str(train), "max_eval_samples": 16}, **EQUIVALENCE})
     ctx = StageContext(run_dir=tmp / "run")
     stage_runner("sft")(cfg, ctx)
-    return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "done" not in m}
+    return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
 
 
 @pytest.mark.parametrize("world, strategy, rel", [

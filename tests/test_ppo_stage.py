@@ -311,7 +311,7 @@ def _ppo_rank(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> 
     ctx = context_from_env(run_dir)
     summary = stage_runner("ppo")(cfg, ctx)
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"summary": summary, "reported": [m for m in ctx.reported if "done" not in m]}, f)
+        json.dump({"summary": summary, "reported": [m for m in ctx.reported if "stage_done" not in m]}, f)
 
 
 @pytest.mark.slow

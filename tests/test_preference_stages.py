@@ -43,7 +43,7 @@ def stage_cfg(kind, model_dir, train_file, init_from=None, method="lora", **sect
 
 
 def logged(ctx, key):
-    return [m[key] for m in ctx.reported if key in m and "done" not in m]
+    return [m[key] for m in ctx.reported if key in m and "stage_done" not in m]
 
 
 @pytest.fixture(scope="session")
@@ -211,7 +211,7 @@ def test_grpo_weighs_a_reward_model_and_functions_as_configured(tiny_random, tmp
     ctx = StageContext(run_dir=tmp_path / "run")
     summary = stage_runner("grpo")(cfg, ctx)
 
-    logs = [m for m in ctx.reported if "reward" in m and "done" not in m]
+    logs = [m for m in ctx.reported if "reward" in m and "stage_done" not in m]
     assert len(logs) >= 3
     for m in logs:
         per_func = {k.split("/")[1]: v for k, v in m.items() if k.startswith("rewards/") and k.endswith("/mean")}

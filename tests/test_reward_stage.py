@@ -186,7 +186,7 @@ def test_reward_model_learns_near_misses_and_reloads_with_plain_transformers(tin
     assert summary["mean_margin_after"] > summary["mean_margin_before"] + 1.0
     assert summary["eval_pairs"] == 600 and summary["steps"] == 100
     # TRL's own accuracy and margin on the eval split are reported at every eval, not only at the end
-    evals = [m for m in ctx.reported if "eval_accuracy" in m and "done" not in m]
+    evals = [m for m in ctx.reported if "eval_accuracy" in m and "stage_done" not in m]
     assert len(evals) >= 2 and all("eval_margin" in m for m in evals)
     assert any("accuracy" in m and "loss" in m for m in ctx.reported)
     assert summary["first_logged_loss"] > summary["last_logged_loss"]

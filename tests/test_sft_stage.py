@@ -28,7 +28,7 @@ def make_cfg(model_dir, train_file, stage="sft", **train):
 
 
 def logged(ctx, key):
-    return [m[key] for m in ctx.reported if key in m and "done" not in m]
+    return [m[key] for m in ctx.reported if key in m and "stage_done" not in m]
 
 
 def test_lora_sft_learns_reports_and_exports_an_adapter(tiny_base, alpaca_rows, tmp_path):

@@ -51,7 +51,8 @@ STAGE_CLASSES: dict[str, type[StageBase]] = {
 }
 # Keys of one stage only (never shared defaults); the single-stage shorthand takes them at top level.
 STAGE_ONLY_KEYS = ("name", "init_from", "reward", "ppo", "dpo", "grpo")
-TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages", *STAGE_ONLY_KEYS]
+# `tune` is read by `distft tune` (config/search.py); every other command runs the base config and ignores it.
+TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages", *STAGE_ONLY_KEYS, "tune"]
 
 
 class ConfigError(Exception):
@@ -217,6 +218,7 @@ def _has_path(d: Any, parts: list) -> bool:
 def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
     """Normalise the single-stage shorthand and shared defaults, then validate."""
     raw = copy.deepcopy(raw)
+    raw.pop("tune", None)
     problems = []
     for key in raw:
         if key not in TOP_LEVEL_KEYS:

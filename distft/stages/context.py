@@ -26,6 +26,9 @@ class StageContext:
     report_fn: Callable[[dict, str | None], None] | None = None
     # Pre-sharded data streams by name (e.g. Ray Data); None means "load from data.* paths".
     shard_fn: Callable[[str], object] | None = None
+    # Under `distft tune`: given an eval's metrics, whether the search stopped this trial early.
+    # Asked on rank 0 only, at evals; the stage shares the answer so every rank stops together.
+    stop_fn: Callable[[dict], bool] | None = None
     reported: list[dict] = field(default_factory=list)
 
     @property
@@ -37,6 +40,12 @@ class StageContext:
         self.reported.append(dict(metrics))
         if self.report_fn is not None:
             self.report_fn(metrics, checkpoint_dir)
+
+    def should_stop(self, metrics: dict) -> bool:
+        """Rank 0's answer from `stop_fn` (False without one). Call on every rank when `stop_fn` is set."""
+        from distft.distributed.checkpoint import from_main
+
+        return bool(from_main(self.stop_fn(metrics) if self.is_main else None))
 
     def dataset_shard(self, name: str):
         return self.shard_fn(name) if self.shard_fn else None

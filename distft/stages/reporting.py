@@ -36,6 +36,8 @@ class ReportCallback(TrainerCallback):
         self.metrics_path = self.stage_dir / "metrics.jsonl"
         self.started = time.time()
         self.last: dict = {}
+        self.stopped_at: int | None = None  # the step a search's scheduler stopped this run at
+        self.training_over = False  # the final evaluate() after train() logs too; no decision is asked then
         self.checkpoints = None
         if ctx.is_main:
             self.checkpoints = CheckpointPublisher(
@@ -65,6 +67,13 @@ class ReportCallback(TrainerCallback):
             if any(k in logs for k in PROGRESS_KEYS):
                 self.ctx.log(self._progress_line(state, logs))
         self.ctx.report(metrics)
+        # Tune's early stop ends the run from inside, at an eval, like EarlyStoppingCallback: the stage
+        # exports and returns, Ray Train releases the workers, and the next trial can start.
+        last_step = state.global_step >= state.max_steps  # the run ends here anyway: nothing to ask
+        if self.ctx.stop_fn is not None and not (self.training_over or last_step) and self.ctx.should_stop(metrics):
+            self.ctx.log(f"[{self.label}] stopped early at step {state.global_step} by the search's scheduler")
+            self.stopped_at = state.global_step
+            control.should_training_stop = True
 
     def _progress_line(self, state, logs: dict) -> str:
         step, total = state.global_step, max(state.max_steps or self.total_steps, 1)
@@ -85,6 +94,7 @@ class ReportCallback(TrainerCallback):
         self._report(state, ready)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.training_over = True
         # Background seals finish before the stage goes on (and before the process can exit);
         # the newest one not yet registered is registered now. Rank 0 alone knows whether
         # there is one, and every rank must make the same reports: it tells them.

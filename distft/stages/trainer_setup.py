@@ -18,7 +18,7 @@ from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks,
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.stages.context import StageContext
-from distft.stages.reporting import quiet_libraries
+from distft.stages.reporting import ReportCallback, quiet_libraries
 
 
 def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
@@ -193,6 +193,7 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
 
     stage = cfg.stages[ctx.stage_index]
     history = trainer.state.log_history
+    reporters = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback)]
     return {
         "stage": stage.label(),
         "kind": stage.stage,
@@ -210,6 +211,7 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
         **optimizer_shard(trainer.model_wrapped, trainer.optimizer),
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
+        "stopped_early_at": reporters[0].stopped_at if reporters else None,
     }
 
 
@@ -228,5 +230,7 @@ def finish(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_dir: Pat
         write_manifest(final_dir, build_manifest(final_dir, step=int(summary.get("steps") or 0),
                                                  world_size=ctx.world_size, strategy=summary.get("strategy", "")))
         (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    ctx.report({"done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
+    # Not `done`: Tune reads a result with done=True as the end of the trial and kills its actor at
+    # once, taking Ray Train's controller down before it frees the workers (their CPUs leak).
+    ctx.report({"stage_done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
     return summary
