@@ -360,7 +360,7 @@ def result_rows(grid, run_dir: Path, tune_cfg: TuneSettings) -> list[dict]:
             "status": status,
             "stop_reason": how,
             # Tune's trial time; a trial finished before a --resume only has its own record.
-            "wall_seconds": round(metrics.get("time_total_s") or summary.get("wall_seconds") or 0.0, 1),
+            "wall_seconds": round(max(metrics.get("time_total_s") or 0.0, summary.get("wall_seconds") or 0.0), 1),
             "exact_match": summary.get("exact_match_after"),
             "curve": curve,
             "model_dir": summary.get("model_dir"),
