@@ -147,8 +147,8 @@ def main() -> None:
     print()
     print(f"from the SFT policy (exact match {start['exact_match']:.1%}, reward-model score {start['reward']:.2f}); "
           f"{start['items']} held-out prompts; mean of seeds {args.seeds}")
-    print(f"| method | exact match | gain (points) | reward-model score | final KL | wall time per run |")
-    print(f"|---|---|---|---|---|---|")
+    print("| method | exact match | gain (points) | reward-model score | final KL | wall time per run |")
+    print("|---|---|---|---|---|---|")
     for method, rows in results.items():
         em, rw, kl, secs = (mean(rows, k) for k in ("exact_match", "reward", "kl", "seconds"))
         per_seed = ", ".join(f"{r['exact_match']:.1%}" for r in rows)

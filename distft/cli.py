@@ -21,7 +21,10 @@ EPILOG = """examples:
   distft pipeline configs/rlhf_quickstart.yaml  # sft -> reward -> ppo in runs/rlhf_quickstart; reruns skip done stages
   distft generate runs/<run> --prompt "Which animal is in this sentence?" --input "The red fox walked to Oslo."
   distft eval runs/<run> --data configs/data/facts_test.jsonl
+  distft runs show runs/<run>                   # stages, metrics, model, provenance; `distft runs list` for all
   distft cluster up --workers 2 && distft train configs/quickstart.yaml --address 127.0.0.1:6379
+  distft submit configs/quickstart.yaml --follow   # a Ray Job on the `distft cluster up` job server
+  distft jobs list | distft jobs logs JOB_ID --follow | distft jobs stop JOB_ID
 """
 
 
@@ -240,7 +243,6 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
 
 def cmd_tune(args) -> int:
     """A Ray Tune search over the config's `tune.space`; --resume continues one without rerunning finished trials."""
-    from distft.config import read_yaml
     from distft.config.search import load_search
     from distft.launch.preflight import absolutize_paths, preflight
     from distft.launch.train import cluster_address
@@ -282,7 +284,7 @@ def cmd_tune(args) -> int:
         ensure_tiny_base()  # trials keep `distft://tiny-base` (so does best.yaml); workers find it in the cache
     from distft.launch.tune import markdown_table, search
 
-    args.run_dir_hint = run_dir
+    args.resume_hint = f"distft tune --resume {run_dir}"
     out = search(base, tune_cfg, cfg, run_dir, cwd, args.address, restore=args.resume)
     print(markdown_table(out["rows"], tune_cfg.metric, out["best"]))
     if out["interrupted"]:
@@ -365,6 +367,54 @@ def cmd_cluster(args) -> int:
     return cluster.status() if args.action == "status" else cluster.down()
 
 
+def cmd_runs(args) -> int:
+    from distft.launch.runs import list_runs, read_run, render_run, render_run_list
+
+    if args.action == "show":
+        if not args.path:
+            raise UsageError("distft runs show needs a run directory. Fix: distft runs show runs/<run>.")
+        print(render_run(read_run(args.path)))
+    else:
+        root = args.path or "runs"
+        print(render_run_list(root, list_runs(root)))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    """Submit the config as a Ray Job; prints the job id (and, with --follow, its logs to the end)."""
+    from distft.launch.jobs import follow, submit
+    from distft.launch.preflight import absolutize_paths, preflight
+
+    cfg = load_config(args.config, args.overrides)  # paths stay as written: the job ships local files itself
+    # Everything checkable here, before anything is uploaded; the cluster's resources are checked
+    # by the job itself, on the cluster ("auto": not this machine's).
+    preflight(absolutize_paths(cfg), "auto")
+    job_id, client, run_dir = submit(cfg, args.config, args.address)
+    print(f"submitted {job_id} to {client.get_address()}")
+    print(f"  run      {run_dir} (on the cluster)")
+    print(f"  follow   distft jobs logs {job_id} --follow   |   stop: distft jobs stop {job_id}")
+    if not args.follow:
+        return 0
+    status = follow(client, job_id)
+    print(f"[jobs] {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from distft.launch.jobs import job_logs, job_status, list_jobs, stop_job
+
+    if args.action == "list":
+        return list_jobs(args.address)
+    if not args.job_id:
+        raise UsageError(f"distft jobs {args.action} needs a job id. Fix: distft jobs {args.action} JOB_ID "
+                         "(ids: distft jobs list).")
+    if args.action == "status":
+        return job_status(args.job_id, args.address)
+    if args.action == "logs":
+        return job_logs(args.job_id, args.address, args.follow)
+    return stop_job(args.job_id, args.address)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -416,6 +466,23 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", "Resolve the config, check model and data files, print the plan; launches nothing"
     ).set_defaults(func=cmd_validate)
 
+    sp = sub.add_parser("submit", help="Submit the config as a Ray Job to a cluster's job server (token auth)",
+                        description="Checks the config here, ships it with the local files it names, and runs "
+                                    "`distft train` (or `pipeline` for several stages) as a Ray Job; prints the job id.")
+    sp.add_argument("config", help="YAML config file")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 scaling.num_workers=4")
+    sp.add_argument("--address", help="the job server (dashboard) URL, e.g. http://127.0.0.1:8265 (default: "
+                                      "RAY_ADDRESS when it is a URL, else the `distft cluster up` cluster)")
+    sp.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 on success")
+    sp.set_defaults(func=cmd_submit)
+    sp = sub.add_parser("jobs", help="List, inspect, follow or stop Ray Jobs on a cluster's job server",
+                        description="list | status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID")
+    sp.add_argument("action", choices=["list", "status", "logs", "stop"])
+    sp.add_argument("job_id", nargs="?")
+    sp.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    sp.add_argument("--address", help="the job server (dashboard) URL (default as for submit)")
+    sp.set_defaults(func=cmd_jobs)
+
     sp = sub.add_parser("tiny-model", help="Build (or reuse) the bundled pretrained tiny base model")
     sp.add_argument("out_dir", nargs="?", help="where to put it (default: the distft cache)")
     sp.add_argument("--force", action="store_true", help="rebuild even if it exists")
@@ -455,6 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"dashboard and Jobs API on 127.0.0.1 (up; default {DEFAULT_DASHBOARD_PORT})")
     sp.add_argument("--timeout", type=float, help="seconds to wait for every node (up; default 60 + 20 per worker)")
     sp.set_defaults(func=cmd_cluster)
+
+    sp = sub.add_parser(
+        "runs", help="Show one run (stages, metrics, model, provenance) or list the runs in a directory",
+        description="show RUN_DIR: each stage's status and key metrics, the model, whether the run finished (else "
+                    "its latest checkpoint and the resume command), and provenance. list [DIR]: the runs under DIR "
+                    "(default runs/).",
+    )
+    sp.add_argument("action", choices=["show", "list"])
+    sp.add_argument("path", nargs="?", help="show: the run directory; list: the directory of runs (default runs/)")
+    sp.set_defaults(func=cmd_runs)
     return p
 
 
@@ -479,10 +556,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     except PreflightError as e:
         print(f"error: cannot run {getattr(args, 'config', '')}:\n{e}", file=sys.stderr)
-    except (DataError, UsageError, FileNotFoundError, ClusterError) as e:
+    except FileNotFoundError as e:
+        if e.errno is not None and not e.filename:
+            raise  # an OS error that names no file is a bug of ours: the traceback says where
+        print(f"error: {e}", file=sys.stderr)
+    except (DataError, UsageError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
     except KeyboardInterrupt:
-        resume = f" (resume with: distft resume {args.run_dir_hint})" if getattr(args, "run_dir_hint", None) else ""
+        hint = getattr(args, "resume_hint", None) or (
+            f"distft resume {args.run_dir_hint}" if getattr(args, "run_dir_hint", None) else None)
+        resume = f" (resume with: {hint})" if hint else ""
         print(f"interrupted{resume}", file=sys.stderr)
         return 130
     return 2

@@ -278,6 +278,82 @@ def test_storage_rule_refuses_a_cluster_distft_did_not_start(live_cluster, tiny_
     assert not (tmp_path / "runs" / "on-cluster" / "sft").exists()  # refused before any worker started
 
 
+FAKE_TOKEN = "hf_FAKEjobtoken0123456789abcdefSECRET"
+
+
+def job_env(live_cluster, **extra) -> dict:
+    return {**live_cluster["env"], "HF_TOKEN": FAKE_TOKEN, "PYTHONUNBUFFERED": "1", **extra}
+
+
+@pytest.mark.slow
+def test_a_submitted_job_runs_to_success_with_a_secret_that_is_never_written(live_cluster, tiny_random,
+                                                                            alpaca_rows, tmp_path):
+    """`distft submit --follow` over HTTP with token auth (found through the state file), a local
+    model and data shipped with the job, HF_TOKEN forwarded to the workers and written nowhere."""
+    config = tiny_config(tmp_path, tiny_random, alpaca_rows)
+    r = distft("submit", config, "run.forward_env=[HF_TOKEN]", "--follow", env=job_env(live_cluster), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("submitted "))
+    assert f"to http://127.0.0.1:{live_cluster['dashboard']}" in r.stdout and f"{job_id} SUCCEEDED" in r.stdout
+    assert "forwarding HF_TOKEN to the job and its workers (value not shown)" in r.stdout
+    run_dir = tmp_path / "runs" / "on-cluster"
+    assert (run_dir / "sft" / "final" / "adapter_model.safetensors").is_file()
+    (summary,) = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["forwarded_env"] == ["HF_TOKEN"]  # every worker had it
+
+    status = distft("jobs", "status", job_id, env=live_cluster["env"])
+    assert status.returncode == 0 and "status   SUCCEEDED" in status.stdout and "run      on-cluster" in status.stdout
+    logs = distft("jobs", "logs", job_id, env=live_cluster["env"])
+    assert "[sft] step 2/2" in logs.stdout
+    # The token's value: not in what distft printed, the job's logs or metadata, the run directory,
+    # or the cluster's own logs.
+    token = live_cluster["token"].read_text()
+    api = urllib.request.Request(f"http://127.0.0.1:{live_cluster['dashboard']}/api/jobs/",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(api, timeout=30) as resp:
+        listing = resp.read().decode()
+    assert job_id in listing
+    written = [p.read_text(errors="replace") for p in run_dir.rglob("*")
+               if p.is_file() and p.stat().st_size < 5_000_000]
+    session_logs = [p.read_text(errors="replace") for p in Path("/tmp/ray/session_latest/logs").glob("*")
+                    if p.is_file() and p.stat().st_size < 20_000_000]
+    everything = [r.stdout, r.stderr, status.stdout, logs.stdout, listing, *written, *session_logs]
+    assert not [i for i, text in enumerate(everything) if FAKE_TOKEN in text]
+
+
+@pytest.mark.slow
+def test_a_running_job_stops_and_the_job_commands_report_it(live_cluster, tiny_random, alpaca_rows, tmp_path):
+    config = tiny_config(tmp_path, tiny_random, alpaca_rows)
+    r = distft("submit", config, "train.max_steps=100000", "run.name=long", env=job_env(live_cluster))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job_id = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("submitted "))
+    deadline = time.time() + 240
+    while "[sft] step" not in distft("jobs", "logs", job_id, env=live_cluster["env"]).stdout:
+        assert time.time() < deadline, "the job never started training"
+        time.sleep(3)
+    stop = distft("jobs", "stop", job_id, env=live_cluster["env"], timeout=180)
+    assert stop.returncode == 0 and f"{job_id} STOPPED" in stop.stdout, stop.stdout + stop.stderr
+    listed = distft("jobs", "list", env=live_cluster["env"])
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(job_id))
+    assert row.split()[1] == "STOPPED" and row.endswith("long")
+    again = distft("jobs", "stop", job_id, env=live_cluster["env"])
+    assert again.returncode == 0 and "already STOPPED; nothing to stop" in again.stdout
+    missing = distft("jobs", "status", "distft-no-such-job", env=live_cluster["env"])
+    assert missing.returncode == 2 and "no job 'distft-no-such-job'" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.slow
+def test_job_commands_without_the_right_token_say_how_to_fix_it(live_cluster):
+    url = f"http://127.0.0.1:{live_cluster['dashboard']}"
+    wrong = distft("jobs", "list", "--address", url, env=clean_env(DISTFT_CACHE=live_cluster["home"],
+                                                                   RAY_AUTH_TOKEN="f" * 64))
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert f"the job server at {url} needs the cluster's auth token, and the token was refused" in wrong.stderr
+    none = distft("jobs", "list", "--address", url, env=clean_env(DISTFT_CACHE=live_cluster["home"],
+                                                                  RAY_AUTH_MODE="disabled"))
+    assert none.returncode == 2 and "no token was sent" in none.stderr and "Fix: export RAY_AUTH_TOKEN_PATH" in none.stderr
+
+
 @pytest.mark.slow
 def test_down_stops_every_process_it_started(live_cluster):
     """Last in this module: the fixture's own `down` then finds nothing to stop."""

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import REPO, write_jsonl
+from conftest import REPO
 from distft.config import build_config
 from distft.config.load import ConfigError
 from distft.data.formats import DataError

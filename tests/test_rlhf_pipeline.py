@@ -60,7 +60,10 @@ def test_sft_reward_ppo_pipeline_improves_the_task_and_reruns_skip_finished_stag
     # A changed PPO setting reruns PPO only; the earlier PPO output is set aside, not deleted.
     changed = pipeline(tmp_path, "stages.2.train.max_steps=2", "stages.2.evaluate.before=false")
     assert changed.stdout.count("finished earlier with these settings; skipped") == 2
-    assert json.loads((run_dir / "ppo" / "summary.json").read_text())["steps"] == 2
+    rerun = json.loads((run_dir / "ppo" / "summary.json").read_text())
+    # Really trained 2 steps from the SFT policy: not handed the earlier attempt's weights by Ray Train.
+    assert rerun["steps"] == 2 and rerun["reward_first"] is not None and rerun["time_train"] > 0
+    assert rerun["exact_match_after"] != ppo["exact_match_after"]
     aside = [p for p in run_dir.iterdir() if p.name.startswith("ppo.superseded-")]
     assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text())["steps"] == 100
     assert len(list(run_dir.glob("config.before-*.yaml"))) == 1  # the first attempt's config is kept
@@ -103,3 +106,14 @@ def test_a_stage_finished_with_other_settings_restarts_instead_of_resuming_its_c
     # Finished with other settings: its checkpoints are that run's, so start over.
     (run_dir / "sft" / "summary.json").write_text(json.dumps({"fingerprint": "other settings"}))
     assert resume_point(cfg, run_dir, 0) == (None, None)
+
+
+def test_a_stage_started_afresh_gets_a_new_ray_train_run_and_a_resumed_one_keeps_its_own(tmp_path):
+    """Ray Train restores a run of the same name from its own checkpoints, whatever distft asks."""
+    from distft.launch.train import ray_run_name, set_aside
+
+    stage_dir = tmp_path / "run" / "ppo"
+    first = ray_run_name(stage_dir)
+    assert ray_run_name(stage_dir) == first  # resumed (driver restarted): the same run, its checkpoints
+    set_aside(stage_dir)  # the stage reruns with other settings
+    assert ray_run_name(stage_dir) != first

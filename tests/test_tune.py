@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -57,6 +56,9 @@ def test_shipped_search_loads_and_every_trial_config_is_the_base_with_its_values
     ({"train.lrr": {"loguniform": [1e-4, 1e-2]}}, "did you mean `lr`?"),
     ({"method.lora.rank": {"choice": [4, 8]}}, "did you mean `r`?"),
     ({"method.lora.r": {"uniform": [2, 9]}}, "tune.space.method.lora.r = 5.5"),
+    # Whole ends with a whole middle (8) still sample fractions: refused, with the integer domains.
+    ({"method.lora.r": {"uniform": [4, 12]}}, "uniform samples fractions; for a whole number use {randint: [4, 13]}"),
+    ({"method.lora.r": {"loguniform": [4, 16]}}, "loguniform samples fractions"),
     ({"train.lr": {"uniform": [-1.0, 1.0]}}, "tune.space.train.lr = -1.0"),
     ({"train.lr": {"loguniform": [0.0, 1.0]}}, "both ends must be > 0"),
     ({"train.lr": {"loguniform": [1e-2, 1e-4]}}, "low end must be below the high end"),
@@ -79,6 +81,9 @@ def test_a_bad_search_space_is_refused_naming_the_path(tmp_path, space, expected
     ({"space": {"train.lr": {"choice": [1e-3]}}, "asha": {"grace_period": 15}}, {}, "not a multiple of train.eval_every=10"),
     ({"space": {"train.lr": {"choice": [1e-3]}}, "asha": {"grace_period": 90}}, {}, "ASHA could never stop a trial"),
     ({"space": {"train.lr": {"choice": [1e-3]}}}, {"train": {"max_steps": 40}}, "train.eval_every is unset"),
+    ({"space": {"train.lr": {"choice": [1e-3]}}, "asha": {"max_t": 10}}, {}, "tune.asha.max_t: 10 steps is not above"),
+    ({"space": {"train.lr": {"choice": [1e-3]}}, "asha": {"max_t": 200}}, {}, "tune.asha.max_t=90, or unset it"),
+    ({"space": {"train.lr": {"choice": [1e-3]}}, "metric": "loss"}, {}, "Fix: tune.metric=eval_loss"),
 ])
 def test_bad_tune_settings_are_refused_with_the_fix(tmp_path, tune, sections, expected):
     text = problems(tmp_path, tune, **sections)
@@ -105,26 +110,64 @@ def test_concurrency_is_what_the_cluster_hosts_and_a_trial_that_never_fits_is_an
     from distft.launch.tune import concurrency
 
     _, tune, cfg = load_search(str(QUICKSTART))  # 1 worker x 1 CPU per trial, 2 at a time
-    assert concurrency(cfg, tune, {"CPU": 3.0}) == 2
-    assert concurrency(cfg, tune, {"CPU": 1.5}) == 1  # queued, not stalled
+    assert concurrency(cfg, tune, [{"CPU": 3.0}]) == 2
+    assert concurrency(cfg, tune, [{"CPU": 1.5}]) == 1  # queued, not stalled
     cfg.scaling.num_workers = 4
     with pytest.raises(ClusterError, match=r"one trial needs 4.01 CPU .* the cluster has 3"):
-        concurrency(cfg, tune, {"CPU": 3.0})
+        concurrency(cfg, tune, [{"CPU": 3.0}])
 
 
-def test_optuna_tpe_samples_the_same_space_when_installed():
+def test_concurrency_places_whole_workers_on_nodes_not_cluster_totals():
+    from distft.launch.train import ClusterError
+    from distft.launch.tune import concurrency
+
+    _, tune, cfg = load_search(str(QUICKSTART), ["tune.max_concurrent_trials=8", "scaling.num_workers=2",
+                                                 "scaling.cpus_per_worker=3"])
+    # 18 CPUs in all would be 3 trials of 6, but a 3-CPU worker fits 3 times per 9-CPU node, and
+    # each trial's actor takes a sliver too: 2 trials.
+    assert concurrency(cfg, tune, [{"CPU": 9.0}, {"CPU": 9.0}]) == 2
+    assert concurrency(cfg, tune, [{"CPU": 9.0}, {"CPU": 9.0}, {"CPU": 0.5}]) == 3  # the actors go on the small node
+    with pytest.raises(ClusterError, match=r"do not fit on the cluster's nodes \(the largest has 2 CPU"):
+        concurrency(cfg, tune, [{"CPU": 2.0}] * 4)
+
+
+def test_a_resumed_search_on_a_smaller_cluster_is_refused(tmp_path):
+    from distft.launch.train import ClusterError
+    from distft.launch.tune import keep_concurrency
+
+    (tmp_path / "search.json").write_text(json.dumps({"cwd": "/x"}))
+    keep_concurrency(tmp_path, 2, restore=False)
+    keep_concurrency(tmp_path, 3, restore=True)  # more room is fine: Tune keeps the search's 2
+    assert json.loads((tmp_path / "search.json").read_text()) == {"cwd": "/x", "trials_at_once": 2}
+    with pytest.raises(ClusterError, match="runs 2 trials at once, and the cluster now hosts only 1"):
+        keep_concurrency(tmp_path, 1, restore=True)
+
+
+def test_optuna_tpe_learns_from_evals_and_ignores_the_loss_only_logs():
     pytest.importorskip("optuna")
-    from ray.tune.search.optuna import OptunaSearch
-
-    from distft.launch.tune import domain
+    from distft.launch.tune import domain, optuna_search
 
     _, tune, _ = load_search(str(QUICKSTART), ["tune.search=optuna"])
-    searcher = OptunaSearch(seed=tune.seed)
+    searcher = optuna_search(tune)
     assert searcher.set_search_properties(tune.metric, tune.mode, {p: domain(d) for p, d in tune.space.items()})
     first = searcher.suggest("t0")
     assert 1e-4 <= first["train.lr"] <= 1e-2 and first["method.lora.r"] in (4, 8, 16, 32)
-    searcher.on_trial_complete("t0", {"eval_loss": 1.0, **{f"config/{k}": v for k, v in first.items()}})
+    searcher.on_trial_result("t0", {"step": 5, "loss": 3.0, "training_iteration": 1})  # a log: no metric
+    searcher.on_trial_result("t0", {"step": 10, "eval_loss": 1.5, "training_iteration": 2})
+    # The last report is the final checkpoint's, without the metric: the trial still counts with 1.5.
+    searcher.on_trial_complete("t0", {"step": 10, "checkpoint_step": 10, "training_iteration": 3})
+    [done] = searcher._ot_study.trials
+    assert done.state.name == "COMPLETE" and done.value == 1.5
     assert searcher.suggest("t1") != first
+
+
+def test_an_eval_without_the_searched_metric_fails_the_trial_naming_the_reported_ones():
+    from distft.launch.tune import is_judged
+
+    assert not is_judged("eval_accuracy", {"step": 5, "loss": 2.0})  # a log: nothing to judge
+    assert is_judged("eval_accuracy", {"step": 10, "eval_accuracy": 0.7})
+    with pytest.raises(ValueError, match="tune.metric=eval_acc is not reported .* report eval_accuracy, eval_loss"):
+        is_judged("eval_acc", {"step": 10, "eval_loss": 1.0, "eval_accuracy": 0.7, "eval_runtime": 3.0})
 
 
 class Board:
@@ -151,6 +194,15 @@ def test_asha_decisions_reach_the_trial_and_tune_is_never_told_to_stop():
     assert sched.on_trial_result(None, good, {"step": 40, "eval_loss": 0.5}) == TrialScheduler.CONTINUE
     sched.on_trial_result(None, late, {"step": 5, "loss": 3.0})  # a training log: no decision asked
     assert board.posted == [("good", 10, False), ("bad", 10, True), ("good", 40, False)]  # max_t is no early stop
+
+
+def test_the_first_decision_on_a_step_stands():
+    from distft.launch.tune import DecisionBoard
+
+    board = DecisionBoard()
+    board.post("t", 10, True)
+    board.post("t", 10, False)  # the same step again (a later report): not a new eval
+    assert board.decision("t", 10) is True and board.decision("t", 20) is None
 
 
 def test_stage_stops_at_the_eval_the_scheduler_stopped_and_still_exports(tiny_base, alpaca_rows, tmp_path):
@@ -250,9 +302,11 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tmp_path):
+    """Optuna TPE with ASHA, interrupted, moved to another directory, resumed there."""
+    pytest.importorskip("optuna")
     run_dir = tmp_path / "asha"
     cmd = [sys.executable, "-m", "distft.cli", "tune", str(QUICKSTART), *SMALL, "tune.num_samples=6",
-           f"run.output_dir={tmp_path}", "run.name=asha"]
+           "tune.search=optuna", f"run.output_dir={tmp_path}", "run.name=asha"]
     # Interrupt once two trials have finished; Tune saves the search state.
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 420
@@ -267,7 +321,11 @@ def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tm
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-3000:]
     assert f"distft tune --resume {run_dir}" in out
+    unfinished = {p.parents[2].name for p in run_dir.glob("trials/*/sft/checkpoints/checkpoint-*")} - set(first_done)
 
+    moved = tmp_path / "moved" / "asha"
+    moved.parent.mkdir()
+    run_dir = run_dir.rename(moved)
     resumed = distft("tune", "--resume", str(run_dir), timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = rows_of(run_dir)
@@ -277,6 +335,9 @@ def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tm
     assert all(int(r["steps"]) < 40 for r in stopped) and any(int(r["steps"]) == 40 for r in rows)
     for trial, mtime in first_done.items():  # finished before the interruption: not rerun
         assert (run_dir / "trials" / trial / "sft" / "summary.json").stat().st_mtime_ns == mtime
+    for trial in unfinished:  # interrupted with a checkpoint: continued from it, not from step 0
+        steps = [json.loads(ln)["step"] for ln in (run_dir / "trials" / trial / "sft" / "metrics.jsonl").open()]
+        assert steps.count(5) == 1, (trial, steps)
     assert "| trial |" in resumed.stdout and "best    trial" in resumed.stdout
     assert (run_dir / "curves.png").stat().st_size > 10_000
 

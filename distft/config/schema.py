@@ -12,9 +12,10 @@ that a user could set inconsistently.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TINY_BASE = "distft://tiny-base"
 
@@ -78,6 +79,21 @@ class RunConfig(Section):
     shared_storage: bool = Field(
         False, description="run.output_dir and run.storage_path are on storage every node mounts (NFS, ...)"
     )
+    # Names only: values are read from the launching environment when the run starts and go to
+    # the workers through Ray's object store, never into this config, job metadata or logs.
+    forward_env: list[str] = Field(
+        default_factory=list,
+        description="Environment variables to forward to every worker, e.g. [HF_TOKEN]; names, never values",
+    )
+
+    @field_validator("forward_env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        bad = [i for i, n in enumerate(names) if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)]
+        if bad:  # not echoed: what was written there may be a secret's value
+            raise ValueError(f"run.forward_env: item {bad[0]} is not an environment variable name. Fix: list "
+                             "names only (e.g. [HF_TOKEN]); the values are read from your environment.")
+        return names
 
 
 class LoraSettings(Section):

@@ -10,7 +10,9 @@ so a typo, a wrong type or an out-of-range bound fails here, naming `tune.space.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import math
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
@@ -62,7 +64,10 @@ class Domain(Section):
         if self.kind == "randint":
             return [lo, hi - 1]
         mid = (lo * hi) ** 0.5 if self.kind == "loguniform" else (lo + hi) / 2
-        return [lo, mid, hi]
+        # A range samples fractions even between whole ends (4..16 has a round middle): probe one,
+        # so an integer field (method.lora.r) fails here, not in a trial.
+        fraction = lo + 0.3719 * (hi - lo)
+        return [lo, mid, fraction, hi]
 
 
 class ASHASettings(Section):
@@ -166,7 +171,12 @@ def space_problems(base_raw: dict, tune: TuneSettings) -> list[str]:
                 trial_config(base_raw, {path: value})
             except ConfigError as e:
                 mine = [p for p in e.problems if path in p or path.split(".")[-1] in p] or e.problems
-                problems.append(f"tune.space.{path} = {value!r}: {mine[0]}")
+                line = f"tune.space.{path} = {value!r}: {mine[0]}"
+                if domain.kind in ("uniform", "loguniform") and "integer" in mine[0]:
+                    lo, hi = domain.values
+                    line += (f" {domain.kind} samples fractions; for a whole number use "
+                             f"{{randint: [{math.ceil(lo)}, {math.floor(hi) + 1}]}} or {{choice: [...]}}.")
+                problems.append(line)
                 break
     return problems
 
@@ -181,7 +191,13 @@ def tune_problems(cfg: DistftConfig, tune: TuneSettings) -> list[str]:
     if kind not in TUNABLE_STAGES:
         problems.append(f"stage: {kind} cannot be tuned yet (its loop does not take early-stop decisions). "
                         f"Tunable stages: {', '.join(TUNABLE_STAGES)}.")
+    if not tune.metric.startswith("eval_"):
+        problems.append(f"tune.metric: trials are judged at evals, whose metrics start with eval_ "
+                        f"(got {tune.metric!r}). Fix: tune.metric=eval_{tune.metric.removeprefix('eval_') or 'loss'}.")
     if tune.search == "optuna":
+        if importlib.util.find_spec("optuna") is None:
+            problems.append("tune.search: optuna is not installed. Fix: pip install 'distft[optuna]', or "
+                            "tune.search=random.")
         grids = [p for p, d in tune.space.items() if d.kind == "grid"]
         if grids:
             problems.append(f"tune.space.{grids[0]}: grid is not supported with tune.search=optuna. "
@@ -199,6 +215,13 @@ def tune_problems(cfg: DistftConfig, tune: TuneSettings) -> list[str]:
         if train.max_steps and grace >= train.max_steps:
             problems.append(f"tune.asha.grace_period: {grace} steps is not below train.max_steps={train.max_steps}, "
                             "so ASHA could never stop a trial. Fix: a smaller grace period, or tune.scheduler=none.")
+        max_t = tune.asha.max_t
+        if max_t is not None and max_t <= grace:
+            problems.append(f"tune.asha.max_t: {max_t} steps is not above the grace period ({grace}), so ASHA could "
+                            "never stop a trial. Fix: a larger tune.asha.max_t (or unset it: train.max_steps).")
+        elif max_t is not None and train.max_steps and max_t > train.max_steps:
+            problems.append(f"tune.asha.max_t: {max_t} is past train.max_steps={train.max_steps}; ASHA would place "
+                            f"rungs no trial reaches. Fix: tune.asha.max_t={train.max_steps}, or unset it.")
     return problems
 
 

@@ -181,7 +181,6 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
     if reward is not None or cfg.reward_source(index):
         mem = mem.add(model_states(reward or shape, MethodConfig(name="full"), strategy, dtype, world,
                                    trainable=False))
-    new_tokens = stage.ppo.max_new_tokens if stage.stage == "ppo" else stage.grpo.max_new_tokens
     rollout = stage.ppo.rollout_batch_size // world if stage.stage == "ppo" else stage.train.micro_batch_size
     kv = kv_cache_bytes(shape, rollout, seq, act)
     gathered = shape.params * dtype_bytes(dtype) if zero_stage(strategy) == 3 else 0.0

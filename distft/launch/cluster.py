@@ -125,6 +125,21 @@ def use_cluster_auth(address: str | None) -> None:
     RAY_AUTH_MODE=token unless the user chose a mode; for the cluster `distft cluster up`
     recorded, RAY_AUTH_TOKEN_PATH too, unless the user already points Ray at a token.
     """
+    _use_token(lambda state: _is_recorded_cluster(state, address))
+
+
+def use_job_server_auth(url: str) -> None:
+    """The same for a client of the job server at `url` (the dashboard's HTTP address)."""
+    from urllib.parse import urlparse
+
+    def recorded(state: dict) -> bool:
+        asked, known = urlparse(url), urlparse(state.get("dashboard_url", ""))
+        return asked.port == known.port and asked.hostname in _local_hosts()
+
+    _use_token(recorded)
+
+
+def _use_token(is_recorded) -> None:
     changed = False
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -133,7 +148,7 @@ def use_cluster_auth(address: str | None) -> None:
         state = read_state()
         token_path = state and state.get("token_path")
         # Only an existing file: Ray aborts the process when RAY_AUTH_TOKEN_PATH is unreadable.
-        if token_path and _is_recorded_cluster(state, address) and Path(token_path).is_file():
+        if token_path and is_recorded(state) and Path(token_path).is_file():
             os.environ["RAY_AUTH_TOKEN_PATH"] = token_path
             changed = True
     if changed:

@@ -20,6 +20,24 @@ class PreflightError(Exception):
     """The config is valid but cannot run here (missing files, impossible resources)."""
 
 
+def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
+    """A copy of `cfg` with every data path through `data_fn` and every model path (the base, a
+    stage's init_from, reward model or critic that is not an earlier stage) through `model_fn`."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.name_or_path = model_fn(cfg.model.name_or_path)
+    for st in cfg.stages:
+        if st.init_from and cfg.stage_named(st.init_from) is None:
+            st.init_from = model_fn(st.init_from)
+        if st.stage in ("ppo", "grpo") and st.reward.model and cfg.stage_named(st.reward.model) is None:
+            st.reward.model = model_fn(st.reward.model)
+        if st.stage == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
+            st.ppo.critic_from = model_fn(st.ppo.critic_from)
+        st.data.train = data_fn(st.data.train)
+        st.data.eval = data_fn(st.data.eval)
+        st.evaluate.data = data_fn(st.evaluate.data)
+    return cfg
+
+
 def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfig:
     """Ray workers run in another cwd: turn relative local paths into absolute ones."""
     base = base or Path.cwd()
@@ -32,20 +50,7 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
     def fix_model(value: str) -> str:  # a relative directory that exists here, else a hub id
         return str((base / value).resolve()) if (base / value).exists() else value
 
-    cfg = cfg.model_copy(deep=True)
-    if (base / cfg.model.name_or_path).exists():
-        cfg.model.name_or_path = str((base / cfg.model.name_or_path).resolve())
-    for st in cfg.stages:
-        if st.init_from and cfg.stage_named(st.init_from) is None:
-            st.init_from = fix_model(st.init_from)
-        if st.stage in ("ppo", "grpo") and st.reward.model and cfg.stage_named(st.reward.model) is None:
-            st.reward.model = fix_model(st.reward.model)
-        if st.stage == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
-            st.ppo.critic_from = fix_model(st.ppo.critic_from)
-        st.data.train = fix(st.data.train)
-        st.data.eval = fix(st.data.eval)
-        st.evaluate.data = fix(st.evaluate.data)
-    return cfg
+    return map_local_paths(cfg, fix, fix_model)
 
 
 def check_model(cfg: DistftConfig) -> list[str]:
@@ -175,10 +180,16 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> list[str]:
         ]
 
 
+def check_forwarded_env(cfg: DistftConfig) -> list[str]:
+    missing = [k for k in cfg.run.forward_env if not os.environ.get(k)]
+    return [f"run.forward_env: {k} is not set in this environment, so workers would run without it. Fix: "
+            f"export {k}=..., or remove it from run.forward_env." for k in missing]
+
+
 def preflight(cfg: DistftConfig, address: str | None) -> list[str]:
     """Problems that make the run impossible, found before anything starts. Returns notes worth printing."""
     local_cluster = not address
-    problems = check_address(address) + check_model(cfg) + check_sources(cfg)
+    problems = check_address(address) + check_forwarded_env(cfg) + check_model(cfg) + check_sources(cfg)
     data_problems, notes = check_data(cfg)
     problems += data_problems
     if local_cluster:

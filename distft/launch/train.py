@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 from distft.config import DistftConfig
@@ -89,7 +90,17 @@ def check_storage(cfg: DistftConfig, run_dir: Path) -> None:
         raise ClusterError(problem)
 
 
-def _worker_env(cfg: DistftConfig) -> dict[str, str]:
+def forwarded_env() -> dict[str, str]:
+    """The submitter's settings that workers need (caches, offline mode), read where distft was started."""
+    return {k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ}
+
+
+def forwarded_secrets(cfg: DistftConfig) -> dict[str, str]:
+    """The values of `run.forward_env`, from this environment (preflight has checked they are set)."""
+    return {k: os.environ[k] for k in cfg.run.forward_env if k in os.environ}
+
+
+def _worker_env(cfg: DistftConfig, forwarded: dict[str, str] | None = None) -> dict[str, str]:
     threads = str(cfg.scaling.threads_per_worker())
     env = {
         "OMP_NUM_THREADS": threads,
@@ -100,7 +111,7 @@ def _worker_env(cfg: DistftConfig) -> dict[str, str]:
         # (dill, which datasets uses to hash map functions, then dumps bytecode to the log).
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    env.update({k: os.environ[k] for k in WORKER_ENV_KEYS if k in os.environ})
+    env.update(forwarded_env() if forwarded is None else forwarded)
     return env
 
 
@@ -117,10 +128,34 @@ def ray_storage_path(cfg: DistftConfig, run_dir: Path) -> str:
     return str(Path(local).expanduser().resolve() / run_dir.name)
 
 
+def ray_run_name(stage_dir: Path) -> str:
+    """Ray Train's name for this attempt at the stage, kept in the stage directory.
+
+    Train restores a run of the same name and storage from its own latest checkpoint, whatever
+    we ask. A stage that starts afresh (its earlier attempt set aside: other settings) gets a new
+    name, so Train cannot hand it the old attempt's weights; a resumed one keeps its name.
+    """
+    path = stage_dir / "ray_run_name"
+    if path.is_file():
+        return path.read_text().strip()
+    name = f"{stage_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(name + "\n")
+    return name
+
+
 def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from: str | None = None,
-                callbacks: list | None = None, stop_hook: dict | None = None) -> dict:
+                callbacks: list | None = None, stop_hook: dict | None = None,
+                forwarded: dict[str, str] | None = None, secrets: dict[str, str] | None = None) -> dict:
     """One stage on a Ray Train worker group. `callbacks` are Train run callbacks (Tune's reporter);
-    `stop_hook` names the board a Tune trial asks for early-stop decisions (launch/tune.py)."""
+    `stop_hook` names the board a Tune trial asks for early-stop decisions (launch/tune.py);
+    `forwarded` is the submitter's environment for workers when this runs elsewhere (a Tune trial
+    actor on a cluster node), default this process's; so are `secrets` (run.forward_env's values).
+
+    Secrets reach the workers through the object store, not the runtime env: Ray shows runtime
+    envs (env_vars included) in the dashboard, the state API and job listings.
+    """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -134,6 +169,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             "run_dir": str(run_dir),
             "resume_from": resume_from,
             "stop_hook": stop_hook,
+            "secrets": ray.put(forwarded_secrets(cfg) if secrets is None else secrets),
         },
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -142,11 +178,11 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
-            name=stage.label(),
+            name=ray_run_name(run_dir / stage.label()),
             storage_path=ray_storage_path(cfg, run_dir),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            worker_runtime_env={"env_vars": _worker_env(cfg)},
+            worker_runtime_env={"env_vars": _worker_env(cfg, forwarded)},
             # Keeps the `ray.train` logger's INFO chatter off the console; the per-report
             # INFO lines come from another logger, quieted in the worker (_quiet_report_logger).
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -159,6 +195,8 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
     placed = [json.loads(p.read_text()) for p in (run_dir / stage.label() / "placement").glob("rank-*.json")]
     summary["worker_nodes"] = [p["node_id"] for p in sorted(placed, key=lambda p: p["rank"])]
+    if cfg.run.forward_env:  # which forwarded variables every worker received (names only)
+        summary["forwarded_env"] = sorted(set.intersection(*(set(p.get("forwarded_env", [])) for p in placed)))
     return summary
 
 
@@ -189,14 +227,15 @@ def _fit_interruptibly(trainer):
     return box["result"]
 
 
-def _record_placement(stage_dir: Path, rank: int) -> None:
+def _record_placement(stage_dir: Path, rank: int, forward_env: list[str]) -> None:
     """Which Ray node this rank runs on; the driver adds them to the summary as `worker_nodes`."""
     import ray
 
     out = stage_dir / "placement"
     out.mkdir(parents=True, exist_ok=True)
     node = ray.get_runtime_context().get_node_id()
-    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "node_id": node}))
+    received = sorted(k for k in forward_env if os.environ.get(k))  # names only: what arrived, never values
+    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "node_id": node, "forwarded_env": received}))
 
 
 def _quiet_report_logger() -> None:
@@ -216,6 +255,7 @@ def _quiet_report_logger() -> None:
 
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
+    import ray
     import ray.train
 
     from distft.config import DistftConfig
@@ -223,6 +263,13 @@ def _worker_entry(config: dict) -> None:
     from distft.stages import StageContext, stage_runner
 
     _quiet_report_logger()
+    # Before anything reads them (hub downloads read HF_TOKEN); never logged, never written.
+    os.environ.update(ray.get(config["secrets"]) if config.get("secrets") is not None else {})
+    from distft.launch.jobs import SECRETS_FILE
+
+    # A submitted job's package is unpacked on every node it uses, with the secrets file the
+    # entrypoint already took; the environment has the values now, so no copy stays on disk.
+    Path(SECRETS_FILE).unlink(missing_ok=True)
     cfg = DistftConfig.model_validate(config["config"])
     stage_index = config["stage_index"]
     tctx = ray.train.get_context()
@@ -252,7 +299,8 @@ def _worker_entry(config: dict) -> None:
             ctx.log(f"[{cfg.stages[stage_index].label()}] resuming from {resume_from} (step {step})")
         stage_runner(cfg.stages[stage_index].stage)(cfg, ctx)
 
-    _record_placement(Path(config["run_dir"]) / cfg.stages[stage_index].label(), tctx.get_world_rank())
+    _record_placement(Path(config["run_dir"]) / cfg.stages[stage_index].label(), tctx.get_world_rank(),
+                      cfg.run.forward_env)
     # Ray only ever registers sealed checkpoints (ReportCallback attaches one after its manifest is
     # written). The stage verifies it against that manifest before building anything, as for every
     # other launcher, and refuses a damaged one (CheckpointError) naming the file and the latest
@@ -319,6 +367,8 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     """
     import ray
 
+    from distft.launch.provenance import finish_provenance, start_provenance
+
     started = time.time()
     address = cluster_address(cfg, address)
     owns_ray = not ray.is_initialized()  # a caller's (or a test fixture's) cluster stays up
@@ -327,6 +377,8 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
         if address or not owns_ray:
             check_cluster_resources(cfg)
             check_storage(cfg, run_dir)
+        # Only once the cluster took the run: a run refused before this leaves nothing to clean up.
+        start_provenance(run_dir)
         summaries = []
         rerun_rest = False
         for i, stage in enumerate(cfg.stages):
@@ -345,6 +397,7 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
             where = f", resuming from {Path(resume_from).name}" if resume_from else ""
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s){where}")
             summaries.append(train_stage(cfg, i, run_dir, resume_from))
+        finish_provenance(run_dir, summaries)
         log(f"all stages done in {time.time() - started:.0f}s")
         return summaries
     finally:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import signal
@@ -38,13 +37,16 @@ from types import SimpleNamespace
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch  # imports without optuna installed; only using it needs it
 
 from distft.config import DistftConfig, dump_config
 from distft.config.search import TuneSettings, trial_config
-from distft.launch.train import ClusterError, check_storage, cluster_address, init_ray, resume_point, train_stage
+from distft.launch.train import (ClusterError, check_storage, cluster_address, forwarded_env, forwarded_secrets,
+                                 init_ray, resume_point, train_stage)
 
 TRIAL_ACTOR_CPU = 0.01  # a trial's Tune actor only waits on `fit`
 SEARCH_FILE = "search.yaml"  # the config with its tune section, as the search ran it (for --resume)
+_CURRENT: dict = {}  # board_name and trials_dir of the search this process runs, for a restored scheduler
 
 
 class DecisionBoard:
@@ -54,7 +56,8 @@ class DecisionBoard:
         self.decisions: dict[str, dict[int, bool]] = {}
 
     def post(self, trial_id: str, step: int, stop: bool) -> None:
-        self.decisions.setdefault(trial_id, {})[int(step)] = stop
+        # The first decision on a step stands: a later result at the same step is not a new eval.
+        self.decisions.setdefault(trial_id, {}).setdefault(int(step), stop)
 
     def decision(self, trial_id: str, step: int) -> bool | None:
         return self.decisions.get(trial_id, {}).get(int(step))
@@ -72,6 +75,12 @@ class CooperativeASHA(ASHAScheduler):
 
     def __getstate__(self):  # Tune saves the scheduler with the experiment; an actor handle does not pickle
         return {**self.__dict__, "_board": None}
+
+    def __setstate__(self, state):
+        # `--resume` unpickles this from the saved search: it must use this session's board and
+        # this session's path of the search directory (which may have been moved since).
+        self.__dict__.update(state)
+        self.__dict__.update(_CURRENT)
 
     def _replay_finished_trials(self) -> None:
         """Tune restores a search's trials but not its scheduler's rungs: rebuild them from the evals
@@ -104,6 +113,18 @@ class CooperativeASHA(ASHAScheduler):
         return TrialScheduler.CONTINUE
 
 
+def is_judged(metric: str, metrics: dict) -> bool:
+    """Whether this report is an eval the scheduler judges; an eval without the metric is an error."""
+    if metric in metrics:
+        return True
+    evals = sorted(k for k in metrics if k.startswith("eval_") and k not in ("eval_runtime", "eval_samples_per_second",
+                                                                           "eval_steps_per_second"))
+    if evals:  # the stage's evals report other names: every trial would run unjudged
+        raise ValueError(f"tune.metric={metric} is not reported by this stage's evals, which report "
+                         f"{', '.join(evals)}. Fix: tune.metric=<one of those>.")
+    return False
+
+
 def stop_asker(hook: dict):
     """The StageContext.stop_fn of a trial's rank 0: block at an eval until the scheduler has decided."""
     import ray
@@ -111,7 +132,7 @@ def stop_asker(hook: dict):
     board = ray.get_actor(hook["board"])
 
     def ask(metrics: dict) -> bool:
-        if hook["metric"] not in metrics or "step" not in metrics:
+        if "step" not in metrics or not is_judged(hook["metric"], metrics):
             return False
         deadline = time.monotonic() + hook["timeout"]
         while True:
@@ -128,7 +149,7 @@ def stop_asker(hook: dict):
 
 
 def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: str | None, metric: str,
-              timeout: float) -> None:
+              timeout: float, forwarded: dict[str, str], secrets: dict[str, str]) -> None:
     """One trial: the base config with `params` set, run as a normal distft run in trials/<trial id>."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -148,7 +169,8 @@ def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: st
     dump_config(cfg, trial_dir / "config.yaml")
     (trial_dir / "params.json").write_text(json.dumps(params))
     hook = {"board": board, "trial_id": trial_id, "metric": metric, "timeout": timeout} if board else None
-    train_stage(cfg, 0, trial_dir, resume_from=resume_from, callbacks=[TuneReportCallback()], stop_hook=hook)
+    train_stage(cfg, 0, trial_dir, resume_from=resume_from, callbacks=[TuneReportCallback()], stop_hook=hook,
+                forwarded=forwarded, secrets=secrets)
 
 
 def domain(d) -> object:
@@ -164,21 +186,51 @@ def domain(d) -> object:
     return tune.grid_search(values)
 
 
-def concurrency(cfg: DistftConfig, tune_cfg: TuneSettings, total: dict) -> int:
-    """How many trials the cluster hosts at once (≤ tune.max_concurrent_trials); ClusterError if not one."""
+def concurrency(cfg: DistftConfig, tune_cfg: TuneSettings, nodes: list[dict]) -> int:
+    """How many trials the cluster hosts at once (≤ tune.max_concurrent_trials); ClusterError if not one.
+
+    `nodes` are the alive nodes' resources. Trials are placed the way Ray places them, node by
+    node, each worker whole on one node: cluster-wide totals would count a worker split across
+    two nodes (3 trials of 2 x 3-CPU workers do not fit two 9-CPU nodes), and such a trial
+    would wait forever for its placement group.
+    """
     s = cfg.scaling
-    fits = []
-    for key, per in s.resources_per_worker().items():
-        need = per * s.num_workers + (TRIAL_ACTOR_CPU if key == "CPU" else 0)
-        have = total.get(key, 0)
-        if need > have:
-            raise ClusterError(
-                f"one trial needs {need:g} {key} ({s.num_workers} workers x {per:g}, plus {TRIAL_ACTOR_CPU} for "
-                f"Tune's trial actor), but the cluster has {have:g}. Fix: fewer scaling.num_workers or a smaller "
-                f"scaling.cpus_per_worker (e.g. 0.5, with scaling.torch_threads=1), or a larger cluster."
-            )
-        fits.append(math.floor(have / need + 1e-9))
-    return max(1, min(tune_cfg.max_concurrent_trials, *fits))
+    per = {k: v for k, v in s.resources_per_worker().items() if v > 0}
+    free = [dict(n) for n in nodes]
+
+    def place(need: dict) -> bool:
+        # Most-loaded node first that still fits (PACK), as Train's placement group does.
+        for node in sorted(free, key=lambda n: n.get("CPU", 0)):
+            if all(node.get(k, 0) + 1e-9 >= v for k, v in need.items()):
+                for k, v in need.items():
+                    node[k] = node.get(k, 0) - v
+                return True
+        return False
+
+    hosted = 0
+    while hosted < tune_cfg.max_concurrent_trials:
+        if not (place({"CPU": TRIAL_ACTOR_CPU}) and all(place(per) for _ in range(s.num_workers))):
+            break
+        hosted += 1
+    if hosted == 0:
+        total = {k: sum(n.get(k, 0) for n in nodes) for k in per}
+        largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in per}
+        short = [k for k, v in per.items() if v * s.num_workers + (TRIAL_ACTOR_CPU if k == "CPU" else 0) > total[k]]
+        if short:
+            k = short[0]
+            what = (f"one trial needs {per[k] * s.num_workers + (TRIAL_ACTOR_CPU if k == 'CPU' else 0):g} {k} "
+                    f"({s.num_workers} workers x {per[k]:g}, plus {TRIAL_ACTOR_CPU} for Tune's trial actor), "
+                    f"but the cluster has {total[k]:g}")
+        else:
+            what = (f"one trial's {s.num_workers} workers of {_resources(per)} each do not fit on the cluster's "
+                    f"nodes (the largest has {_resources(largest)}; a worker cannot span nodes)")
+        raise ClusterError(f"{what}. Fix: fewer scaling.num_workers or a smaller scaling.cpus_per_worker "
+                           "(e.g. 0.5, with scaling.torch_threads=1), or a larger cluster.")
+    return hosted
+
+
+def _resources(r: dict) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in r.items())
 
 
 class TrialLog(tune.Callback):
@@ -223,23 +275,23 @@ def build_tuner(raw: dict, cwd: str, tune_cfg: TuneSettings, cfg: DistftConfig, 
                 max_concurrent: int, log: TrialLog, restore: bool):
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base_raw=raw, cwd=cwd, run_dir=str(run_dir), board=board,
-                             metric=tune_cfg.metric, timeout=tune_cfg.decision_timeout_s),
+                             metric=tune_cfg.metric, timeout=tune_cfg.decision_timeout_s,
+                             # This trial's actor may run on another node, with that node's environment.
+                             forwarded=forwarded_env(), secrets=forwarded_secrets(cfg)),
         {"CPU": TRIAL_ACTOR_CPU},
     )
     if restore:
         return tune.Tuner.restore(str(run_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     if tune_cfg.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-            search_alg = OptunaSearch(seed=tune_cfg.seed)
-        except (ImportError, AssertionError) as e:
-            raise ClusterError(f"tune.search=optuna needs Optuna ({e}). Fix: pip install 'distft[optuna]', or "
-                               "tune.search=random.") from None
+        search_alg = optuna_search(tune_cfg)
+        limit = max_concurrent  # Tune wraps the searcher in a ConcurrencyLimiter
     else:
         from ray.tune.search.basic_variant import BasicVariantGenerator
-        # Tune applies max_concurrent_trials to a generator it builds itself, not to one passed in.
+        # Tune applies max_concurrent_trials to a generator it builds itself, not to one passed in
+        # (and warns that it ignores it): the limit goes to the generator.
         search_alg = BasicVariantGenerator(random_state=tune_cfg.seed, max_concurrent=max_concurrent)
+        limit = None
     scheduler = None
     if tune_cfg.scheduler == "asha":
         scheduler = CooperativeASHA(board, str(run_dir / "trials"), time_attr="step", max_t=tune_cfg.max_t(cfg),
@@ -250,7 +302,7 @@ def build_tuner(raw: dict, cwd: str, tune_cfg: TuneSettings, cfg: DistftConfig, 
         param_space={path: domain(d) for path, d in tune_cfg.space.items()},
         tune_config=tune.TuneConfig(
             metric=tune_cfg.metric, mode=tune_cfg.mode, num_samples=tune_cfg.num_samples,
-            max_concurrent_trials=max_concurrent, search_alg=search_alg, scheduler=scheduler,
+            max_concurrent_trials=limit, search_alg=search_alg, scheduler=scheduler,
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(
@@ -261,11 +313,61 @@ def build_tuner(raw: dict, cwd: str, tune_cfg: TuneSettings, cfg: DistftConfig, 
     )
 
 
-def board_name(run_dir: Path) -> str:
-    """Fixed per search directory, so a resumed search's restored scheduler finds the new board."""
-    import hashlib
+class MetricResultsOnly(OptunaSearch):
+    """Optuna TPE, fed only the results that carry the metric, and judging each trial by its last value.
 
-    return "distft-tune-board-" + hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    Trials report every log (loss only) as well as every eval; OptunaSearch reads the metric
+    from every result (a KeyError on a log) and judges a trial by its last result (which, for
+    a trial's final checkpoint report, has no metric: Optuna would count it as pruned).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.last_metric: dict[str, dict] = {}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            self.last_metric[trial_id] = result
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if not error and (result is None or self.metric not in result):
+            result = self.last_metric.get(trial_id, result)
+        super().on_trial_complete(trial_id, result, error)
+
+
+def optuna_search(tune_cfg: TuneSettings) -> MetricResultsOnly:
+    try:
+        return MetricResultsOnly(seed=tune_cfg.seed)
+    except (ImportError, AssertionError) as e:  # OptunaSearch asserts that optuna imported
+        raise ClusterError(f"tune.search=optuna needs Optuna ({e or 'not installed'}). Fix: pip install "
+                           "'distft[optuna]', or tune.search=random.") from None
+
+
+def keep_concurrency(run_dir: Path, at_once: int, restore: bool) -> None:
+    """Record how many trials run at once; a resumed search keeps that number (Tune restores it with
+    the search), so a cluster that now hosts fewer is refused rather than left to stall."""
+    meta_path = run_dir / "search.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    started_with = meta.get("trials_at_once")
+    if restore and started_with and at_once < started_with:
+        raise ClusterError(f"this search runs {started_with} trials at once, and the cluster now hosts only "
+                           f"{at_once}. Fix: resume it on a cluster with room for {started_with} trials of "
+                           f"{run_dir / SEARCH_FILE}'s scaling, or start a new search here.")
+    if not restore or not started_with:
+        meta_path.write_text(json.dumps({**meta, "trials_at_once": at_once}, indent=1))
+
+
+def board_name(run_dir: Path) -> str:
+    """The search's own board, named in its search.json, so a resumed (even moved) search finds it again."""
+    import uuid
+
+    meta_path = run_dir / "search.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "board" not in meta:
+        meta["board"] = f"distft-tune-board-{uuid.uuid4().hex[:12]}"
+        meta_path.write_text(json.dumps(meta, indent=1))
+    return meta["board"]
 
 
 def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, cwd: str, address: str | None = None,
@@ -285,14 +387,19 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
     try:
         if address or not owns_ray:
             check_storage(cfg, run_dir)
-        at_once = concurrency(cfg, tune_cfg, ray.cluster_resources())
+        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        at_once = concurrency(cfg, tune_cfg, nodes)
+        keep_concurrency(run_dir, at_once, restore)
         total = tune_cfg.trial_count()
         if at_once < tune_cfg.max_concurrent_trials:
             log(f"[tune] the cluster hosts {at_once} trial(s) of {cfg.scaling.num_workers} worker(s) at once; "
                 f"tune.max_concurrent_trials={tune_cfg.max_concurrent_trials} is capped to that, the rest queue")
         board, board_actor = None, None
+        _CURRENT.clear()
+        _CURRENT.update(trials_dir=str(run_dir / "trials"))
         if tune_cfg.scheduler == "asha":
             board = board_name(run_dir)
+            _CURRENT.update(board_name=board)
             board_actor = ray.remote(num_cpus=0)(DecisionBoard).options(name=board, get_if_exists=True).remote()
         # Trials report every log (loss only) and every eval (with the metric); Tune's strict check
         # would fail the search on the first log. A metric never reported is caught after the search.

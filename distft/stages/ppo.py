@@ -43,7 +43,7 @@ from distft.rl.rewards import normalize_answer, weighted_scores
 from distft.stages.chain import plain_model_dir, source_path, stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import reward_scores
-from distft.stages.reporting import _fmt_seconds
+from distft.stages.reporting import MetricsLog, _fmt_seconds
 from distft.stages.trainer_setup import finish, prepare_worker
 
 PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
@@ -149,6 +149,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     if publisher:
         stage_dir.mkdir(parents=True, exist_ok=True)
         publisher.recover()
+    metrics_log = MetricsLog(stage_dir) if ctx.is_main else None
     save_every = train_cfg.save_every or steps_per_epoch
     history: list[dict] = []
     loop_started = time.time()
@@ -175,9 +176,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         }
         kl_ctl.update(metrics["kl"], settings.rollout_batch_size)
         history.append(metrics)
-        if ctx.is_main:
-            with (stage_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
+        if metrics_log is not None:
+            metrics_log.write(metrics)
         last = step + 1 == total
         logged = (step + 1) % train_cfg.log_every == 0 or step == start or last
         if logged:
@@ -197,6 +197,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             ctx.report(metrics)
     if publisher:
         publisher.finish()
+    if metrics_log is not None:
+        metrics_log.close()
 
     after = None
     if held_out is not None:

@@ -1,4 +1,4 @@
-"""A Trainer callback that makes a run observable: progress lines, metrics JSONL, and reports to `ctx`.
+"""A Trainer callback that makes a run observable: progress lines, metrics (JSONL, TensorBoard), reports to `ctx`.
 
 `ray.train.huggingface.RayTrainReportCallback` reports only when a checkpoint
 is saved; Tune's early stopping and users watching a run need every log and
@@ -25,6 +25,46 @@ from distft.distributed.checkpoint import CheckpointPublisher, barrier, checkpoi
 PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
 
 
+def tensorboard_tag(key: str) -> str:
+    """A metric's TensorBoard name, grouped as the Trainer's own TensorBoard callback groups it
+    (eval_loss -> eval/loss, loss -> train/loss), so distft runs sit beside plain HF runs."""
+    return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+
+
+class MetricsLog:
+    """A stage's metrics, written on rank 0 only: one JSON object per line in `<stage>/metrics.jsonl`
+    and the same scalars, at the same steps, as TensorBoard events in `<stage>/tensorboard/`.
+
+    Each write is flushed, so a live `tensorboard --logdir` sees it and a crash loses nothing
+    logged. `close()` ends the event file; a write after it starts a new one in the same
+    directory. TensorBoard reads them all; when a resumed run logs a step again, it drops the
+    earlier attempt's points from that step on.
+    """
+
+    def __init__(self, stage_dir: Path):
+        self.path = Path(stage_dir) / "metrics.jsonl"
+        self.tensorboard_dir = Path(stage_dir) / "tensorboard"
+        self._writer = None
+
+    def write(self, metrics: dict) -> None:
+        now = round(time.time(), 3)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"time": now, **metrics}) + "\n")
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where metrics are written
+
+            self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(tensorboard_tag(key), value, global_step=metrics["step"], walltime=now)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -33,9 +73,8 @@ def _fmt_seconds(s: float) -> str:
 class ReportCallback(TrainerCallback):
     def __init__(self, ctx, label: str, stage_dir: Path, total_steps: int, cfg):
         self.ctx, self.label, self.stage_dir, self.total_steps, self.cfg = ctx, label, Path(stage_dir), total_steps, cfg
-        self.metrics_path = self.stage_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.stage_dir) if ctx.is_main else None
         self.started = time.time()
-        self.last: dict = {}
         self.stopped_at: int | None = None  # the step a search's scheduler stopped this run at
         self.training_over = False  # the final evaluate() after train() logs too; no decision is asked then
         self.checkpoints = None
@@ -60,10 +99,10 @@ class ReportCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         metrics = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-        self.last.update(metrics)
         if self.ctx.is_main:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps({"time": round(time.time(), 3), **metrics}) + "\n")
+            self.metrics.write(metrics)
+            if self.training_over:  # the stage's evaluate() after training: nothing else is logged after it
+                self.metrics.close()
             if any(k in logs for k in PROGRESS_KEYS):
                 self.ctx.log(self._progress_line(state, logs))
         self.ctx.report(metrics)
@@ -95,6 +134,8 @@ class ReportCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training_over = True
+        if self.metrics is not None:
+            self.metrics.close()
         # Background seals finish before the stage goes on (and before the process can exit);
         # the newest one not yet registered is registered now. Rank 0 alone knows whether
         # there is one, and every rank must make the same reports: it tells them.
@@ -103,7 +144,9 @@ class ReportCallback(TrainerCallback):
             self._report(state, ready)
 
     def _report(self, state, checkpoint: Path | None) -> None:
-        metrics = dict(self.last, step=state.global_step)
+        # Only where the run is, not the last logged metrics again: a repeated eval metric would be
+        # a stale point at this step for a search's scheduler and in the learning curves.
+        metrics = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         if checkpoint is not None:
             metrics["checkpoint_step"] = checkpoint_step(checkpoint)
         self.ctx.report(metrics, checkpoint_dir=str(checkpoint) if checkpoint is not None else None)

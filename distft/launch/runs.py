@@ -1,0 +1,281 @@
+"""`distft runs show|list`: what a run directory holds, read from its files alone.
+
+A run directory is what `distft train`, `resume` and `pipeline` write (README, "Run directory"):
+`config.yaml` from the start, `<stage>/summary.json` once a stage finished, `summary.json` once
+every stage has, `<stage>/metrics.jsonl` and sealed checkpoints along the way, and
+`provenance.json` (provenance.py). `read_run` gathers those into plain dicts; `render_run` and
+`render_run_list` only format them, so both are tested on directories made in a test.
+
+No Ray and no torch: this answers in a fraction of a second, on any machine that sees the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+
+from distft.config import ConfigError, load_config
+from distft.distributed.checkpoint import complete_checkpoints, read_manifest
+from distft.launch.provenance import PACKAGES, read_provenance
+
+# Directories inside a run that are not stages: Ray Train's copies and the export link.
+NOT_STAGES = {"ray", "final"}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def last_logged_step(metrics_jsonl: Path) -> int | None:
+    """The step of the last complete line of a metrics.jsonl, reading only its tail."""
+    try:
+        with metrics_jsonl.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            continue  # a line cut by the tail window, or one being written
+        if isinstance(step, int):
+            return step
+    return None
+
+
+def _stages_of(run_dir: Path) -> list[dict]:
+    """The stages the run's config names, in order; from the stage directories when the config no
+    longer loads (written by another distft version)."""
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+    except ConfigError:
+        dirs = [d for d in run_dir.iterdir() if d.is_dir() and d.name not in NOT_STAGES and "." not in d.name
+                and any((d / f).exists() for f in ("summary.json", "metrics.jsonl", "checkpoints"))]
+        return [{"label": d.name, "kind": None, "method": None, "strategy": None}
+                for d in sorted(dirs, key=lambda d: d.stat().st_mtime)]
+    return [{"label": st.label(), "kind": st.stage, "method": st.method.name, "strategy": st.strategy.label()}
+            for st in cfg.stages]
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """Everything `distft runs show` prints, from the run directory's files. Raises FileNotFoundError
+    (one line, with the fix) for a path that is not a run directory."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory at {run_dir}. Fix: pass runs/<run> "
+                                "(`distft runs list` shows the runs under runs/).")
+    if not (run_dir / "config.yaml").is_file():
+        if (run_dir / "search.json").is_file():
+            raise FileNotFoundError(f"{run_dir} is a `distft tune` search, not a run. Fix: its trials are runs: "
+                                    f"distft runs list {run_dir / 'trials'}")
+        raise FileNotFoundError(f"{run_dir} is not a distft run directory (no config.yaml). Fix: pass runs/<run> "
+                                "(`distft runs list` shows the runs under runs/).")
+    top = _read_json(run_dir / "summary.json")
+    by_label = {s.get("stage"): s for s in top} if isinstance(top, list) else {}
+    stages = []
+    for st in _stages_of(run_dir):
+        stage_dir = run_dir / st["label"]
+        summary = by_label.get(st["label"]) or _read_json(stage_dir / "summary.json")
+        checkpoint = None
+        sealed = complete_checkpoints(stage_dir / "checkpoints")
+        if sealed:
+            checkpoint = {"path": str(sealed[-1]), "step": (read_manifest(sealed[-1]) or {}).get("step")}
+        if isinstance(summary, dict):
+            status = "finished"
+            st = {**st, **{k: st[k] or summary.get(k) for k in ("kind", "method", "strategy")}}
+        elif stage_dir.is_dir() and any(stage_dir.iterdir()):
+            status = "unfinished"
+        else:
+            status = "not started"
+        stages.append({**st, "status": status, "summary": summary if isinstance(summary, dict) else None,
+                       "last_step": last_logged_step(stage_dir / "metrics.jsonl"), "checkpoint": checkpoint,
+                       "tensorboard": (stage_dir / "tensorboard").is_dir()})
+    final = run_dir / "final"
+    return {
+        "run_dir": str(run_dir),
+        "finished": isinstance(top, list),
+        "stages": stages,
+        "final": str(final) if final.exists() else None,
+        "final_target": os.readlink(final) if final.is_symlink() else None,
+        "provenance": read_provenance(run_dir),
+        "config_mtime": (run_dir / "config.yaml").stat().st_mtime,
+    }
+
+
+# ---------------------------------------------------------------- formatting (pure)
+
+
+def _before_after(s: dict, key: str, fmt: str) -> str | None:
+    after = s.get(f"{key}_after")
+    if after is None:
+        return None
+    before = s.get(f"{key}_before")
+    return (format(before, fmt) + " -> " if before is not None else "") + format(after, fmt)
+
+
+def key_metrics(s: dict) -> list[str]:
+    """A stage summary's outcome, one line per kind of result, from whichever keys it has."""
+    lines = []
+    loss = []
+    if s.get("first_logged_loss") is not None and s.get("last_logged_loss") is not None:
+        loss.append(f"train loss {s['first_logged_loss']:.4g} -> {s['last_logged_loss']:.4g}")
+    if s.get("eval_loss") is not None:
+        loss.append(f"eval loss {s['eval_loss']:.4g}")
+    if loss:
+        lines.append(", ".join(loss))
+    em = _before_after(s, "exact_match", ".1%")
+    if em:
+        lines.append(f"held-out exact match {em} ({s.get('eval_items', 0)} items)")
+    pairwise = _before_after(s, "pairwise_accuracy", ".1%")
+    if pairwise:
+        margin = f"margin {s['mean_margin_after']:.2f}, " if s.get("mean_margin_after") is not None else ""
+        lines.append(f"held-out pairwise accuracy {pairwise} ({margin}{s.get('eval_pairs', 0)} pairs)")
+    if s.get("eval_accuracy") is not None:  # reward model, TRL's eval split
+        lines.append(f"reward accuracy {s['eval_accuracy']:.1%} on the eval split")
+    if s.get("eval_reward_accuracy") is not None:  # DPO's implicit reward
+        margin = f", margin {s['eval_reward_margin']:.3g}" if s.get("eval_reward_margin") is not None else ""
+        lines.append(f"reward accuracy {s['eval_reward_accuracy']:.1%}{margin} on the eval split")
+    reward = []
+    if s.get("reward_first") is not None and s.get("reward_last") is not None:  # PPO rollouts
+        reward.append(f"rollout reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}")
+    if s.get("mean_reward_first") is not None and s.get("mean_reward_last") is not None:  # GRPO
+        reward.append(f"mean reward {s['mean_reward_first']:.3f} -> {s['mean_reward_last']:.3f}")
+    if s.get("eval_reward") is not None:
+        reward.append(f"eval reward {s['eval_reward']:.3f}")
+    if s.get("kl_last") is not None:
+        target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
+        reward.append(f"KL {s['kl_last']:.3f}{target}")
+    if reward:
+        lines.append(", ".join(reward))
+    heldout = _before_after(s, "heldout_reward", ".3f")
+    if heldout:
+        lines.append(f"held-out mean reward {heldout}")
+    if s.get("stopped_early_at") is not None:
+        lines.append(f"stopped early at step {s['stopped_early_at']} by a search's scheduler")
+    return lines
+
+
+def _short(node_or_sha: str) -> str:
+    return node_or_sha[:12]
+
+
+def _provenance_lines(p: dict | None, run_dir: str) -> list[str]:
+    if p is None:
+        return ["provenance  not recorded (no provenance.json: a run from before distft wrote one)"]
+    git = p.get("git")
+    if git:
+        dirty = {True: " with uncommitted changes", False: "", None: " (working tree state unknown)"}[git.get("dirty")]
+        code = f"distft {p.get('distft')}, git {_short(git['sha'])}{dirty}"
+    else:
+        code = f"distft {p.get('distft')}, not started from a git checkout"
+    packages = p.get("packages") or {}
+    stack = ", ".join([f"python {p.get('python')}"] + [f"{name} {packages[name] or '-'}" for name in PACKAGES
+                                                       if name in packages])
+    ended = f", finished {p['finished_at']}" if p.get("finished_at") else ", not finished"
+    lines = [f"started     {p.get('started_at')} on {p.get('hostname')}{ended}",
+             f"command     {' '.join(p.get('command') or [])}",
+             f"code        {code}",
+             f"stack       {stack}"]
+    nodes = p.get("worker_nodes") or []
+    if p.get("world_size"):
+        where = f" on {len(nodes)} Ray node(s): {', '.join(_short(n) for n in nodes)}" if nodes else ""
+        lines.append(f"workers     world size {p['world_size']}{where}")
+    if p.get("earlier"):
+        lines.append(f"earlier     {len(p['earlier'])} earlier launch(es) in this directory "
+                     f"(first {p['earlier'][0].get('started_at')}); see {Path(run_dir) / 'provenance.json'}")
+    return lines
+
+
+def _stage_lines(st: dict) -> list[str]:
+    s = st["summary"]
+    what = ", ".join(v for v in (st["kind"], st["method"], st["strategy"]) if v)
+    head = f"stage {st['label']}" + (f" ({what})" if what else "")
+    if s is not None:
+        world = f" on world size {s['world_size']}" if s.get("world_size") else ""
+        took = f", {s['wall_seconds']:.0f}s" if s.get("wall_seconds") is not None else ""
+        skipped = " (skipped: finished in an earlier launch)" if s.get("skipped") else ""
+        unit = "rollouts" if st["kind"] == "ppo" else "steps"
+        lines = [f"{head}: finished, {s.get('steps')} {unit}{world}{took}{skipped}"]
+        lines += [f"  {line}" for line in key_metrics(s)]
+        if s.get("model_dir"):
+            lines.append(f"  model     {s['model_dir']}")
+        return lines
+    if st["status"] == "not started":
+        return [f"{head}: not started"]
+    step = f"last logged step {st['last_step']}" if st["last_step"] is not None else "no step logged yet"
+    ckpt = st["checkpoint"]
+    where = (f"latest checkpoint {ckpt['path']} (step {ckpt['step']})" if ckpt
+             else "no checkpoint yet (a resume starts this stage afresh)")
+    return [f"{head}: unfinished, {step}", f"  {where}"]
+
+
+def render_run(run: dict) -> str:
+    """`distft runs show`: the run's status, each stage with its key metrics, the model, and provenance."""
+    run_dir = run["run_dir"]
+    status = "finished" if run["finished"] else "unfinished"
+    lines = [f"run         {run_dir}  ({status})"]
+    lines += _provenance_lines(run["provenance"], run_dir)
+    lines.append("")
+    for st in run["stages"]:
+        lines += _stage_lines(st)
+    lines.append("")
+    if run["final"]:
+        target = f" -> {run['final_target']}" if run["final_target"] else ""
+        lines.append(f"model       {run['final']}{target}")
+    if any(st["tensorboard"] for st in run["stages"]):
+        lines.append(f"metrics     <stage>/metrics.jsonl; tensorboard --logdir {run_dir}")
+    if not run["finished"]:
+        # Nothing in the directory tells a run still going from one that stopped; the user knows.
+        lines.append(f"resume      distft resume {run_dir}   (unless it is still running)")
+    return "\n".join(lines)
+
+
+def _started(run: dict) -> str:
+    """When the run's first launch started (a resume or rerun keeps it under `earlier`)."""
+    p = run["provenance"]
+    first = (p.get("earlier") or [p])[0] if p else None
+    if first and first.get("started_at"):
+        return datetime.fromisoformat(first["started_at"]).strftime("%Y-%m-%d %H:%M")
+    # Runs from before provenance.json: config.yaml is written as the run starts.
+    return datetime.fromtimestamp(run["config_mtime"]).strftime("%Y-%m-%d %H:%M")
+
+
+def _last_step(run: dict) -> str:
+    """Where the run got to: the stage it is in (or ended with) and its step."""
+    stages = [st for st in run["stages"] if st["status"] != "not started"]
+    if not stages:
+        return "-"
+    st = stages[-1]
+    step = st["summary"].get("steps") if st["summary"] else st["last_step"]
+    return f"{st['label']} {step if step is not None else '-'}"
+
+
+def list_runs(root: str | Path) -> list[dict]:
+    """Every run directory directly under `root` (read as `read_run` reads one), oldest first."""
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"no runs directory at {root}. Fix: pass the directory that holds your runs "
+                                "(run.output_dir), e.g. distft runs list /data/runs.")
+    if (root / "config.yaml").is_file():
+        raise FileNotFoundError(f"{root} is a run directory, not a directory of runs. Fix: distft runs show {root}")
+    runs = [read_run(d) for d in root.iterdir() if d.is_dir() and (d / "config.yaml").is_file()]
+    return sorted(runs, key=lambda r: (_started(r), r["run_dir"]))
+
+
+def render_run_list(root: str | Path, runs: list[dict]) -> str:
+    """`distft runs list`: one row per run: name, stages, status, last step, start time."""
+    if not runs:
+        return f"no runs in {Path(root).resolve()} (a run directory holds a config.yaml)"
+    rows = [("run", "stages", "status", "last step", "started")]
+    for r in runs:
+        rows.append((Path(r["run_dir"]).name, ",".join(st["label"] for st in r["stages"]),
+                     "finished" if r["finished"] else "unfinished", _last_step(r), _started(r)))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)

@@ -1,0 +1,162 @@
+"""`distft submit` and `distft jobs`, without a job server: what a job carries, secrets, errors.
+
+The end-to-end job tests (a real head over HTTP with token auth) share the cluster of
+tests/test_cluster.py and live there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import stat
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, write_jsonl
+from distft.config import ConfigError, build_config, load_config
+from distft.launch import jobs
+from distft.launch.train import ClusterError
+
+FAKE = "hf_FAKEtoken0123456789abcdefSECRET"
+
+
+def job_config(tmp_path, rows, **run) -> tuple:
+    data = write_jsonl(tmp_path / "data" / "train.jsonl", rows[:16])
+    model = tmp_path / "my-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = build_config({
+        "model": {"name_or_path": "my-model"},
+        "stage": "sft",
+        "data": {"train": "data/train.jsonl"},
+        "run": {"name": "r1", **run},
+    })
+    return cfg, data, model
+
+
+def test_a_job_carries_its_config_its_local_files_and_the_entrypoint(tmp_path, alpaca_rows):
+    cfg, data, model = job_config(tmp_path, alpaca_rows, output_dir="out")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    job_cfg, shipped = jobs.stage_job(cfg, tmp_path, staging, secrets={})
+    # Relative paths meant the submitter's directory; inside the job they point at the shipped copies.
+    assert job_cfg.model.name_or_path == "files/0-my-model" and (staging / "files/0-my-model/config.json").is_file()
+    assert job_cfg.stages[0].data.train == "files/1-train.jsonl"
+    assert (staging / "files/1-train.jsonl").read_bytes() == data.read_bytes()
+    assert [p for p, _ in shipped] == ["my-model", "data/train.jsonl"]
+    # Outputs land where the submitter would look (on `distft cluster up`, this machine).
+    assert job_cfg.run.output_dir == str(tmp_path / "out") and job_cfg.run.address is None
+    assert load_config(staging / "config.yaml") == job_cfg
+    assert (staging / "entrypoint.py").read_text() == (REPO / "jobs" / "entrypoint.py").read_text()
+    assert not (staging / jobs.SECRETS_FILE).exists()  # nothing forwarded, no file
+
+
+def test_hub_ids_and_the_tiny_base_stay_names(tmp_path, alpaca_rows):
+    cfg, _, _ = job_config(tmp_path, alpaca_rows)
+    cfg.model.name_or_path = "Qwen/Qwen2.5-0.5B"
+    (tmp_path / "s").mkdir()
+    job_cfg, shipped = jobs.stage_job(cfg, tmp_path, tmp_path / "s", secrets={})
+    assert job_cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B" and [p for p, _ in shipped] == ["data/train.jsonl"]
+
+
+def test_secrets_go_in_a_private_file_never_in_the_config(tmp_path, alpaca_rows):
+    cfg, _, _ = job_config(tmp_path, alpaca_rows, forward_env=["HF_TOKEN"])
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    jobs.stage_job(cfg, tmp_path, staging, secrets={"HF_TOKEN": FAKE})
+    secrets = staging / jobs.SECRETS_FILE
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600 and json.loads(secrets.read_text()) == {"HF_TOKEN": FAKE}
+    config_text = (staging / "config.yaml").read_text()
+    assert FAKE not in config_text and yaml.safe_load(config_text)["run"]["forward_env"] == ["HF_TOKEN"]
+
+
+def test_the_entrypoint_takes_the_secrets_out_of_the_package_first(tmp_path, monkeypatch):
+    (tmp_path / jobs.SECRETS_FILE).write_text(json.dumps({"HF_TOKEN": FAKE}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    entry = runpy.run_path(str(REPO / "jobs" / "entrypoint.py"))  # not as __main__: the CLI does not run
+    assert entry["take_secrets"]() == ["HF_TOKEN"]
+    assert os.environ["HF_TOKEN"] == FAKE and not (tmp_path / jobs.SECRETS_FILE).exists()
+    assert entry["SECRETS_FILE"].name == jobs.SECRETS_FILE
+
+
+def test_the_entrypoint_works_from_a_copy_next_to_the_outputs(tmp_path, alpaca_rows, monkeypatch):
+    """Ray's unpacked copy can be replaced under a running driver (several raylets on one machine)."""
+    cfg, _, _ = job_config(tmp_path, alpaca_rows, output_dir=str(tmp_path / "out"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    jobs.stage_job(cfg, tmp_path, staging, secrets={"HF_TOKEN": FAKE})
+    monkeypatch.chdir(staging)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    entry = runpy.run_path(str(REPO / "jobs" / "entrypoint.py"))
+    entry["take_secrets"]()
+    home = entry["settle"](staging / "config.yaml")
+    assert home == tmp_path / "out" / ".jobs" / "r1" and os.getcwd() == str(home)
+    assert (home / "files" / "1-train.jsonl").is_file() and (home / "config.yaml").is_file()
+    assert not (home / jobs.SECRETS_FILE).exists()
+
+
+def test_a_job_over_rays_package_limit_is_refused_before_upload(tmp_path, alpaca_rows, monkeypatch):
+    cfg, _, _ = job_config(tmp_path, alpaca_rows)
+    (tmp_path / "my-model" / "model.safetensors").write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(jobs, "PACKAGE_LIMIT", 2048)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ClusterError, match=r"largest: my-model.*Ray's limit for a job's files is 0 MiB.*a hub id"):
+        jobs.stage_job(cfg, tmp_path, tmp_path / "s", secrets={})
+
+
+def test_forward_env_takes_names_and_never_echoes_a_value():
+    with pytest.raises(ConfigError) as e:
+        build_config({"stage": "sft", "data": {"train": "x.jsonl"}, "run": {"forward_env": [f"HF_TOKEN={FAKE}"]}})
+    assert "run.forward_env: item 0 is not an environment variable name" in str(e.value)
+    assert FAKE not in str(e.value)
+
+
+def test_the_job_server_address_comes_from_the_flag_then_ray_address_then_the_cluster(monkeypatch, tmp_path):
+    from distft.launch import cluster
+
+    monkeypatch.setenv("DISTFT_CACHE", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert jobs.job_server_url(None) == "http://127.0.0.1:8265"
+    cluster._write_state({"address": "127.0.0.1:7000", "port": 7000, "dashboard_url": "http://127.0.0.1:9265",
+                          "processes": []})
+    assert jobs.job_server_url(None) == "http://127.0.0.1:9265"
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not the job server: ignored
+    assert jobs.job_server_url(None) == "http://127.0.0.1:9265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert jobs.job_server_url(None) == "http://head:8265"
+    assert jobs.job_server_url("10.0.0.5:8265") == "http://10.0.0.5:8265"
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("Authentication required: Missing authentication token"), "no token was sent"),
+    (RuntimeError("Authentication failed: Invalid authentication token"), "the token was refused"),
+    (ConnectionError("Failed to connect to Ray at address: http://127.0.0.1:1."), "cannot reach a Ray job server"),
+])
+def test_job_server_errors_say_what_to_do(error, expected):
+    text = jobs.explain(error, "http://127.0.0.1:1")
+    assert expected in text and "Fix:" in text
+
+
+def distft(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distft.cli", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_refuses_bad_input_before_contacting_any_server(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+    dead = "http://127.0.0.1:9"  # nothing listens there: reaching it would be a connection error
+    r = distft("submit", REPO / "configs" / "quickstart.yaml", "run.forward_env=[HF_TOKEN]", "--address", dead,
+               env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "run.forward_env: HF_TOKEN is not set in this environment" in r.stderr
+    r = distft("submit", REPO / "configs" / "quickstart.yaml", "data.train=nope.jsonl", "--address", dead, env=env)
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr and "cannot reach" not in r.stderr
+    r = distft("submit", REPO / "configs" / "quickstart.yaml", "--address", dead, env=env)
+    assert r.returncode == 2 and "cannot reach a Ray job server at http://127.0.0.1:9" in r.stderr
+    r = distft("jobs", "logs", env=env)
+    assert r.returncode == 2 and "distft jobs logs needs a job id" in r.stderr
