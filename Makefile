@@ -24,7 +24,7 @@ test: install
 
 # Full tier (what CI runs): adds the Ray Train end-to-end runs.
 test-full: install
-	$(BIN)/python -m pytest -m "not gpu"
+	$(BIN)/python -m pytest -m "not gpu" --durations=30
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

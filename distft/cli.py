@@ -95,6 +95,15 @@ def cmd_train(args) -> int:
     from distft.launch.train import ClusterError, cluster_address
     from distft.stages.tiny_base import ensure_tiny_base
 
+    if args.resume:  # `distft train --resume RUN_DIR [overrides]`: the same as `distft resume`
+        overrides = [args.config, *args.overrides] if args.config and "=" in args.config else args.overrides
+        if args.config and "=" not in args.config:
+            raise UsageError("give a config (distft train CONFIG) or --resume RUN_DIR, not both.")
+        args.run_dir_hint = Path(args.resume).resolve()  # for the hint if this is interrupted too
+        return cmd_resume(argparse.Namespace(run_dir=args.resume, overrides=overrides, address=args.address))
+    if not args.config:
+        raise UsageError("distft train needs a config. Fix: distft train CONFIG [a.b=c ...], or "
+                         "distft train --resume RUN_DIR.")
     cfg = _load(args)
     preflight(cfg, cluster_address(cfg, args.address))
     run_dir = _run_dir(cfg, args.config)
@@ -383,12 +392,14 @@ def cmd_runs(args) -> int:
 def cmd_submit(args) -> int:
     """Submit the config as a Ray Job; prints the job id (and, with --follow, its logs to the end)."""
     from distft.launch.jobs import follow, submit
-    from distft.launch.preflight import absolutize_paths, preflight
+    from distft.launch.preflight import absolutize_paths, cluster_only_paths, preflight
 
     cfg = load_config(args.config, args.overrides)  # paths stay as written: the job ships local files itself
-    # Everything checkable here, before anything is uploaded; the cluster's resources are checked
-    # by the job itself, on the cluster ("auto": not this machine's).
-    preflight(absolutize_paths(cfg), "auto")
+    # Everything checkable here, before anything is uploaded. The cluster's resources, and absolute
+    # paths that exist only there (a shared volume), are checked by the job itself, on the cluster.
+    for note in preflight(absolutize_paths(cfg), "auto", elsewhere=cluster_only_paths(cfg)):
+        if "the job checks it on the cluster" in note:
+            print(f"check   {note}")
     job_id, client, run_dir = submit(cfg, args.config, args.address)
     print(f"submitted {job_id} to {client.get_address()}")
     print(f"  run      {run_dir} (on the cluster)")
@@ -430,12 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, help_: str):
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("config", help="YAML config file")
+        # Optional for `train --resume RUN_DIR`; every other command checks that it is there.
+        sp.add_argument("config", nargs="?" if name == "train" else None, help="YAML config file")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 scaling.num_workers=4")
         sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local cluster)")
         return sp
 
-    with_config("train", "Fine-tune with Ray Train (every stage in the config)").set_defaults(func=cmd_train)
+    sp = with_config("train", "Fine-tune with Ray Train (every stage in the config)")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run instead (as `distft resume`)")
+    sp.set_defaults(func=cmd_train)
     sp = sub.add_parser("resume", help="Continue an interrupted run from its latest verified checkpoint",
                         description="Continue an interrupted run in place: finished stages are skipped, the "
                                     "unfinished one resumes from its latest checkpoint that verifies.")

@@ -411,3 +411,20 @@ def test_ray_registers_sealed_checkpoints_only(ray_cluster, tiny_base, tmp_path,
     assert max(json.loads((d / MANIFEST).read_text())["step"] for d in copies) == 12
     local = complete_checkpoints(tmp_path / "run" / "sft" / "checkpoints")
     assert [d.name for d in local] == ["checkpoint-8", "checkpoint-12"]
+
+
+def test_an_upload_snapshot_survives_rotation_of_the_original(tmp_path):
+    """Ray uploads the snapshot in the background while training (and rotation) go on."""
+    from distft.distributed.checkpoint import (build_manifest, complete_checkpoints, upload_snapshot,
+                                               verify_checkpoint, write_manifest)
+
+    ckpt = tmp_path / "checkpoints" / "checkpoint-10"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"w" * 1000)
+    write_manifest(ckpt, build_manifest(ckpt, step=10, world_size=1, strategy="ddp"))
+    snap = upload_snapshot(ckpt)
+    assert snap.parent.name == ".uploading" and snap.parent.parent == ckpt.parent
+    assert (snap / "model.safetensors").stat().st_ino == (ckpt / "model.safetensors").stat().st_ino  # no copy
+    shutil.rmtree(ckpt)  # rotated away mid-upload
+    assert verify_checkpoint(snap) == []
+    assert complete_checkpoints(tmp_path / "checkpoints") == []  # a snapshot is never a resumable checkpoint

@@ -177,7 +177,7 @@ def live_cluster(tmp_path_factory):
     info = {"home": home, "token": token, "port": port, "dashboard": dash, "address": f"127.0.0.1:{port}",
             "env": clean_env(DISTFT_CACHE=home)}
     try:
-        started = time.time()
+        started = info["started"] = time.time()
         r = distft("cluster", "up", "--workers", 2, "--cpus-per-worker", 1, "--port", port,
                    "--dashboard-port", dash, env=up_env, timeout=300)
         info["up"], info["up_seconds"] = r, time.time() - started
@@ -319,6 +319,9 @@ def test_a_submitted_job_runs_to_success_with_a_secret_that_is_never_written(liv
                     if p.is_file() and p.stat().st_size < 20_000_000]
     everything = [r.stdout, r.stderr, status.stdout, logs.stdout, listing, *written, *session_logs]
     assert not [i for i, text in enumerate(everything) if FAKE_TOKEN in text]
+    # The package's secrets file: taken by the entrypoint, and every node's unpacked copy deleted by its workers.
+    sessions = [d for d in Path("/tmp/ray").glob("session_2*") if d.stat().st_mtime >= live_cluster["started"] - 5]
+    assert sessions and not [p for d in sessions for p in (d / "runtime_resources").rglob(".distft_secrets.json")]
 
 
 @pytest.mark.slow

@@ -170,3 +170,49 @@ def test_stages_must_be_a_list_of_mappings():
     assert problems({"stages": {"stage": "sft"}}) == ["stages: must be a non-empty list of stages, e.g. `- stage: sft`."]
     (p,) = problems({"stages": ["sft"]})
     assert p.startswith("stages.0: must be a mapping")
+
+
+def test_an_elastic_range_is_min_and_max_workers():
+
+    cfg = build_config({"stage": "sft", "data": {"train": "x.jsonl"}, "scaling": {"num_workers": [1, 4]},
+                        "run": {"max_failures": 3}, "train": {"global_batch_size": 24, "micro_batch_size": 2}})
+    s = cfg.scaling
+    assert (s.min_workers, s.num_workers, s.elastic(), list(s.world_sizes()), s.fewest_workers()) == (1, 4, True,
+                                                                                                      [1, 2, 3, 4], 1)
+    fixed = build_config({"stage": "sft", "data": {"train": "x.jsonl"}, "scaling": {"num_workers": [2, 2]}})
+    assert not fixed.scaling.elastic() and list(fixed.scaling.world_sizes()) == [2]
+
+
+def test_an_elastic_config_round_trips(tmp_path):
+    cfg = build_config({"stage": "sft", "data": {"train": "x.jsonl"}, "scaling": {"num_workers": [1, 2]},
+                        "run": {"max_failures": 3}})
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"scaling": {"num_workers": [1, 2]}}, "run.max_failures: an elastic run shrinks or grows by restarting"),
+    ({"scaling": {"num_workers": [2, 3]}, "run": {"max_failures": 3},
+      "train": {"global_batch_size": 8, "micro_batch_size": 2}},
+     "keeps the global batch at every size in between. Fix: set train.global_batch_size=12 (a multiple of 12)"),
+    ({"scaling": {"num_workers": [3, 1]}}, "needs 1 <= min <= max (got [3, 1])"),
+    ({"scaling": {"num_workers": [1, 2, 3]}}, "give a number of workers, or [min, max] for an elastic run"),
+    ({"scaling": {"num_workers": [1, 2]}, "run": {"max_failures": 3},
+      "strategy": {"name": "deepspeed", "zero_stage": 2}}, "do not resume at another worker count"),
+])
+def test_elastic_configs_that_cannot_work_are_refused_with_the_fix(extra, expected):
+    with pytest.raises(ConfigError) as e:
+        build_config({"stage": "sft", "data": {"train": "x.jsonl"}, **extra})
+    assert expected in str(e.value), str(e.value)
+
+
+def test_an_elastic_range_is_written_back_as_a_range_so_a_plain_override_replaces_it(tmp_path):
+    from distft.config import dump_config, load_config
+
+    cfg = build_config({"stage": "sft", "data": {"train": "x.jsonl"}, "scaling": {"num_workers": [1, 2]},
+                        "run": {"max_failures": 3}})
+    assert cfg.model_dump(mode="json")["scaling"]["num_workers"] == [1, 2]
+    assert cfg.model_dump(mode="json", exclude_defaults=True)["scaling"] == {"num_workers": [1, 2]}
+    dump_config(cfg, tmp_path / "c.yaml")
+    fixed = load_config(tmp_path / "c.yaml", ["scaling.num_workers=4"])
+    assert (fixed.scaling.num_workers, fixed.scaling.min_workers, fixed.scaling.elastic()) == (4, None, False)

@@ -38,7 +38,7 @@ def job_config(tmp_path, rows, **run) -> tuple:
     return cfg, data, model
 
 
-def test_a_job_carries_its_config_its_local_files_and_the_entrypoint(tmp_path, alpaca_rows):
+def test_a_job_carries_its_config_and_its_local_files(tmp_path, alpaca_rows):
     cfg, data, model = job_config(tmp_path, alpaca_rows, output_dir="out")
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -51,8 +51,38 @@ def test_a_job_carries_its_config_its_local_files_and_the_entrypoint(tmp_path, a
     # Outputs land where the submitter would look (on `distft cluster up`, this machine).
     assert job_cfg.run.output_dir == str(tmp_path / "out") and job_cfg.run.address is None
     assert load_config(staging / "config.yaml") == job_cfg
-    assert (staging / "entrypoint.py").read_text() == (REPO / "jobs" / "entrypoint.py").read_text()
-    assert not (staging / jobs.SECRETS_FILE).exists()  # nothing forwarded, no file
+    assert sorted(p.name for p in staging.iterdir()) == ["config.yaml", "files"]  # nothing forwarded: no secrets file
+
+
+def test_a_deepspeed_json_and_a_saved_dataset_directory_travel_and_cluster_paths_stay(tmp_path, alpaca_rows):
+    cfg, _, _ = job_config(tmp_path, alpaca_rows)
+    (tmp_path / "ds.json").write_text("{}")
+    (tmp_path / "saved_ds").mkdir()  # a save_to_disk directory, named without ./
+    (tmp_path / "saved_ds" / "state.json").write_text("{}")
+    cfg.stages[0].strategy.name = "deepspeed"
+    cfg.stages[0].strategy.deepspeed_config = "ds.json"
+    cfg.stages[0].data.eval = "saved_ds"
+    cfg.stages[0].evaluate.data = "/mnt/shared/held_out.jsonl"  # exists only on the cluster
+    (tmp_path / "s").mkdir()
+    job_cfg, shipped = jobs.stage_job(cfg, tmp_path, tmp_path / "s", secrets={})
+    st = job_cfg.stages[0]
+    assert (tmp_path / "s" / st.strategy.deepspeed_config).read_text() == "{}"
+    assert (tmp_path / "s" / st.data.eval / "state.json").is_file()
+    assert st.evaluate.data == "/mnt/shared/held_out.jsonl"
+    assert "/mnt/shared/held_out.jsonl" not in [p for p, _ in shipped]
+
+
+def test_submit_checks_paths_that_exist_only_on_the_cluster_there(tmp_path, alpaca_rows):
+    from distft.launch.preflight import cluster_only_paths, preflight
+
+    cfg, _, _ = job_config(tmp_path, alpaca_rows)
+    cfg.model.name_or_path = "/mnt/shared/models/llama"
+    cfg.stages[0].data.train = "/mnt/shared/data/train.jsonl"
+    elsewhere = cluster_only_paths(cfg)
+    assert elsewhere == {"/mnt/shared/models/llama", "/mnt/shared/data/train.jsonl"}
+    notes = preflight(cfg, "auto", elsewhere=elsewhere)
+    assert any("/mnt/shared/data/train.jsonl is not on this machine; the job checks it on the cluster" in n
+               for n in notes)
 
 
 def test_hub_ids_and_the_tiny_base_stay_names(tmp_path, alpaca_rows):
@@ -75,13 +105,32 @@ def test_secrets_go_in_a_private_file_never_in_the_config(tmp_path, alpaca_rows)
 
 
 def test_the_entrypoint_takes_the_secrets_out_of_the_package_first(tmp_path, monkeypatch):
+    from distft.launch import job_entrypoint
+
     (tmp_path / jobs.SECRETS_FILE).write_text(json.dumps({"HF_TOKEN": FAKE}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    entry = runpy.run_path(str(REPO / "jobs" / "entrypoint.py"))  # not as __main__: the CLI does not run
-    assert entry["take_secrets"]() == ["HF_TOKEN"]
+    assert job_entrypoint.take_secrets() == ["HF_TOKEN"]
     assert os.environ["HF_TOKEN"] == FAKE and not (tmp_path / jobs.SECRETS_FILE).exists()
-    assert entry["SECRETS_FILE"].name == jobs.SECRETS_FILE
+
+
+def test_a_worker_deletes_the_copy_ray_unpacked_on_its_node(tmp_path, monkeypatch):
+    from distft.launch import job_entrypoint
+
+    unpacked = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    unpacked.mkdir(parents=True)
+    (unpacked / jobs.SECRETS_FILE).write_text("{}")
+    monkeypatch.chdir(tmp_path)  # a Ray Train worker runs elsewhere; the package is on sys.path
+    monkeypatch.setattr("sys.path", [*__import__("sys").path, str(unpacked)])
+    job_entrypoint.scrub_unpacked_secrets()
+    assert not (unpacked / jobs.SECRETS_FILE).exists()
+
+
+def test_the_shim_for_ray_job_submit_runs_the_same_entrypoint():
+    entry = runpy.run_path(str(REPO / "jobs" / "entrypoint.py"))  # not as __main__: the CLI does not run
+    from distft.launch import job_entrypoint
+
+    assert entry["main"] is job_entrypoint.main
 
 
 def test_the_entrypoint_works_from_a_copy_next_to_the_outputs(tmp_path, alpaca_rows, monkeypatch):
@@ -92,10 +141,11 @@ def test_the_entrypoint_works_from_a_copy_next_to_the_outputs(tmp_path, alpaca_r
     jobs.stage_job(cfg, tmp_path, staging, secrets={"HF_TOKEN": FAKE})
     monkeypatch.chdir(staging)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    entry = runpy.run_path(str(REPO / "jobs" / "entrypoint.py"))
-    entry["take_secrets"]()
-    home = entry["settle"](staging / "config.yaml")
-    assert home == tmp_path / "out" / ".jobs" / "r1" and os.getcwd() == str(home)
+    from distft.launch import job_entrypoint
+
+    job_entrypoint.take_secrets()
+    home = job_entrypoint.settle(staging / "config.yaml", "distft-r1-abc123")
+    assert home == tmp_path / "out" / ".jobs" / "r1-distft-r1-abc123" and os.getcwd() == str(home)
     assert (home / "files" / "1-train.jsonl").is_file() and (home / "config.yaml").is_file()
     assert not (home / jobs.SECRETS_FILE).exists()
 
@@ -105,7 +155,7 @@ def test_a_job_over_rays_package_limit_is_refused_before_upload(tmp_path, alpaca
     (tmp_path / "my-model" / "model.safetensors").write_bytes(b"\0" * 4096)
     monkeypatch.setattr(jobs, "PACKAGE_LIMIT", 2048)
     (tmp_path / "s").mkdir()
-    with pytest.raises(ClusterError, match=r"largest: my-model.*Ray's limit for a job's files is 0 MiB.*a hub id"):
+    with pytest.raises(ClusterError, match=r"largest: my-model.*Ray.s limit for a job.s files is 0 MiB.*a hub model or dataset id"):
         jobs.stage_job(cfg, tmp_path, tmp_path / "s", secrets={})
 
 

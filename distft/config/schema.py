@@ -15,7 +15,7 @@ import math
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 TINY_BASE = "distft://tiny-base"
 
@@ -39,7 +39,12 @@ class ModelConfig(Section):
 class ScalingConfig(Section):
     """How many Ray Train workers, and what each one gets."""
 
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, description="Workers; [min, max] for an elastic run (the most it grows to)")
+    # Set by writing `num_workers: [min, max]`; a plain number means a fixed size.
+    min_workers: int | None = Field(None, ge=1, description="Elastic runs: the fewest workers training goes on with")
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, description="Elastic runs: how often Ray Train checks whether more workers can join"
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
@@ -48,6 +53,49 @@ class ScalingConfig(Section):
     gpu_memory_gib: float | None = Field(
         None, gt=0, description="Memory of each GPU; `distft validate` then warns when the plan does not fit"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_range(cls, data):
+        value = data.get("num_workers") if isinstance(data, dict) else None
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError("scaling.num_workers: give a number of workers, or [min, max] for an elastic run "
+                                 f"(got {list(value)}). Fix: e.g. scaling.num_workers=[2,8].")
+            lo, hi = value
+            if not 1 <= lo <= hi:
+                raise ValueError(f"scaling.num_workers: [min, max] needs 1 <= min <= max (got {list(value)}).")
+            data = {**data, "num_workers": hi, "min_workers": lo if lo < hi else None}
+        return data
+
+    @model_validator(mode="after")
+    def _min_below_max(self):
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.min_workers: {self.min_workers} is more than scaling.num_workers="
+                             f"{self.num_workers}. Fix: scaling.num_workers=[min, max].")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_range(self, handler):
+        # Written back as the user wrote it, so a later `scaling.num_workers=4` override replaces the
+        # whole range instead of leaving an old minimum behind.
+        data = handler(self)
+        if isinstance(data, dict) and "min_workers" in data:
+            lo = data.pop("min_workers")
+            if lo is not None:
+                data["num_workers"] = [lo, self.num_workers]
+        return data
+
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def fewest_workers(self) -> int:
+        """What a run cannot start without: every worker, or an elastic run's minimum."""
+        return self.world_sizes()[0]
+
+    def world_sizes(self) -> range:
+        """Every world size the run may train at: one, or min..max for an elastic run."""
+        return range(self.min_workers if self.elastic() else self.num_workers, self.num_workers + 1)
 
     def threads_per_worker(self) -> int:
         # Ray lets workers use every core unless told otherwise; with more workers than
@@ -69,6 +117,10 @@ class RunConfig(Section):
     name: str | None = Field(None, description="Run directory name; default <config stem>-<timestamp>")
     output_dir: str = "runs"
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may attempt")
+    worker_start_timeout_s: float = Field(
+        60.0, gt=0, description="How long Ray Train waits for a worker group to start; an elastic run then "
+                                "tries fewer workers"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     address: str | None = Field(None, description="Ray cluster address; default: a private local cluster")
     storage_path: str | None = Field(
@@ -78,6 +130,10 @@ class RunConfig(Section):
     # storage path; distft cannot tell an NFS mount from local disk, so the user says so.
     shared_storage: bool = Field(
         False, description="run.output_dir and run.storage_path are on storage every node mounts (NFS, ...)"
+    )
+    shared_hf_home: bool = Field(
+        False, description="HF_HOME is on storage every node mounts: hub downloads happen once for the cluster "
+                           "(else once per node, by its first worker)"
     )
     # Names only: values are read from the launching environment when the run starts and go to
     # the workers through Ray's object store, never into this config, job metadata or logs.
@@ -486,6 +542,42 @@ POLICY_STAGES = ("ppo", "dpo", "grpo")
 PREFERENCE_STAGES = ("reward", "dpo")
 
 
+def _batch_error(i: int, t, world: int, scaling: ScalingConfig) -> str:
+    per_step = t.micro_batch_size * world
+    if scaling.elastic():
+        step = math.lcm(*(t.micro_batch_size * w for w in scaling.world_sizes()))
+        good = max(step, t.global_batch_size // step * step)
+        return (f"stages.{i}.train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x {world} workers = {per_step}, and an elastic run "
+                f"(scaling.num_workers=[{scaling.min_workers}, {scaling.num_workers}]) keeps the global batch at every "
+                f"size in between. Fix: set train.global_batch_size={good} (a multiple of {step}), or narrow the range.")
+    lo = max(per_step, t.global_batch_size // per_step * per_step)
+    return (f"stages.{i}.train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size x scaling.num_workers = {t.micro_batch_size} x {world} = {per_step}. "
+            f"Fix: set train.global_batch_size={lo} (or {lo + per_step}), or change train.micro_batch_size.")
+
+
+def _elastic_fits(i: int, st, scaling: ScalingConfig) -> list[str]:
+    """An elastic run restarts its worker group at another size from the latest checkpoint."""
+    if not scaling.elastic():
+        return []
+    errors = []
+    where = f"stages.{i}"
+    if st.stage in ("ppo", "grpo"):
+        errors.append(f"{where}: elastic training (scaling.num_workers=[min, max]) covers Trainer stages "
+                      f"(sft, pretrain, reward, dpo), not {st.stage}, whose rollouts are sized per worker. "
+                      "Fix: a fixed scaling.num_workers for this config.")
+    elif st.strategy.fsdp_sharding == "hybrid":
+        errors.append(f"{where}.strategy.fsdp_sharding: hybrid shards within groups of fsdp_shard_size, which "
+                      "not every size of an elastic range divides. Fix: strategy.fsdp_sharding=full, or a fixed "
+                      "scaling.num_workers.")
+    elif st.strategy.name == "deepspeed":
+        errors.append(f"{where}.strategy: DeepSpeed ZeRO keeps one optimizer shard per worker, so its "
+                      "checkpoints do not resume at another worker count and an elastic run could not restart. "
+                      "Fix: strategy.name=ddp or fsdp, or a fixed scaling.num_workers.")
+    return errors
+
+
 def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, scaling: ScalingConfig,
                    model: ModelConfig) -> list[str]:
     """Strategy checks that need the world size or the device."""
@@ -538,18 +630,19 @@ class DistftConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self):
         errors = []
-        world = self.scaling.num_workers
         for i, st in enumerate(self.stages):
             t = st.train
-            per_step = t.micro_batch_size * world
-            if t.global_batch_size % per_step:
-                lo = max(per_step, t.global_batch_size // per_step * per_step)
-                errors.append(
-                    f"stages.{i}.train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                    f"train.micro_batch_size x scaling.num_workers = {t.micro_batch_size} x {world} = {per_step}. "
-                    f"Fix: set train.global_batch_size={lo} (or {lo + per_step}), or change train.micro_batch_size."
-                )
+            for world in self.scaling.world_sizes():  # an elastic run keeps the global batch at every size
+                per_step = t.micro_batch_size * world
+                if t.global_batch_size % per_step:
+                    errors.append(_batch_error(i, t, world, self.scaling))
+                    break
             errors += _strategy_fits(f"stages.{i}.strategy", st.strategy, st.method, self.scaling, self.model)
+            errors += _elastic_fits(i, st, self.scaling)
+        if self.scaling.elastic() and self.run.max_failures < 1:
+            errors.append("run.max_failures: an elastic run shrinks or grows by restarting its worker group from "
+                          "the latest checkpoint, and Ray Train counts each lost worker as a failure; with 0 it "
+                          "would stop instead. Fix: run.max_failures=3 (or more).")
         names = [st.label() for st in self.stages]
         dup = {n for n in names if names.count(n) > 1}
         if dup:

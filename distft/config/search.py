@@ -187,6 +187,9 @@ def tune_problems(cfg: DistftConfig, tune: TuneSettings) -> list[str]:
     if len(cfg.stages) != 1:
         problems.append(f"stages: tune searches one stage, this config has {len(cfg.stages)}. Fix: tune a "
                         "single-stage config (e.g. the SFT stage); its best config can then feed a pipeline.")
+    if cfg.scaling.elastic():
+        problems.append("scaling.num_workers: trials have a fixed size (the search packs them onto the cluster). "
+                        f"Fix: scaling.num_workers={cfg.scaling.num_workers} for the search.")
     kind = cfg.stages[0].stage
     if kind not in TUNABLE_STAGES:
         problems.append(f"stage: {kind} cannot be tuned yet (its loop does not take early-stop decisions). "

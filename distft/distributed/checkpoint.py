@@ -197,6 +197,26 @@ def verify_checkpoint(ckpt_dir: str | Path) -> list[str]:
     return problems
 
 
+def upload_snapshot(ckpt_dir: str | Path) -> Path | None:
+    """A hard-linked copy of a sealed checkpoint, for Ray to upload in the background and then delete.
+
+    Ray's asynchronous upload reads the directory while training goes on, and our rotation may
+    delete the original meanwhile (keep_checkpoints). Hard links cost no copy and keep the files
+    alive for the upload; sealed checkpoints are never modified, so they stay what the manifest
+    says. None when links are impossible (another filesystem): then the caller uploads synchronously.
+    """
+    import uuid
+
+    ckpt_dir = Path(ckpt_dir)
+    target = ckpt_dir.parent / ".uploading" / f"{ckpt_dir.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(ckpt_dir, target, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    return target
+
+
 def complete_checkpoints(parent: str | Path) -> list[Path]:
     """Directories directly under `parent` that carry a manifest, oldest step first (not hashed)."""
     found = []

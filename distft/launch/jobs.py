@@ -4,18 +4,19 @@ What a job carries
 ------------------
 `submit` checks the config here first (the same preflight as `distft train`), then stages a
 small working directory: the resolved config, every local file or model directory it names
-(rewritten to paths inside the job), and `jobs/entrypoint.py`. Ray zips and uploads it; the
-job's driver runs `distft train` (one stage) or `distft pipeline` (several) on the cluster
-with `--address auto`. Sizes are checked against Ray's package limit before uploading.
+(rewritten to paths inside the job). Ray zips and uploads it; the job's driver
+(distft/launch/job_entrypoint.py) runs `distft train` (one stage) or `distft pipeline`
+(several) on the cluster with `--address auto`. Sizes are checked against Ray's package limit before uploading.
 
 Secrets
 -------
 `run.forward_env` names variables (HF_TOKEN, cloud keys); their values are read here, at
-submit time. They travel in a mode-600 file inside the job's package, which the entrypoint
-reads and deletes before anything else runs, and reach Ray Train workers through the object
-store (launch/train.py). Not through `runtime_env.env_vars`: Ray shows those in job listings,
-the dashboard and the state API. So no value is written to the config, the job's metadata,
-its logs or the run directory.
+submit time. They travel in a mode-600 file inside the job's package (which Ray keeps in the
+cluster's GCS while the job runs and unpacks on the nodes it uses); the entrypoint reads and
+deletes it before anything else runs, and every Ray Train worker deletes the copy unpacked on
+its node as it starts. Workers get the values through the object store (launch/train.py), not
+through `runtime_env.env_vars`, which Ray shows in job listings, the dashboard and the state
+API. So no value is written to the config, the job's metadata, its logs or the run directory.
 
 Where outputs go
 ----------------
@@ -36,14 +37,13 @@ import uuid
 from pathlib import Path
 
 from distft.config import DistftConfig, dump_config
+from distft.launch.job_entrypoint import SECRETS_FILE
 from distft.launch.preflight import map_local_paths
 from distft.launch.train import ClusterError
 
 # Ray keeps a job's working directory in the GCS, which refuses packages above this size
 # (ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE).
 PACKAGE_LIMIT = 512 * 1024**2
-SECRETS_FILE = ".distft_secrets.json"
-ENTRYPOINT = Path(__file__).resolve().parents[2] / "jobs" / "entrypoint.py"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -98,7 +98,7 @@ def _call(client, what: str, fn, *args):
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001 - the SDK raises RuntimeError with the server's reply
-        if "does not exist" in str(e) or "404" in str(e):
+        if args and ("does not exist" in str(e) or "404" in str(e)):
             raise ClusterError(f"no job {args[0]!r} on the job server at {client.get_address()}. "
                                "Fix: distft jobs list.") from None
         raise ClusterError(f"{what}: {explain(e, client.get_address())}") from None
@@ -124,6 +124,8 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
         if not source.is_absolute():
             source = cwd / source
         if not source.exists():
+            if Path(value).expanduser().is_absolute():
+                return value  # a path on the cluster (a shared volume): the job checks it there
             if must_exist:  # preflight has already refused missing data; a model is a hub id
                 raise ClusterError(f"{value}: not found here, so it cannot go with the job.")
             return value
@@ -143,7 +145,7 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
 
     job_cfg = map_local_paths(
         cfg,
-        lambda v: ship(v, must_exist=True) if v and looks_local(v) else v,
+        lambda v: ship(v, must_exist=True) if v and (looks_local(v) or (cwd / v).exists()) else v,
         lambda v: ship(v, must_exist=False),
     )
     total = sum(size for _, size in shipped)
@@ -152,14 +154,13 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
         raise ClusterError(
             f"the job would carry {total / 1024**2:.0f} MiB of local files (largest: {biggest[0]}, "
             f"{biggest[1] / 1024**2:.0f} MiB); Ray's limit for a job's files is {PACKAGE_LIMIT // 1024**2} MiB. "
-            "Fix: put big data or models where the cluster can read them (a hub id, s3:// or gs:// data, a path "
+            "Fix: put big data or models where the cluster can read them (a hub model or dataset id, or a path "
             "on storage every node mounts) and name that in the config."
         )
     output = Path(cfg.run.output_dir).expanduser()
     job_cfg.run.output_dir = str(output if output.is_absolute() else (cwd / output).resolve())
     job_cfg.run.address = None  # the job's driver runs on the cluster: --address auto
     dump_config(job_cfg, staging / "config.yaml")
-    shutil.copy2(ENTRYPOINT, staging / "entrypoint.py")
     if secrets:
         fd = os.open(staging / SECRETS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -195,7 +196,7 @@ def submit(cfg: DistftConfig, config_path: str, address: str | None, log=print) 
         for key in cfg.run.forward_env:
             log(f"forwarding {key} to the job and its workers (value not shown)")
         _call(client, "submitting the job", lambda: client.submit_job(
-            entrypoint=f"python entrypoint.py {command} config.yaml --address auto",
+            entrypoint=f"python -m distft.launch.job_entrypoint {job_id} {command} config.yaml --address auto",
             submission_id=job_id,
             runtime_env={"working_dir": str(staging)},
             # Never values: Ray lists job metadata to anyone who can reach the job server.

@@ -35,6 +35,8 @@ def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
         st.data.train = data_fn(st.data.train)
         st.data.eval = data_fn(st.data.eval)
         st.evaluate.data = data_fn(st.evaluate.data)
+        if st.strategy.deepspeed_config:
+            st.strategy.deepspeed_config = data_fn(st.strategy.deepspeed_config)
     return cfg
 
 
@@ -43,7 +45,9 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
     base = base or Path.cwd()
 
     def fix(value: str | None) -> str | None:
-        if value and looks_local(value) and not Path(value).expanduser().is_absolute():
+        # A datasets name unless it looks like a file or exists here (a save_to_disk directory).
+        local = value and (looks_local(value) or (base / value).exists())
+        if local and not Path(value).expanduser().is_absolute():
             return str((base / value).resolve())
         return value
 
@@ -53,9 +57,9 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
     return map_local_paths(cfg, fix, fix_model)
 
 
-def check_model(cfg: DistftConfig) -> list[str]:
+def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
     name = cfg.model.name_or_path
-    if name == TINY_BASE:
+    if name == TINY_BASE or name in elsewhere:
         return []
     path = Path(name).expanduser()
     if path.is_absolute() or name.startswith("."):
@@ -66,8 +70,9 @@ def check_model(cfg: DistftConfig) -> list[str]:
     return []
 
 
-def check_data(cfg: DistftConfig) -> tuple[list[str], list[str]]:
-    """(problems, notes): every local data file is read and every row validated."""
+def check_data(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[list[str], list[str]]:
+    """(problems, notes): every local data file is read and every row validated (except those `elsewhere`:
+    paths that exist only where the run goes, e.g. on a cluster's shared volume)."""
     problems, notes = [], []
     prefix = "" if len(cfg.stages) == 1 else "stages.{i}."
     for i, st in enumerate(cfg.stages):
@@ -76,6 +81,9 @@ def check_data(cfg: DistftConfig) -> tuple[list[str], list[str]]:
             if not src:
                 continue
             name = prefix.format(i=i) + field
+            if src in elsewhere:
+                notes.append(f"{name}: {src} is not on this machine; the job checks it on the cluster.")
+                continue
             if not looks_local(src) and not Path(src).exists():
                 notes.append(f"{name}: {src} is a datasets name; it is checked when the workers load it.")
                 continue
@@ -110,7 +118,7 @@ def _format_mismatch(name: str, src: str, fmt: str, kind: str, field: str) -> st
     return None
 
 
-def check_sources(cfg: DistftConfig) -> list[str]:
+def check_sources(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
     """Models named by path (init_from, reward.model, ppo.critic_from) exist, and reward functions import."""
     from distft.rl.rewards import RewardFunctionError, resolve
 
@@ -128,7 +136,7 @@ def check_sources(cfg: DistftConfig) -> list[str]:
         if st.stage == "ppo":
             fields.append(("ppo.critic_from", st.ppo.critic_from))
         for field, ref in fields:
-            if not ref or cfg.stage_named(ref) is not None or ref == TINY_BASE:
+            if not ref or cfg.stage_named(ref) is not None or ref == TINY_BASE or ref in elsewhere:
                 continue
             path = Path(ref).expanduser()
             if (path.is_absolute() or ref.startswith(".")) and not path.exists():
@@ -142,21 +150,22 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
     """For a private local cluster we know exactly what exists; refuse what can never be placed."""
     s = cfg.scaling
     cpus = os.cpu_count() or 1
-    need = s.num_workers * s.cpus_per_worker
+    workers = s.fewest_workers()  # an elastic run starts with what there is, down to its minimum
+    need = workers * s.cpus_per_worker
     problems = []
     if need > cpus:
         fit = max(1, int(cpus // s.cpus_per_worker))
         problems.append(
-            f"scaling: {s.num_workers} workers x {s.cpus_per_worker:g} CPUs = {need:g} CPUs, but this machine has {cpus}. "
+            f"scaling: {workers} workers x {s.cpus_per_worker:g} CPUs = {need:g} CPUs, but this machine has {cpus}. "
             f"Fix: scaling.num_workers={fit}, or a smaller scaling.cpus_per_worker, or run.address=<a bigger cluster>."
         )
     if s.use_gpu:
         import torch
 
         gpus = torch.cuda.device_count()
-        if s.num_workers * s.gpus_per_worker > gpus:
+        if workers * s.gpus_per_worker > gpus:
             problems.append(
-                f"scaling.use_gpu: {s.num_workers} workers x {s.gpus_per_worker:g} GPUs requested, {gpus} GPU(s) here. "
+                f"scaling.use_gpu: {workers} workers x {s.gpus_per_worker:g} GPUs requested, {gpus} GPU(s) here. "
                 "Fix: scaling.use_gpu=false, fewer workers, or run.address=<a GPU cluster>."
             )
     return problems
@@ -186,11 +195,26 @@ def check_forwarded_env(cfg: DistftConfig) -> list[str]:
             f"export {k}=..., or remove it from run.forward_env." for k in missing]
 
 
-def preflight(cfg: DistftConfig, address: str | None) -> list[str]:
-    """Problems that make the run impossible, found before anything starts. Returns notes worth printing."""
+def cluster_only_paths(cfg: DistftConfig) -> frozenset:
+    """Absolute paths the config names that do not exist here: for a submitted job, paths on the cluster."""
+    found = set()
+
+    def note(value):
+        if value and Path(value).expanduser().is_absolute() and not Path(value).expanduser().exists():
+            found.add(value)
+        return value
+
+    map_local_paths(cfg, note, note)
+    return frozenset(found)
+
+
+def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = frozenset()) -> list[str]:
+    """Problems that make the run impossible, found before anything starts. Returns notes worth printing.
+    Paths in `elsewhere` exist only where the run goes (a submitted job's cluster) and are not checked."""
     local_cluster = not address
-    problems = check_address(address) + check_forwarded_env(cfg) + check_model(cfg) + check_sources(cfg)
-    data_problems, notes = check_data(cfg)
+    problems = (check_address(address) + check_forwarded_env(cfg) + check_model(cfg, elsewhere)
+                + check_sources(cfg, elsewhere))
+    data_problems, notes = check_data(cfg, elsewhere)
     problems += data_problems
     if local_cluster:
         problems += check_local_resources(cfg)
@@ -204,12 +228,14 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
     device = f"GPU x{s.gpus_per_worker:g}" if s.use_gpu else f"CPU x{s.cpus_per_worker:g}"
     lines = [
         f"model   {cfg.model.name_or_path} (dtype {cfg.model.dtype}, max_seq_len {cfg.model.max_seq_len})",
-        f"workers {s.num_workers} x {device} each, {s.threads_per_worker()} torch thread(s) per worker",
+        f"workers {f'{s.min_workers} to {s.num_workers} (elastic)' if s.elastic() else s.num_workers} x {device} each, "
+        f"{s.threads_per_worker()} torch thread(s) per worker",
         f"cluster {cfg.run.address or os.environ.get('RAY_ADDRESS') or 'private local Ray cluster'}",
     ]
     for i, st in enumerate(cfg.stages):
         lines.append(f"stage {i + 1}/{len(cfg.stages)}: {st.label()} ({st.stage}, method {st.method.name})")
-        lines.append(f"  batch   {st.train.batch_plan(s.num_workers)}")
+        for world in (s.min_workers, s.num_workers) if s.elastic() else (s.num_workers,):
+            lines.append(f"  batch   {st.train.batch_plan(world)}")
         strat = st.strategy
         offload = [f"{k}={getattr(strat, k)}" for k in ("offload_optimizer", "offload_params") if getattr(strat, k) != "none"]
         if strat.name == "fsdp":

@@ -90,7 +90,8 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
 
 def render_plan(cfg: DistftConfig, gpu_gib: float, gpus_per_node: int, world: int | None = None) -> str:
     cache: dict = {}
-    world = world or cfg.scaling.num_workers
+    # An elastic run may train at its minimum, where sharded states take the most per GPU.
+    world = world or cfg.scaling.fewest_workers()
     lines = []
     for i in range(len(cfg.stages)):
         lines += describe_stage(cfg, i, stage_shapes(cfg, i, cache), world, gpu_gib, gpus_per_node)
@@ -110,27 +111,29 @@ def fit_warnings(cfg: DistftConfig, gpus_per_node: int = 8) -> list[str]:
     for i, stage in enumerate(cfg.stages):
         shapes = stage_shapes(cfg, i, cache)
         models = {k: v for k, v in shapes.items() if k != "shape"}
-        mem = plan.stage_memory(cfg, i, shapes["shape"], s.num_workers, **models)
+        world = s.fewest_workers()  # an elastic run may shrink to its minimum: the most per GPU
+        mem = plan.stage_memory(cfg, i, shapes["shape"], world, **models)
         if mem.total <= gpu:
             continue
         options = []
         more = plan.smallest_fit(cfg, i, shapes["shape"], gpu, gpus_per_node, stage.strategy, **models)
         if more:
             options.append(f"scaling.num_workers={more[0]}")
-        for label, spec in (("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3}),
-                            ("strategy.offload_optimizer=cpu (ZeRO-3)",
-                             {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu"})):
+        zero = () if s.elastic() else (  # ZeRO checkpoints cannot resume at another size: no elastic runs
+            ("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3}),
+            ("strategy.offload_optimizer=cpu (ZeRO-3)", {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu"}))
+        for label, spec in zero:
             candidate = StrategyConfig(**spec, precision=stage.strategy.precision,
                                        gradient_checkpointing=stage.strategy.gradient_checkpointing)
             trial = plan.smallest_fit(cfg, i, shapes["shape"], gpu, gpus_per_node, candidate, **models)
-            if trial and trial[0] <= s.num_workers:
+            if trial and trial[0] <= world:
                 options.append(label)
         if not stage.strategy.gradient_checkpointing:
             trial = plan.smallest_fit(cfg, i, shapes["shape"], gpu, gpus_per_node, stage.strategy,
                                       checkpointing=True, **models)
-            if trial and trial[0] <= s.num_workers:
+            if trial and trial[0] <= world:
                 options.append("strategy.gradient_checkpointing=true")
         fix = f" Fix: {' or '.join(options)}." if options else " No strategy fits within 1024 GPUs of this size."
-        warnings.append(f"stage {stage.label()}: about {_gib(mem.total)} GiB per GPU on {s.num_workers} GPU(s), "
+        warnings.append(f"stage {stage.label()}: about {_gib(mem.total)} GiB per GPU on {world} GPU(s), "
                         f"over scaling.gpu_memory_gib={s.gpu_memory_gib:g} (see `distft plan`).{fix}")
     return warnings

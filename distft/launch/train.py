@@ -68,12 +68,13 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
 
     total = ray.cluster_resources()
     s = cfg.scaling
+    workers = s.fewest_workers()  # an elastic run can start with its minimum
     for key, per in s.resources_per_worker().items():
-        need = per * s.num_workers
+        need = per * workers
         have = total.get(key, 0)
         if need > have:
             raise ClusterError(
-                f"scaling asks for {need:g} {key} ({s.num_workers} workers x {per:g}), but the cluster has {have:g}. "
+                f"scaling asks for {need:g} {key} ({workers} workers x {per:g}), but the cluster has {have:g}. "
                 "Fix: fewer scaling.num_workers, smaller per-worker resources, or add nodes."
             )
 
@@ -161,6 +162,8 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
 
     stage = cfg.stages[stage_index]
     s = cfg.scaling
+    # Ray Train reads it from the driver's environment and hands it to its controller.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.run.worker_start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         train_loop_config={
@@ -172,7 +175,10 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             "secrets": ray.put(forwarded_secrets(cfg) if secrets is None else secrets),
         },
         scaling_config=ScalingConfig(
-            num_workers=s.num_workers,
+            # Elastic: Ray Train starts with what fits (at least the minimum), restarts the group
+            # smaller from the latest checkpoint when a worker is lost, and larger when room appears.
+            num_workers=(s.min_workers, s.num_workers) if s.elastic() else s.num_workers,
+            elastic_resize_monitor_interval_s=s.elastic_resize_interval_s,
             use_gpu=s.use_gpu,
             resources_per_worker=s.resources_per_worker(),
             placement_strategy=s.placement_strategy,
@@ -193,8 +199,14 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     if result.error:
         raise result.error
     summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
-    placed = [json.loads(p.read_text()) for p in (run_dir / stage.label() / "placement").glob("rank-*.json")]
+    placement = run_dir / stage.label() / "placement"
+    # Files of an earlier, larger worker group (an elastic run that shrank) are not this one's.
+    placed = [p for p in map(json.loads, (f.read_text() for f in placement.glob("rank-*.json")))
+              if p.get("world_size", summary.get("world_size")) == summary.get("world_size")]
     summary["worker_nodes"] = [p["node_id"] for p in sorted(placed, key=lambda p: p["rank"])]
+    groups = placement / "groups.jsonl"
+    if groups.is_file():  # every worker group this stage ran with, in order (restarts, elastic resizes)
+        summary["worker_groups"] = [json.loads(line)["world_size"] for line in groups.read_text().splitlines()]
     if cfg.run.forward_env:  # which forwarded variables every worker received (names only)
         summary["forwarded_env"] = sorted(set.intersection(*(set(p.get("forwarded_env", [])) for p in placed)))
     return summary
@@ -227,7 +239,7 @@ def _fit_interruptibly(trainer):
     return box["result"]
 
 
-def _record_placement(stage_dir: Path, rank: int, forward_env: list[str]) -> None:
+def _record_placement(stage_dir: Path, rank: int, world_size: int, forward_env: list[str]) -> None:
     """Which Ray node this rank runs on; the driver adds them to the summary as `worker_nodes`."""
     import ray
 
@@ -235,7 +247,11 @@ def _record_placement(stage_dir: Path, rank: int, forward_env: list[str]) -> Non
     out.mkdir(parents=True, exist_ok=True)
     node = ray.get_runtime_context().get_node_id()
     received = sorted(k for k in forward_env if os.environ.get(k))  # names only: what arrived, never values
-    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "node_id": node, "forwarded_env": received}))
+    (out / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world_size": world_size, "node_id": node,
+                                                        "forwarded_env": received}))
+    if rank == 0:
+        with (out / "groups.jsonl").open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), "world_size": world_size}) + "\n")
 
 
 def _quiet_report_logger() -> None:
@@ -259,17 +275,17 @@ def _worker_entry(config: dict) -> None:
     import ray.train
 
     from distft.config import DistftConfig
-    from distft.distributed.checkpoint import read_manifest
+    from distft.distributed.checkpoint import read_manifest, upload_snapshot
     from distft.stages import StageContext, stage_runner
 
     _quiet_report_logger()
     # Before anything reads them (hub downloads read HF_TOKEN); never logged, never written.
     os.environ.update(ray.get(config["secrets"]) if config.get("secrets") is not None else {})
-    from distft.launch.jobs import SECRETS_FILE
+    from distft.launch.job_entrypoint import scrub_unpacked_secrets
 
     # A submitted job's package is unpacked on every node it uses, with the secrets file the
     # entrypoint already took; the environment has the values now, so no copy stays on disk.
-    Path(SECRETS_FILE).unlink(missing_ok=True)
+    scrub_unpacked_secrets()
     cfg = DistftConfig.model_validate(config["config"])
     stage_index = config["stage_index"]
     tctx = ray.train.get_context()
@@ -280,8 +296,16 @@ def _worker_entry(config: dict) -> None:
         stop_fn = stop_asker(config["stop_hook"])
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        snapshot = upload_snapshot(checkpoint_dir) if checkpoint_dir else None
+        if snapshot is None:  # no checkpoint, or no hard links possible: Ray copies it while training waits
+            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
+            return
+        # Training goes on while Ray copies the checkpoint to run.storage_path (possibly s3://); it
+        # registers it once copied, then deletes the hard-linked snapshot.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(snapshot)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
 
     def run(resume_from: str | None) -> None:
         ctx = StageContext(
@@ -300,7 +324,7 @@ def _worker_entry(config: dict) -> None:
         stage_runner(cfg.stages[stage_index].stage)(cfg, ctx)
 
     _record_placement(Path(config["run_dir"]) / cfg.stages[stage_index].label(), tctx.get_world_rank(),
-                      cfg.run.forward_env)
+                      tctx.get_world_size(), cfg.run.forward_env)
     # Ray only ever registers sealed checkpoints (ReportCallback attaches one after its manifest is
     # written). The stage verifies it against that manifest before building anything, as for every
     # other launcher, and refuses a damaged one (CheckpointError) naming the file and the latest
@@ -395,7 +419,9 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
                     log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()}: the earlier attempt moved to {moved.name}")
             rerun_rest = True
             where = f", resuming from {Path(resume_from).name}" if resume_from else ""
-            log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {cfg.scaling.num_workers} Ray Train worker(s){where}")
+            s = cfg.scaling
+            workers = f"{s.min_workers}-{s.num_workers} (elastic)" if s.elastic() else s.num_workers
+            log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {workers} Ray Train worker(s){where}")
             summaries.append(train_stage(cfg, i, run_dir, resume_from))
         finish_provenance(run_dir, summaries)
         log(f"all stages done in {time.time() - started:.0f}s")

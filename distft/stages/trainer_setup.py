@@ -17,6 +17,7 @@ from distft.config import DistftConfig
 from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks, from_main, staging_dir, write_manifest
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
+from distft.models.hub import fetch_first
 from distft.stages.context import StageContext
 from distft.stages.reporting import ReportCallback, quiet_libraries
 
@@ -35,6 +36,7 @@ def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
     torch.set_num_threads(cfg.scaling.threads_per_worker())
     quiet_libraries()
     ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed)
+    fetch_first(cfg, ctx)  # hub models and datasets: one download per cache, before any rank loads them
     set_seed(stage.train.seed)
     if ctx.resume_from:  # a damaged, half-written or incompatible checkpoint is refused before anything is built
         check_resume_on_ranks(ctx.resume_from, world_size=ctx.world_size, strategy=strategy.label(),
