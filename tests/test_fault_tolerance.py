@@ -76,11 +76,11 @@ def test_a_killed_worker_restarts_from_the_latest_registered_checkpoint(tiny_bas
     steps = logged_steps(run_dir)
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the log goes back once
     resumed_from = steps[restart] - 5  # the first log after a restart is one log interval past its checkpoint
-    assert resumed_from % SAVE_EVERY == 0 and resumed_from >= 20
+    assert resumed_from % SAVE_EVERY == 0 and resumed_from >= SAVE_EVERY, steps  # from a checkpoint, not from 0
     # Ray may not have registered the newest checkpoint when the worker died: at most two intervals redone.
     assert killed_at - resumed_from <= 2 * SAVE_EVERY, (killed_at, resumed_from, steps)
     assert "resuming from" in out and "(step " in out
-    assert steps[-1] == 60 and sorted(set(steps)) == list(range(5, 61, 5))
+    assert steps[-1] == 60 and set(range(5, 61, 5)) <= set(steps)
     registered = sorted(int(json.loads(m.read_text())["step"]) for m in (store / "worker").rglob("distft_manifest.json"))
     assert registered and max(registered) >= 50 and not (run_dir / "ray").exists()  # copies went to the store
 
@@ -143,7 +143,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_joins(t
     cmd = [sys.executable, "-m", "distft.cli", "train", "configs/quickstart.yaml", f"model.name_or_path={tiny_base}",
            "scaling.num_workers=[1,2]", "scaling.elastic_resize_interval_s=5", "run.max_failures=5",
            "run.worker_start_timeout_s=15",
-           "train.max_steps=400", f"train.save_every={SAVE_EVERY}", "train.log_every=10", "evaluate.data=null",
+           "train.max_steps=300", f"train.save_every={SAVE_EVERY}", "train.log_every=10", "evaluate.data=null",
            "data.max_train_samples=1500", f"run.output_dir={tmp_path / 'runs'}", "run.name=elastic",
            "--address", two_raylets["address"]]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**two_raylets["env"], "PYTHONUNBUFFERED": "1"},
@@ -181,10 +181,10 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_joins(t
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-4000:]
     (summary,) = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 400 and summary["worker_groups"][:2] == [2, 1] and summary["worker_groups"][-1] == 2
+    assert summary["steps"] == 300 and summary["worker_groups"][:2] == [2, 1] and summary["worker_groups"][-1] == 2
     assert summary["world_size"] == 2
     steps = logged_steps(run_dir)
-    assert steps[-1] == 400 and shrunk_at < 400
+    assert steps[-1] == 300 and shrunk_at < 300
     # Every restart went back at most two checkpoint intervals: nothing trained twice beyond that.
     backs = [steps[i - 1] - steps[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
     assert len(backs) >= 2 and all(b < 2 * SAVE_EVERY + 10 for b in backs), steps

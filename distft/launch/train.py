@@ -59,6 +59,9 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
             log_to_driver=True,
             logging_level="warning",
         )
+        from distft.launch.reaper import start_reaper
+
+        start_reaper(os.getpid())  # if this process is killed outright, its cluster goes too
     return ray
 
 
