@@ -188,24 +188,18 @@ def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool,
     return 0
 
 
-def _before_after(s: dict, key: str, fmt: str) -> str | None:
-    after = s.get(f"{key}_after")
-    if after is None:
-        return None
-    before = s.get(f"{key}_before")
-    return (format(before, fmt) + " -> " if before is not None else "") + format(after, fmt)
-
-
 def stage_result(s: dict) -> str:
     """The held-out outcome of one stage, in words."""
+    from distft.launch.runs import before_after
+
     parts = []
-    em = _before_after(s, "exact_match", ".1%")
+    em = before_after(s, "exact_match", ".1%")
     if em:
         parts.append(f"exact match {em} ({s.get('eval_items', 0)} items)")
-    pairwise = _before_after(s, "pairwise_accuracy", ".1%")
+    pairwise = before_after(s, "pairwise_accuracy", ".1%")
     if pairwise:
         parts.append(f"pairwise accuracy {pairwise} (margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
-    reward = _before_after(s, "heldout_reward", ".3f")
+    reward = before_after(s, "heldout_reward", ".3f")
     if reward:
         parts.append(f"mean reward {reward}")
     if s.get("kl_last") is not None:

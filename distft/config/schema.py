@@ -118,8 +118,8 @@ class RunConfig(Section):
     output_dir: str = "runs"
     max_failures: int = Field(0, ge=0, description="Worker-group restarts Ray Train may attempt")
     worker_start_timeout_s: float = Field(
-        60.0, gt=0, description="How long Ray Train waits for a worker group to start; an elastic run then "
-                                "tries fewer workers"
+        60.0, gt=0, description="How long Ray Train waits for a worker group to start before it gives up on "
+                                "it (an elastic run then restarts with the workers it can place)"
     )
     keep_checkpoints: int = Field(2, ge=1)
     address: str | None = Field(None, description="Ray cluster address; default: a private local cluster")

@@ -112,7 +112,7 @@ def read_run(run_dir: str | Path) -> dict:
 # ---------------------------------------------------------------- formatting (pure)
 
 
-def _before_after(s: dict, key: str, fmt: str) -> str | None:
+def before_after(s: dict, key: str, fmt: str) -> str | None:
     after = s.get(f"{key}_after")
     if after is None:
         return None
@@ -130,10 +130,10 @@ def key_metrics(s: dict) -> list[str]:
         loss.append(f"eval loss {s['eval_loss']:.4g}")
     if loss:
         lines.append(", ".join(loss))
-    em = _before_after(s, "exact_match", ".1%")
+    em = before_after(s, "exact_match", ".1%")
     if em:
         lines.append(f"held-out exact match {em} ({s.get('eval_items', 0)} items)")
-    pairwise = _before_after(s, "pairwise_accuracy", ".1%")
+    pairwise = before_after(s, "pairwise_accuracy", ".1%")
     if pairwise:
         margin = f"margin {s['mean_margin_after']:.2f}, " if s.get("mean_margin_after") is not None else ""
         lines.append(f"held-out pairwise accuracy {pairwise} ({margin}{s.get('eval_pairs', 0)} pairs)")
@@ -154,7 +154,7 @@ def key_metrics(s: dict) -> list[str]:
         reward.append(f"KL {s['kl_last']:.3f}{target}")
     if reward:
         lines.append(", ".join(reward))
-    heldout = _before_after(s, "heldout_reward", ".3f")
+    heldout = before_after(s, "heldout_reward", ".3f")
     if heldout:
         lines.append(f"held-out mean reward {heldout}")
     if s.get("stopped_early_at") is not None:
