@@ -1,6 +1,6 @@
 """ASHA vs no early stopping, same search, same trial budget, side by side in one process.
 
-    python benchmarks/tune_asha.py                 # 16 samples x 3 seeds, about 35-40 min on 2 cores
+    python benchmarks/tune_asha.py                 # 16 samples x 3 seeds, about 70 min on 2 cores
     python benchmarks/tune_asha.py --samples 8 --seeds 1   # a quick look
 
 The search is configs/tune_quickstart.yaml's (learning rate x LoRA rank on the bundled task),

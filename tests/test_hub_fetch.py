@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from distft.config import build_config
+from test_distributed_stage import _free_port
 from distft.models.hub import hub_sources, leads_download
 
 
@@ -36,12 +36,6 @@ def test_who_downloads(shared, leaders):
     ranks = [(0, 0), (1, 1), (2, 0), (3, 1)]
     got = {(r, lr) for r, lr in ranks if leads_download(r, lr, shared)}
     assert got == leaders
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, cfg_json: str, out: str, local_rank: int, fail: bool,

@@ -210,7 +210,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     groups = placement / "groups.jsonl"
     if groups.is_file():  # every worker group this stage ran with, in order (restarts, elastic resizes)
         summary["worker_groups"] = [json.loads(line)["world_size"] for line in groups.read_text().splitlines()]
-    if cfg.run.forward_env:  # which forwarded variables every worker received (names only)
+    if cfg.run.forward_env and placed:  # which forwarded variables every worker received (names only)
         summary["forwarded_env"] = sorted(set.intersection(*(set(p.get("forwarded_env", [])) for p in placed)))
     return summary
 
@@ -274,7 +274,6 @@ def _quiet_report_logger() -> None:
 
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
-    import ray
     import ray.train
 
     from distft.config import DistftConfig
