@@ -173,6 +173,9 @@ def live_cluster(tmp_path_factory):
     token = home / "token"
     # `up` generates the token at RAY_AUTH_TOKEN_PATH; clients then find it through the state file.
     up_env = clean_env(DISTFT_CACHE=home, RAY_AUTH_TOKEN_PATH=token)
+    # As in CI: the venv is not on PATH (make calls .venv/bin/python), and jobs must still find distft.
+    venv_bin = os.path.dirname(sys.executable)
+    up_env["PATH"] = os.pathsep.join(p for p in up_env.get("PATH", "").split(os.pathsep) if p != venv_bin)
     port, dash = free_port(), free_port()
     info = {"home": home, "token": token, "port": port, "dashboard": dash, "address": f"127.0.0.1:{port}",
             "env": clean_env(DISTFT_CACHE=home)}

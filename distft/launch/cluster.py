@@ -421,6 +421,9 @@ def up(
     object_store = max(MIN_OBJECT_STORE, int(0.3 * psutil.virtual_memory().total / nodes))
     source, token_path, generated = ensure_token()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # A job's entrypoint runs `python` from the raylet's PATH. Put this interpreter first, so jobs
+    # find distft even when it was started as .venv/bin/distft without activating the venv.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     # On SIGTERM a node first drains (for Serve traffic) for up to 30 s; after a Train run the
     # head never went idle here, so `down` waited out the whole 30 s for nothing.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
