@@ -61,7 +61,7 @@ class MeasurementDone(Exception):
     """Raised on every rank at the same point once measured: the rest of the stage (eval, export) is not timed."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -180,7 +180,7 @@ def run_strategy(name: str, model_dir: Path, data: Path, world: int, work: Path,
     build_config(raw)  # fail here, not in two workers
     run_dir = work / name
     run_dir.mkdir(parents=True)
-    mp.start_processes(_worker, args=(world, _free_port(), json.dumps(raw), str(run_dir)), nprocs=world,
+    mp.start_processes(_worker, args=(world, free_port(), json.dumps(raw), str(run_dir)), nprocs=world,
                        start_method="spawn")
     return [json.loads((run_dir / f"memory-rank{r}.json").read_text()) for r in range(world)]
 

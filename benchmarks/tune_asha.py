@@ -62,13 +62,13 @@ def main() -> int:
 
     import ray
 
+    from distft.launch.train import start_private_ray
     from distft.stages.tiny_base import ensure_tiny_base
 
     ensure_tiny_base()
     out = Path(args.out or tempfile.mkdtemp(prefix="tune-asha-"))
     # One cluster for every search, as `distft tune` builds it: a spare logical CPU for trial actors.
-    ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, log_to_driver=False, logging_level="error",
-             include_dashboard=False)
+    start_private_ray((os.cpu_count() or 1) + 1, log_to_driver=False, logging_level="error")
     results = []
     for seed in range(args.seeds):
         order = ("asha", "none") if seed % 2 == 0 else ("none", "asha")

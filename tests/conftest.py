@@ -49,6 +49,8 @@ def alpaca_rows() -> list[dict]:
 def ray_cluster():
     """One private local Ray cluster for every Ray test: each start costs seconds here."""
     ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=os.cpu_count(), dashboard_host="127.0.0.1", logging_level="warning")
+    from distft.launch.train import start_private_ray
+
+    start_private_ray(os.cpu_count())
     yield ray
     ray.shutdown()

@@ -334,10 +334,10 @@ def run_stage(raw: dict, run_dir: Path, world: int, resume_from: Path | None = N
         return {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
     import torch.multiprocessing as mp
 
-    from test_distributed_stage import _free_port
+    from test_distributed_stage import free_port
 
     mp.start_processes(_resume_worker, nprocs=world, start_method="spawn",
-                       args=(world, _free_port(), json.dumps(raw), str(run_dir), resume))
+                       args=(world, free_port(), json.dumps(raw), str(run_dir), resume))
     return {int(k): v for k, v in json.loads((run_dir / "rank0.json").read_text()).items()}
 
 

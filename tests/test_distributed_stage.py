@@ -14,7 +14,7 @@ from conftest import REPO, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -55,7 +55,7 @@ def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, resume_
     })
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
-    mp.start_processes(_worker, args=(world, _free_port(), cfg.model_dump_json(), str(run_dir), resume_from),
+    mp.start_processes(_worker, args=(world, free_port(), cfg.model_dump_json(), str(run_dir), resume_from),
                        nprocs=world, start_method="spawn")
     r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
     return r0, r1, run_dir

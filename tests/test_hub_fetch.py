@@ -12,7 +12,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from distft.config import build_config
-from test_distributed_stage import _free_port
+from test_distributed_stage import free_port
 from distft.models.hub import hub_sources, leads_download
 
 
@@ -71,7 +71,7 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, out: str, local_rank:
 
 
 def run_two(tmp_path, cfg, local_ranks, fail=False, offline=False) -> list[list[dict]]:
-    port, spawn = _free_port(), mp.get_context("spawn")
+    port, spawn = free_port(), mp.get_context("spawn")
     procs = [spawn.Process(target=_rank, args=(r, 2, port, cfg.model_dump_json(), str(tmp_path), local_ranks[r], fail,
                                                offline))
              for r in range(2)]

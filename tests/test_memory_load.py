@@ -49,7 +49,7 @@ class _Done(Exception):
     """Raised on every rank at the same point once measured: nothing after loading is needed."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -141,7 +141,7 @@ def _run(model_dir: Path, warmup_dir: Path, data: Path, out: Path, world: int, s
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # read by glibc in each spawned worker
     try:
-        mp.start_processes(_worker, args=(world, _free_port(), json.dumps(raw), str(out), str(warmup_dir)),
+        mp.start_processes(_worker, args=(world, free_port(), json.dumps(raw), str(out), str(warmup_dir)),
                            nprocs=world, start_method="spawn")
     finally:
         if saved is None:

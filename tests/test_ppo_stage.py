@@ -321,11 +321,11 @@ def _ppo_rank(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> 
 def test_two_ranks_share_each_rollout_and_stay_in_step(undertrained_sft, tmp_path, strategy):
     import torch.multiprocessing as mp
 
-    from test_distributed_stage import _free_port
+    from test_distributed_stage import free_port
 
     cfg = ppo_cfg(undertrained_sft, workers=2, strategy=strategy, train={"max_steps": 3, "log_every": 1},
                   evaluate={"data": str(FACTS_TEST), "max_samples": 21, "max_new_tokens": 6})
-    mp.start_processes(_ppo_rank, args=(2, _free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2,
+    mp.start_processes(_ppo_rank, args=(2, free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     # Metrics are means over both ranks' rollouts: every rank logs the same numbers.

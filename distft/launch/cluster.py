@@ -236,7 +236,7 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
-def _free_port() -> int:
+def free_port() -> int:
     # The kernel's ephemeral range (32768+) stays clear of Ray's worker ports (10002-19999).
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -424,6 +424,8 @@ def up(
     # A job's entrypoint runs `python` from the raylet's PATH. Put this interpreter first, so jobs
     # find distft even when it was started as .venv/bin/distft without activating the venv.
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    # Ray Train's placement-group cleaner asks the State API; pin it to this cluster (see start_private_ray).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     # On SIGTERM a node first drains (for Serve traffic) for up to 30 s; after a Train run the
     # head never went idle here, so `down` waited out the whole 30 s for nothing.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
@@ -457,7 +459,7 @@ def up(
             # The dashboard serves the Jobs API; it stays on the loopback interface.
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
             # Fixed defaults (10001, 52365) would clash with any other Ray on this machine.
-            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+            "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
         ]
         procs["head"] = _spawn("head", head_args + common, env, logs)
         state["processes"].append(procs["head"][0])
@@ -468,7 +470,7 @@ def up(
             _wait_for_nodes(1, procs, deadline)
             for i in range(1, workers + 1):
                 args = ["--address", address, "--num-cpus", str(cpus),
-                        "--dashboard-agent-listen-port", str(_free_port())]
+                        "--dashboard-agent-listen-port", str(free_port())]
                 procs[f"worker-{i}"] = _spawn(f"worker-{i}", args + common, env, logs)
                 state["processes"].append(procs[f"worker-{i}"][0])
                 _write_state(state)
