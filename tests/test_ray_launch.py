@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO
 from distft.config import load_config
 from distft.launch.preflight import absolutize_paths
+from test_provenance import SECRET_PROBE, assert_run_records_itself
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +50,11 @@ def test_quickstart_cli_meets_its_target(tmp_path):
     """The README's quickstart, as a user runs it: >= 95% held-out exact match, then `generate` answers."""
     cmd = [sys.executable, "-m", "distft.cli", "train", "configs/quickstart.yaml",
            f"run.output_dir={tmp_path}", "run.name=qs"]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, **SECRET_PROBE})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out     exact match 0.0% ->" in r.stdout
+    assert_run_records_itself(tmp_path / "qs", cmd)
     (summary,) = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval_items"] >= 500
     assert summary["exact_match_after"] >= 0.95, summary

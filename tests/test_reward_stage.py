@@ -246,16 +246,21 @@ def test_reward_stage_on_gpu_in_bf16_without_ray(tiny_base, tmp_path):
     assert summary["pairwise_accuracy_after"] >= summary["pairwise_accuracy_before"] + 0.25, summary
 
 
-@pytest.mark.slow
-def test_shipped_reward_recipe_reaches_the_target_on_near_misses(tiny_base, tmp_path):
-    """configs/reward.yaml, in one process (same global batch): measured 99.3% held-out (same-category 98%)."""
-    cfg = load_config(REPO / "configs" / "reward.yaml", [
-        f"model.name_or_path={tiny_base}", "scaling.num_workers=1", "scaling.torch_threads=2",
-        f"data.train={PREFS_TRAIN}", f"evaluate.data={PREFS_TEST}",
-    ])
-    summary = stage_runner("reward")(cfg, StageContext(run_dir=tmp_path / "run"))
-    assert summary["pairwise_accuracy_after"] >= 0.90, summary
-    assert min(summary["pairwise_accuracy_by_kind"].values()) >= 0.85, summary["pairwise_accuracy_by_kind"]
+def test_shipped_reward_recipe_is_the_one_the_pipeline_test_measures():
+    """configs/reward.yaml reaches its target in test_rlhf_pipeline.py, as the rlhf_quickstart reward stage
+    (measured there: 99.0% held-out, every near-miss kind >= 85%). That holds only while the two train the
+    same way: same base, data, method, batch and optimisation; they may differ in logging and checkpoints."""
+    shipped_cfg = load_config(REPO / "configs" / "reward.yaml")
+    pipeline_cfg = load_config(REPO / "configs" / "rlhf_quickstart.yaml")
+    (shipped,), stage = shipped_cfg.stages, pipeline_cfg.stages[1]
+    assert stage.stage == shipped.stage == "reward"
+    assert pipeline_cfg.init_source(1) == shipped_cfg.init_source(0) == "distft://tiny-base"
+    cadence = {"log_every", "eval_every", "save_every"}
+    assert stage.train.model_dump(exclude=cadence) == shipped.train.model_dump(exclude=cadence)
+    assert stage.method == shipped.method and stage.strategy == shipped.strategy
+    assert pipeline_cfg.model == shipped_cfg.model and pipeline_cfg.scaling == shipped_cfg.scaling
+    assert stage.data.model_dump() == shipped.data.model_dump()
+    assert stage.evaluate.data == shipped.evaluate.data
 
 
 # ---------------------------------------------------------------- sharded, 2 gloo ranks (no Ray)
