@@ -81,6 +81,16 @@ def _gib(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 80GiB") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def cmd_plan(args) -> int:
     from distft.launch.sizing import render_plan
 
@@ -459,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "alone (no weights downloaded, nothing launched)")
     sp.add_argument("--gpu-memory", type=_gib, help="memory of each GPU, e.g. 80GiB (default: "
                     "scaling.gpu_memory_gib, else 80)")
-    sp.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    sp.add_argument("--gpus", type=int, help="plan for this many GPUs (default: scaling.num_workers)")
+    sp.add_argument("--gpus-per-node", type=_positive, default=8, help="GPUs per node (default 8)")
+    sp.add_argument("--gpus", type=_positive, help="plan for this many GPUs (default: scaling.num_workers)")
     sp.set_defaults(func=cmd_plan)
     help_ = ("Search hyperparameters (the config's `tune:` section) with Ray Tune and ASHA early stopping; "
              "each trial is a distributed Ray Train run")

@@ -1,4 +1,6 @@
-"""The command line: `distft validate` turns every bad input into one clear line, no traceback."""
+"""The command line as users run it (a subprocess): plans, refusals, eval and generate.
+
+The table of bad inputs, command by command, is tests/test_bad_inputs.py."""
 
 from __future__ import annotations
 
@@ -30,33 +32,6 @@ def test_validate_prints_the_plan(config):
     assert r.returncode == 0, r.stderr
     assert "global_batch_size 16 = micro_batch_size 4 x 1 workers x 4 accumulation steps" in r.stdout
     assert "200 rows, format alpaca" in r.stdout and "config OK" in r.stdout
-
-
-@pytest.mark.parametrize(
-    "overrides, expected",
-    [
-        (["train.lrr=1"], "train.lrr: unknown key; did you mean `lr`?"),
-        (["train.lr=fast"], "train.lr: Input should be a valid number"),
-        (["data.train=./missing.jsonl"], "data.train: file not found: "),
-        (["scaling.num_workers=0"], "scaling.num_workers: Input should be greater than or equal to 1"),
-        (["scaling.num_workers=64", "train.global_batch_size=512"], "scaling: 64 workers x 1 CPUs = 64 CPUs, but this machine has"),
-        (["model.name_or_path=/nonexistent/model"], "model.name_or_path: /nonexistent/model does not exist"),
-    ],
-)
-def test_validate_bad_input_gives_one_clear_message(config, overrides, expected):
-    r = distft("validate", config, *overrides)
-    assert r.returncode == 2
-    assert expected in r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
-
-
-def test_validate_row_missing_its_field(tmp_path, alpaca_rows):
-    rows = [dict(r) for r in alpaca_rows]
-    del rows[41]["instruction"]
-    data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    r = distft("validate", REPO / "configs" / "quickstart.yaml", f"data.train={data}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"data.train: {data} row 42: field `instruction` is missing (format alpaca)." in r.stderr
 
 
 def test_data_of_the_wrong_kind_for_its_stage_is_refused_before_launch():

@@ -142,6 +142,15 @@ class RunConfig(Section):
         description="Environment variables to forward to every worker, e.g. [HF_TOKEN]; names, never values",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        # The run directory is <output_dir>/<name>: a name with a path in it would write elsewhere.
+        if name is not None and (not name or name in (".", "..") or "/" in name or "\\" in name):
+            raise ValueError(f"run.name: {name!r} is not a plain directory name. Fix: a name like my-run; "
+                             "put the parent directory in run.output_dir.")
+        return name
+
     @field_validator("forward_env")
     @classmethod
     def _env_names(cls, names: list[str]) -> list[str]:
@@ -158,6 +167,15 @@ class LoraSettings(Section):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_message(cls, v):
+        # Without this, pydantic reports each arm of the union separately, as two errors.
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError(f"method.lora.target_modules: 'all-linear' or a list of module names, e.g. "
+                             f"[q_proj, v_proj] (got {v!r})")
+        return v
 
 
 class QuantizationSettings(Section):

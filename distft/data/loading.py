@@ -29,6 +29,8 @@ def load_rows(source: str, split: str = "train", field: str = "data.train"):
         builder = LOCAL_BUILDERS.get(path.suffix)
         if builder is None:
             raise DataError(f"{field}: {path} has an unsupported extension. Fix: use .json, .jsonl, .parquet or .csv.")
+        if path.stat().st_size == 0:
+            raise DataError(f"{field}: {path} is empty. Fix: point it at a file with rows.")
         if path.suffix == ".jsonl":
             _check_jsonl(path, field)
         try:

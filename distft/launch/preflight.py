@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 from distft.config import TINY_BASE, DistftConfig
@@ -73,6 +74,9 @@ def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[s
 def check_data(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[list[str], list[str]]:
     """(problems, notes): every local data file is read and every row validated (except those `elsewhere`:
     paths that exist only where the run goes, e.g. on a cluster's shared volume)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a check of small local files: its bars would bury the one error line
     problems, notes = [], []
     prefix = "" if len(cfg.stages) == 1 else "stages.{i}."
     for i, st in enumerate(cfg.stages):
@@ -220,7 +224,21 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
         problems += check_local_resources(cfg)
     if problems:
         raise PreflightError("\n".join(f"  - {p}" for p in problems))
+    warning = trust_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     return notes
+
+
+def trust_warning(cfg: DistftConfig) -> str | None:
+    """A model's own Python code runs on every worker when trust_remote_code is on: say so, by name."""
+    if not cfg.model.trust_remote_code:
+        return None
+    models = list(dict.fromkeys([cfg.model.name_or_path] + [st.init_from for st in cfg.stages if st.init_from]
+                                + [st.reward.model for st in cfg.stages if getattr(st, "reward", None) and st.reward.model]))
+    return (f"warning: model.trust_remote_code is on: Python code shipped with {', '.join(models)} runs on every "
+            "worker when it loads. Keep it on only for models whose code you have read or trust; "
+            "model.revision pins the commit that code comes from.")
 
 
 def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:

@@ -141,6 +141,20 @@ def final_model_dir(path: str | Path) -> Path:
     return path
 
 
+def inference_source(path: str | Path, what: str = "model") -> str:
+    """A model directory (a run's export, a full model or an adapter) or a hub id, checked before loading."""
+    local = final_model_dir(Path(path).expanduser())
+    if local.is_dir():
+        if not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise FileNotFoundError(f"{local} is not a {what} directory (no config.json or adapter_config.json). "
+                                    "Fix: pass a run directory (runs/<run>), its final/ export, or a hub id.")
+        return str(local)
+    text = str(path)
+    if local.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"no {what} at {local}. Fix: pass a run directory, a model directory or a hub id.")
+    return text  # a hub id: from_pretrained fetches it
+
+
 def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False):
     """(model, tokenizer) of a trained reward model: a full model, a LoRA adapter, or a run directory.
 
@@ -150,9 +164,7 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    path = final_model_dir(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no reward model at {path}. Fix: pass a run directory or a model directory.")
+    path = Path(inference_source(path, "reward model"))
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -182,9 +194,12 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False):
     """(model, tokenizer) from a model directory, a LoRA adapter directory, or a run directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = final_model_dir(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no model at {path}. Fix: pass a run directory, a model directory or a hub id.")
+    path = Path(inference_source(path))
+    if trust_remote_code:
+        import sys
+
+        print(f"warning: --trust-remote-code: Python code shipped with {path} runs in this process.",
+              file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
