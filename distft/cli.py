@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     from distft.launch.preflight import PreflightError
-    from distft.launch.train import ClusterError
+    from distft.launch.train import ClusterError, StageError
 
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: workers stopped, checkpoints kept.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -580,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     except (DataError, UsageError, ClusterError) as e:
         print(f"error: {e}", file=sys.stderr)
+    except StageError as e:  # the run itself failed (not its input): exit 1, as a crash would
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = getattr(args, "resume_hint", None) or (
             f"distft resume {args.run_dir_hint}" if getattr(args, "run_dir_hint", None) else None)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,19 @@ def test_ranks_match_one_process_step_for_step(world, strategy, rel, single_proc
     assert r0["summary"]["world_size"] == world
     assert sorted(single_process_losses) == r0["steps"] == list(range(1, 11))
     assert r0["losses"] == pytest.approx([single_process_losses[s] for s in r0["steps"]], rel=rel)
+
+
+def test_a_rank_that_never_arrives_fails_the_group_within_its_timeout():
+    """Rank 0 of 2 alone: instead of waiting forever for rank 1, a clear error once run.collective_timeout_s passes."""
+    port = free_port()
+    code = ("from distft.distributed.process_group import ensure_process_group\n"
+            "ensure_process_group(2, use_gpu=False, timeout_s=3)\n")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    started = time.time()
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and time.time() - started < 60
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("distft.distributed.process_group.ProcessGroupError: rank 0 of 2 could not form the gloo "
+                           f"process group at 127.0.0.1:{port} within 3 s"), last
+    assert "larger run.collective_timeout_s" in last

@@ -121,6 +121,10 @@ class RunConfig(Section):
         60.0, gt=0, description="How long Ray Train waits for a worker group to start before it gives up on "
                                 "it (an elastic run then restarts with the workers it can place)"
     )
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="How long ranks wait for each other (forming the process group, and in every "
+                                  "collective) before the run fails instead of hanging"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     address: str | None = Field(None, description="Ray cluster address; default: a private local cluster")
     storage_path: str | None = Field(

@@ -229,6 +229,48 @@ def complete_checkpoints(parent: str | Path) -> list[Path]:
     return [d for _, _, d in sorted(found)]
 
 
+# What full disks, quotas, file-size limits, read-only and failing disks raise as, by library:
+# Python's OSError errno, safetensors' Rust "os error N", torch.save's zip writer (no errno at all).
+_DISK_ERRNOS = {5, 27, 28, 30, 122}  # EIO, EFBIG, ENOSPC, EROFS, EDQUOT
+_DISK_TEXT = re.compile(r"os error (5|27|28|30|122)\b|PytorchStreamWriter failed|inline_container\.cc")
+
+
+def is_disk_error(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+            return True
+        if _DISK_TEXT.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def write_failure(checkpoints_dir: str | Path, error: BaseException, resume_hint: str) -> str | None:
+    """The account of a stage that failed writing (a checkpoint, or any file on a full disk), else None.
+
+    A checkpoint left in the staging folder was being written when the error came: it never
+    becomes `checkpoint-N` (it is deleted on the next start), and the latest sealed one is
+    re-verified here, so the message can say it is intact."""
+    staged = sorted((d for d in staging_dir(checkpoints_dir).glob("checkpoint-*") if d.is_dir()),
+                    key=lambda d: checkpoint_step(d) or -1)
+    disk = is_disk_error(error)
+    if not staged and not disk:
+        return None
+    what = f"writing checkpoint {staged[-1].name}" if staged else "writing to disk"
+    cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    sealed = complete_checkpoints(checkpoints_dir)
+    if sealed and not verify_checkpoint(sealed[-1]):
+        kept = f"the previous checkpoint, {sealed[-1]}, is intact (verified)"
+    elif sealed:
+        kept = f"the latest sealed checkpoint, {sealed[-1]}, does not verify either"
+    else:
+        kept = "no checkpoint had been completed yet"
+    fix = ("free disk space, or raise the quota or file-size limit (ulimit -f), for " if disk
+           else "fix the cause above for ")
+    return (f"{what} failed ({type(error).__name__}: {cause}); the stage stopped and {kept}. "
+            f"Fix: {fix}{Path(checkpoints_dir).parent.parent}, then {resume_hint}.")
+
+
 def previous_good(ckpt_dir: str | Path, search: list[str | Path] = ()) -> Path | None:
     """The latest checkpoint before `ckpt_dir` (beside it, or in `search`) that verifies."""
     ckpt_dir = Path(ckpt_dir)

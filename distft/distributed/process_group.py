@@ -11,9 +11,17 @@ from __future__ import annotations
 import os
 
 
-def ensure_process_group(world_size: int, use_gpu: bool, deepspeed: bool = False) -> None:
+class ProcessGroupError(RuntimeError):
+    """The ranks could not form their process group in time; the message says where to look."""
+
+
+def ensure_process_group(world_size: int, use_gpu: bool, deepspeed: bool = False, timeout_s: float = 1800.0) -> None:
+    """Join (or create) the group. `timeout_s` bounds the rendezvous and every later collective:
+    a rank that never arrives, or hangs, fails the run instead of stalling it."""
     if world_size <= 1:
         return
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -21,7 +29,16 @@ def ensure_process_group(world_size: int, use_gpu: bool, deepspeed: bool = False
     if not dist.is_initialized():
         if use_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        except (RuntimeError, TimeoutError) as e:  # torch raises DistStoreError (a RuntimeError) on timeout
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise ProcessGroupError(
+                f"rank {os.environ.get('RANK', '?')} of {world_size} could not form the {backend} process group at "
+                f"{where} within {timeout_s:g} s ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: check that "
+                "every worker started and that the nodes reach each other on that port; a slow start may need a "
+                "larger run.collective_timeout_s."
+            ) from None
     if deepspeed:
         # ZeRO-3's zero.Init runs inside from_pretrained, before the Trainer; DeepSpeed's own
         # comm layer must already wrap the group there, or it partitions for a world of 1.

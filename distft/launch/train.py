@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,32 @@ WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSION
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or cannot host the request; the message says how to fix it."""
+
+
+class StageError(RuntimeError):
+    """A stage's workers failed; the message names the rank and the cause (the tracebacks are in the log above)."""
+
+
+def stage_failed(label: str, error: BaseException) -> StageError:
+    """Ray Train's error, reduced to what failed where: the first failed rank's own message."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items(), key=lambda kv: kv[0])
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's exception
+        where = f" on rank {rank}" if len(failures) < 2 else f" on {len(failures)} ranks (rank {rank} first)"
+    else:
+        cause, where = getattr(error, "controller_failure", None) or error, ""
+    return StageError(f"stage {label} failed{where}: {error_line(cause)}")
+
+
+def error_line(error) -> str:
+    """The innermost `SomeError: message` of a (Ray-wrapped) exception, on one line."""
+    text = str(error)
+    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception)\b.*:", ln)]
+    if lines:
+        return lines[-1][:600]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(error).__name__}: {first}"[:600]
 
 
 def cluster_address(cfg: DistftConfig, address: str | None = None) -> str | None:
@@ -175,7 +202,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     stage = cfg.stages[stage_index]
     s = cfg.scaling
@@ -183,6 +210,8 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.run.worker_start_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
+        # Ray Train forms the process group: the same bound on its rendezvous and every collective.
+        torch_config=TorchConfig(timeout_s=max(1, round(cfg.run.collective_timeout_s))),
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "stage_index": stage_index,
@@ -214,7 +243,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     )
     result = _fit_interruptibly(trainer)
     if result.error:
-        raise result.error
+        raise stage_failed(stage.label(), result.error) from result.error
     summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
     placement = run_dir / stage.label() / "placement"
     # Files of an earlier, larger worker group (an elastic run that shrank) are not this one's.

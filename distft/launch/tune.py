@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -41,8 +40,8 @@ from ray.tune.search.optuna import OptunaSearch  # imports without optuna instal
 
 from distft.config import DistftConfig, dump_config
 from distft.config.search import TuneSettings, trial_config
-from distft.launch.train import (ClusterError, check_storage, cluster_address, forwarded_env, forwarded_secrets,
-                                 init_ray, resume_point, train_stage)
+from distft.launch.train import (ClusterError, check_storage, cluster_address, error_line, forwarded_env,
+                                 forwarded_secrets, init_ray, resume_point, train_stage)
 
 TRIAL_ACTOR_CPU = 0.01  # a trial's Tune actor only waits on `fit`
 SEARCH_FILE = "search.yaml"  # the config with its tune section, as the search ran it (for --resume)
@@ -426,13 +425,6 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
             ray.shutdown()
 
 
-def _error_line(error) -> str:
-    """The innermost `SomeError: message` of a (Ray-wrapped) exception, on one line."""
-    text = str(error)
-    lines = [ln.strip() for ln in text.splitlines() if re.match(r"^\s*[\w.]*(Error|Exception)\b.*:", ln)]
-    return (lines[-1] if lines else text.strip().splitlines()[0] if text.strip() else type(error).__name__)[:300]
-
-
 def result_rows(grid, run_dir: Path, tune_cfg: TuneSettings) -> list[dict]:
     """One row per trial: its values, final and best metric, steps, how it ended, wall time, its curve."""
     rows = []
@@ -451,7 +443,7 @@ def result_rows(grid, run_dir: Path, tune_cfg: TuneSettings) -> list[dict]:
         values = [v for _, v in curve] + ([final] if final is not None else [])
         best = (min if tune_cfg.mode == "min" else max)(values) if values else None
         if result.error is not None:
-            status, how = "failed", f"failed: {_error_line(result.error)}"
+            status, how = "failed", f"failed: {error_line(result.error)}"
         elif summary:
             stopped = summary.get("stopped_early_at")
             status = "stopped" if stopped else "completed"

@@ -1,6 +1,30 @@
 """Training stages. Each `run(cfg, ctx)` builds model, data and trainer, then trains; none imports Ray."""
 
+from functools import wraps
+
 from distft.stages.context import StageContext
+
+
+class StageWriteError(RuntimeError):
+    """A stage could not write (checkpoint or disk); the message says what is intact and how to go on."""
+
+
+def _writes_explained(run):
+    @wraps(run)
+    def guarded(cfg, ctx: StageContext):
+        try:
+            return run(cfg, ctx)
+        except Exception as e:
+            from distft.distributed.checkpoint import write_failure
+
+            stage = cfg.stages[ctx.stage_index]
+            problem = write_failure(ctx.run_dir / stage.label() / "checkpoints", e,
+                                    f"`distft resume {ctx.run_dir}`")
+            if problem is None:
+                raise
+            raise StageWriteError(f"stage {stage.label()}: {problem}") from e
+
+    return guarded
 
 
 def stage_runner(kind: str):
@@ -19,7 +43,7 @@ def stage_runner(kind: str):
         from distft.stages.grpo import run
     else:
         raise ValueError(f"unknown stage kind {kind!r}")
-    return run
+    return _writes_explained(run)
 
 
-__all__ = ["StageContext", "stage_runner"]
+__all__ = ["StageContext", "StageWriteError", "stage_runner"]

@@ -35,7 +35,8 @@ def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
     stage_dir = Path(ctx.run_dir) / stage.label()
     torch.set_num_threads(cfg.scaling.threads_per_worker())
     quiet_libraries()
-    ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed)
+    ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed,
+                         timeout_s=cfg.run.collective_timeout_s)
     fetch_first(cfg, ctx)  # hub models and datasets: one download per cache, before any rank loads them
     set_seed(stage.train.seed)
     if ctx.resume_from:  # a damaged, half-written or incompatible checkpoint is refused before anything is built

@@ -1,0 +1,133 @@
+"""A real write fault mid-checkpoint: RLIMIT_FSIZE on the training process makes the kernel refuse
+writes past the limit (EFBIG; Python ignores the SIGXFSZ that comes with it). Ray-free: the stage
+runs in a child process whose limit is set before it starts, as `ulimit -f` would."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_jsonl
+from distft.distributed.checkpoint import complete_checkpoints, staging_dir, verify_checkpoint
+
+CHILD = """
+import json, sys
+from distft.config import build_config
+from distft.stages import StageContext, StageWriteError, stage_runner
+raw, run_dir, resume = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+try:
+    stage_runner("sft")(build_config(raw), StageContext(run_dir=__import__("pathlib").Path(run_dir), resume_from=resume or None))
+except StageWriteError as e:
+    print(f"StageWriteError: {e}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def raw_config(model_dir, data, max_steps: int) -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir), "max_seq_len": 64},
+        "scaling": {"num_workers": 1, "torch_threads": 2},
+        "stage": "sft",
+        "data": {"train": str(data), "max_eval_samples": 8},
+        "method": {"name": "full"},
+        "run": {"keep_checkpoints": 3},
+        "train": {"lr": 1e-3, "max_steps": max_steps, "global_batch_size": 8, "micro_batch_size": 4,
+                  "log_every": 1, "save_every": 2, "eval_every": 100},
+        "evaluate": {"before": False},
+    }
+
+
+def run_child(raw: dict, run_dir, resume, file_limit: int | None) -> subprocess.CompletedProcess:
+    def limit():
+        if file_limit:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    return subprocess.run([sys.executable, "-c", CHILD, json.dumps(raw), str(run_dir), str(resume)],
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit)
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_mid_checkpoint_stops_the_run_and_keeps_the_previous_checkpoint(tiny_random, alpaca_rows,
+                                                                                        tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "sft" / "checkpoints"
+    first = run_child(raw_config(tiny_random, data, 4), run_dir, "", None)
+    assert first.returncode == 0, first.stderr[-3000:]
+    good = ckpts / "checkpoint-4"
+    assert complete_checkpoints(ckpts)[-1] == good and not verify_checkpoint(good)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    metrics_before = (run_dir / "sft" / "metrics.jsonl").read_text()
+
+    # The limit lets small files through (metrics, logs) but not the checkpoint's big ones.
+    limit = max(p.stat().st_size for p in good.iterdir()) // 2
+    assert limit > 64 * 1024
+    cut = run_child(raw_config(tiny_random, data, 8), run_dir, good, limit)
+    assert cut.returncode == 3, cut.stderr[-3000:]
+    message = cut.stderr.strip().splitlines()[-1]
+    assert message.startswith("StageWriteError: stage sft: writing checkpoint checkpoint-6 failed ("), message
+    assert f"the previous checkpoint, {good}, is intact (verified)" in message
+    assert "Fix: free disk space, or raise the quota or file-size limit (ulimit -f)" in message
+    assert f"then `distft resume {run_dir}`" in message
+    assert "Traceback" not in message
+
+    # Nothing already written was lost; the half-written checkpoint never became checkpoint-6.
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before and not verify_checkpoint(good)
+    assert complete_checkpoints(ckpts)[-1] == good and not (ckpts / "checkpoint-6").exists()
+    assert (run_dir / "sft" / "metrics.jsonl").read_text().startswith(metrics_before)
+
+    # With the fault gone, the run resumes from that checkpoint and finishes; the leftover is cleared.
+    done = run_child(raw_config(tiny_random, data, 8), run_dir, good, None)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [c.name for c in complete_checkpoints(ckpts)][-1] == "checkpoint-8"
+    assert not verify_checkpoint(ckpts / "checkpoint-8") and not list(staging_dir(ckpts).glob("checkpoint-*"))
+    steps = [json.loads(x)["step"] for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps[-1] == 8 and 5 in steps
+
+
+@pytest.mark.parametrize("error, disk", [
+    (OSError(28, "No space left on device"), True),
+    (OSError(122, "Disk quota exceeded"), True),
+    (RuntimeError("Error while serializing: I/O error: File too large (os error 27)"), True),  # safetensors
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), True),  # torch.save
+    (OSError(2, "No such file or directory"), False),
+    (ValueError("boom"), False),
+])
+def test_disk_errors_are_told_apart_from_other_failures(error, disk, tmp_path):
+    from distft.distributed.checkpoint import is_disk_error, write_failure
+
+    assert is_disk_error(error) is disk
+    wrapped = RuntimeError("while saving")
+    wrapped.__cause__ = error
+    assert is_disk_error(wrapped) is disk
+    told = write_failure(tmp_path / "run" / "sft" / "checkpoints", error, "`distft resume run`")
+    assert (told is not None) is disk
+    if disk:
+        assert "writing to disk failed" in told and "no checkpoint had been completed yet" in told
+
+
+def test_a_failure_while_a_checkpoint_is_staged_names_it(tmp_path):
+    from distft.distributed.checkpoint import write_failure
+
+    ckpts = tmp_path / "run" / "sft" / "checkpoints"
+    (staging_dir(ckpts) / "checkpoint-12").mkdir(parents=True)
+    told = write_failure(ckpts, ValueError("a bug in a callback"), "`distft resume run`")
+    assert told.startswith("writing checkpoint checkpoint-12 failed (ValueError: a bug in a callback)")
+    assert "Fix: fix the cause above for" in told
+
+
+def test_ray_train_errors_are_reduced_to_the_failing_rank_and_its_message():
+    from ray.train import WorkerGroupError
+
+    from distft.launch.train import stage_failed
+
+    cause = RuntimeError("Traceback (most recent call last):\n  File x\nValueError: the real reason")
+    e = stage_failed("sft", WorkerGroupError("rank 1 failed", {1: cause}))
+    assert str(e) == "stage sft failed on rank 1: ValueError: the real reason"
+    e = stage_failed("ppo", WorkerGroupError("both", {0: ValueError("a"), 1: ValueError("b")}))
+    assert str(e) == "stage ppo failed on 2 ranks (rank 0 first): ValueError: a"
