@@ -131,3 +131,23 @@ def test_ray_train_errors_are_reduced_to_the_failing_rank_and_its_message():
     assert str(e) == "stage sft failed on rank 1: ValueError: the real reason"
     e = stage_failed("ppo", WorkerGroupError("both", {0: ValueError("a"), 1: ValueError("b")}))
     assert str(e) == "stage ppo failed on 2 ranks (rank 0 first): ValueError: a"
+
+
+def test_a_checkpoint_upload_that_never_finishes_fails_the_run_with_a_hint(tmp_path):
+    from distft.launch.train import CheckpointUploadTimeout, UploadWatch
+
+    uploading = tmp_path / "checkpoints" / ".uploading"
+    done, stuck = uploading / "checkpoint-10-0a1b2c3d", uploading / "checkpoint-20-4e5f6a7b"
+    for d in (done, stuck):
+        d.mkdir(parents=True)
+    watch = UploadWatch(timeout_s=60)
+    watch.add(done, now=0.0)
+    watch.add(stuck, now=100.0)
+    done.rmdir()  # Ray deletes a snapshot once it is uploaded
+    watch.check(now=150.0)  # the stuck one is 50 s old: still within its time
+    assert [p for p, _ in watch.pending] == [stuck]
+    with pytest.raises(CheckpointUploadTimeout) as e:
+        watch.check(now=161.0)
+    assert str(e.value).startswith("the upload of checkpoint-20 to run.storage_path has not finished after 61 s "
+                                   "(run.checkpoint_upload_timeout_s=60)")
+    assert f"complete in {tmp_path / 'checkpoints' / 'checkpoint-20'}" in str(e.value)

@@ -125,6 +125,10 @@ class RunConfig(Section):
         1800.0, gt=0, description="How long ranks wait for each other (forming the process group, and in every "
                                   "collective) before the run fails instead of hanging"
     )
+    checkpoint_upload_timeout_s: float = Field(
+        3600.0, gt=0, description="How long a checkpoint's background upload to run.storage_path may take "
+                                  "before the run fails (checked at every log step)"
+    )
     keep_checkpoints: int = Field(2, ge=1)
     address: str | None = Field(None, description="Ray cluster address; default: a private local cluster")
     storage_path: str | None = Field(

@@ -315,6 +315,39 @@ def _quiet_report_logger() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+class CheckpointUploadTimeout(RuntimeError):
+    """A checkpoint handed to Ray's background upload was not uploaded in time; the message says what to check."""
+
+
+class UploadWatch:
+    """The snapshots handed to Ray's asynchronous upload, which deletes each once it is uploaded.
+
+    Ray 2.60 has no timeout for that upload; a storage path that stops answering would let
+    training go on for hours with nothing registered. Checked at every report (each log step),
+    so a stuck upload fails the run within about `timeout_s` plus one log interval."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.pending: list[tuple[Path, float]] = []
+
+    def add(self, snapshot: Path, now: float | None = None) -> None:
+        self.pending.append((Path(snapshot), time.monotonic() if now is None else now))
+
+    def check(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.pending = [(p, t) for p, t in self.pending if p.exists()]
+        late = [(p, t) for p, t in self.pending if now - t > self.timeout_s]
+        if late:
+            snapshot, started = late[0]
+            name = snapshot.name.rsplit("-", 1)[0]  # checkpoint-N-<8 hex>
+            raise CheckpointUploadTimeout(
+                f"the upload of {name} to run.storage_path has not finished after {now - started:.0f} s "
+                f"(run.checkpoint_upload_timeout_s={self.timeout_s:g}). Fix: check that the storage is reachable "
+                "from every node and fast enough for checkpoints this size, or raise run.checkpoint_upload_timeout_s; "
+                f"the checkpoint itself is complete in {snapshot.parent.parent / name}."
+            )
+
+
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
     import ray.train
@@ -340,7 +373,10 @@ def _worker_entry(config: dict) -> None:
 
         stop_fn = stop_asker(config["stop_hook"])
 
+    uploads = UploadWatch(cfg.run.checkpoint_upload_timeout_s)
+
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        uploads.check()
         snapshot = upload_snapshot(checkpoint_dir) if checkpoint_dir else None
         if snapshot is None:  # no checkpoint, or no hard links possible: Ray copies it while training waits
             ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -351,6 +387,7 @@ def _worker_entry(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(snapshot)),
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
+        uploads.add(snapshot)
 
     def run(resume_from: str | None) -> None:
         ctx = StageContext(
