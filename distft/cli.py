@@ -344,7 +344,8 @@ def cmd_generate(args) -> int:
     from distft.models.loading import load_for_inference
     from distft.stages.evaluate import generate
 
-    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code,
+                                          allow_pickle=args.allow_pickle_weights)
     prompts = [_user_prompt(tokenizer, p, args.input, args.raw) for p in args.prompt]
     for prompt, answer in zip(args.prompt, generate(model, tokenizer, prompts, args.max_new_tokens)):
         print(f"> {prompt}" + (f" [{args.input}]" if args.input else ""))
@@ -363,7 +364,8 @@ def cmd_eval(args) -> int:
     rows, fmt = load_checked(args.data, data, "--data")
     if args.max_samples:
         rows = rows.select(range(min(len(rows), args.max_samples)))
-    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code,
+                                          allow_pickle=args.allow_pickle_weights)
     result = exact_match(model, tokenizer, rows, fmt, args.max_new_tokens, args.batch_size)
     for prompt, expected, got in result.examples:
         print(f"expected {expected!r:>16}  got {got.strip()!r}")
@@ -511,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("model", help="run directory, model directory, LoRA adapter directory or hub id")
         sp.add_argument("--max-new-tokens", type=int, default=32)
         sp.add_argument("--trust-remote-code", action="store_true", help="run the model repo's Python code (unsafe)")
+        sp.add_argument("--allow-pickle-weights", action="store_true",
+                        help="load .bin (pickle) weights when the model has no safetensors (unsafe)")
         return sp
 
     sp = with_model("generate", "Sample from a model or a run's output (adapters included)")

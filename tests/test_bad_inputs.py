@@ -63,6 +63,7 @@ ROWS = [
     ("validate $C scaling.num_workers=64 train.global_batch_size=512",
      "scaling: 64 workers x 1 CPUs = 64 CPUs, but this machine has"),
     ("validate $C model.name_or_path=/nonexistent/model", "model.name_or_path: /nonexistent/model does not exist"),
+    ("validate $C model.name_or_path=$T/pickled", "has its weights only as pickle (pytorch_model.bin), which can run"),
     ("train $C --address 127.0.0.1:1 run.output_dir=$T/runs", "run.address: nothing answers at 127.0.0.1:1"),
     ("train $C train.lrr=1 run.output_dir=$T/runs", "train.lrr: unknown key"),
     # commands and their arguments
@@ -106,6 +107,9 @@ def scratch(tmp_path, alpaca_rows, monkeypatch):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump({**base, "tune": {"space": {"train.lr": {"logunifrom": [1, 2]}}}}))
     (tmp_path / "nope").mkdir()
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"not loaded")
     return tmp_path
 
 
@@ -138,3 +142,11 @@ def test_there_is_a_row_for_every_command():
     commands = set(build_parser()._subparsers._group_actions[0].choices) - {"tiny-model"}
     assert commands <= {r[0].split()[0] for r in ROWS}
     assert len(ROWS) >= 30
+
+
+def test_trust_remote_code_is_announced_by_model(scratch, capsys):
+    assert main(["validate", str(scratch / "c.yaml")]) == 0
+    assert "trust_remote_code" not in capsys.readouterr().err
+    assert main(["validate", str(scratch / "c.yaml"), "model.trust_remote_code=true"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: model.trust_remote_code is on: Python code shipped with distft://tiny-base runs on every" in err

@@ -86,3 +86,23 @@ def test_real_pretrained_minilm_loads_and_embeds_meaningfully():
     emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     sim = emb @ emb.T
     assert sim[0, 1] > sim[0, 2] + 0.3
+
+
+def test_pickle_weights_load_only_when_allowed(tiny_random, tmp_path):
+    """A model whose weights are only pytorch_model.bin is refused unless model.allow_pickle_weights is set."""
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny_random)
+    model.config.save_pretrained(pickled)  # transformers 5 saves safetensors only: write the pickle by hand
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    load_tokenizer(cfg_for(tiny_random).model).save_pretrained(pickled)
+    assert (pickled / "pytorch_model.bin").exists() and not list(pickled.glob("*.safetensors"))
+    cfg = cfg_for(pickled)
+    with pytest.raises(OSError, match="safetensors"):
+        load_model(cfg.model, cfg.stages[0].method, log=lambda m: None)
+    with pytest.raises(OSError, match="safetensors"):
+        load_for_inference(pickled)
+    allowed = cfg.model.model_copy(update={"allow_pickle_weights": True})
+    assert load_model(allowed, cfg.stages[0].method, log=lambda m: None).config.model_type == "llama"
+    assert load_for_inference(pickled, allow_pickle=True)[0].config.model_type == "llama"

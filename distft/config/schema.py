@@ -34,6 +34,10 @@ class ModelConfig(Section):
     max_seq_len: int = Field(512, ge=8, description="Sequences are truncated to this many tokens (reported)")
     # Off by default: remote code runs arbitrary Python from the model repo.
     trust_remote_code: bool = False
+    # Off by default: a pickled checkpoint (pytorch_model.bin) can run code when it is loaded.
+    allow_pickle_weights: bool = Field(
+        False, description="Load weights from pickle files (.bin) when a model has no safetensors; only for models you trust"
+    )
 
 
 class ScalingConfig(Section):

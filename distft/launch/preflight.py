@@ -68,6 +68,11 @@ def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[s
             return [f"model.name_or_path: {name} does not exist. Fix: pass a local HF directory or a hub id."]
         if not (path / "config.json").exists():
             return [f"model.name_or_path: {name} has no config.json; it is not a Hugging Face model directory."]
+        pickled = sorted(p.name for p in path.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
+        if pickled and not any(path.glob("*.safetensors")) and not cfg.model.allow_pickle_weights:
+            return [f"model.name_or_path: {name} has its weights only as pickle ({pickled[0]}), which can run code "
+                    "when loaded. Fix: convert them to safetensors, or set model.allow_pickle_weights=true if you "
+                    "trust where they came from."]
     return []
 
 

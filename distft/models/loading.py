@@ -59,6 +59,7 @@ def _pretrained_kwargs(model: ModelConfig, method: MethodConfig, use_gpu: bool) 
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
         dtype=torch_dtype(model.dtype),
+        use_safetensors=None if model.allow_pickle_weights else True,  # None: transformers' own fallback to .bin
     )
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
@@ -155,7 +156,7 @@ def inference_source(path: str | Path, what: str = "model") -> str:
     return text  # a hub id: from_pretrained fetches it
 
 
-def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False):
+def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) of a trained reward model: a full model, a LoRA adapter, or a run directory.
 
     Refuses a checkpoint without a trained `score` head instead of scoring with a random one.
@@ -176,11 +177,13 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False)
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
         with suppress_seqcls_warning():  # the base is a language model; the adapter carries the head
             net = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
-                                                                     trust_remote_code=trust_remote_code)
+                                                                     trust_remote_code=trust_remote_code,
+                                                                     use_safetensors=None if allow_pickle else True)
         net = PeftModel.from_pretrained(net, str(path)).merge_and_unload()
     else:
         net, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True
+            str(path), num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True,
+            use_safetensors=None if allow_pickle else True,
         )
         if info["missing_keys"]:
             raise ValueError(f"{path} is not a trained reward model: {sorted(info['missing_keys'])} missing. "
@@ -190,7 +193,7 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False)
     return net, tokenizer
 
 
-def load_for_inference(path: str | Path, trust_remote_code: bool = False):
+def load_for_inference(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) from a model directory, a LoRA adapter directory, or a run directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,9 +207,11 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False):
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                         use_safetensors=None if allow_pickle else True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle else True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -76,7 +76,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     source = cfg.reward_source(ctx.stage_index)
     if source:
         rm, rm_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, source),
-                                                     cfg.model.trust_remote_code)
+                                                     cfg.model.trust_remote_code, cfg.model.allow_pickle_weights)
         if cfg.scaling.use_gpu:
             rm.to(f"cuda:{ctx.local_rank}")
         reward_funcs.append(reward_model_function(rm, rm_tokenizer, stage.evaluate.batch_size))

@@ -98,7 +98,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     reward_src = cfg.reward_source(ctx.stage_index)
     if reward_src:
         reward_model, reward_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, reward_src),
-                                                                   cfg.model.trust_remote_code)
+                                                                   cfg.model.trust_remote_code,
+                                                                   cfg.model.allow_pickle_weights)
         reward_model = frozen(reward_model, strategy, train_cfg, precision, world)
     del ds_marker
     ctx.log(f"[{stage.label()}] reward: " + " + ".join(
