@@ -123,7 +123,7 @@ def test_unknown_stage_and_method_list_the_choices():
     (p,) = problems({"stages": [{"stage": "kto", "data": {"train": "a"}}]})
     assert "unknown stage 'kto'" in p and "sft" in p and "ppo" in p
     (p,) = problems(BASE, ["method.name=lorra"])
-    assert p.startswith("method.name:") and "'full', 'lora' or 'qlora'" in p
+    assert p.startswith("method.name:") and "'full', 'freeze', 'bitfit', 'lora', 'dora'" in p and "'ia3'" in p
 
 
 def test_missing_data_section():

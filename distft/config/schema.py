@@ -199,15 +199,55 @@ class QuantizationSettings(Section):
     )
 
 
-class MethodConfig(Section):
-    """Which parameters train: all of them (full) or a LoRA adapter (lora, qlora)."""
+class FreezeSettings(Section):
+    """method.name=freeze: the base stays frozen except the last blocks and what is named here."""
 
-    name: Literal["full", "lora", "qlora"] = "full"
+    trainable_layers: int = Field(2, ge=0, description="The last N transformer blocks train (0: none)")
+    modules: list[str] = Field(default_factory=list, description="Also train parameters whose name contains one "
+                                                                 "of these, e.g. [norm] for the final norm")
+    train_embeddings: bool = False
+    train_head: bool = Field(True, description="The output head (lm_head, or a classifier's score/classifier)")
+
+
+class PromptSettings(Section):
+    """method.name=prompt_tuning or prefix_tuning: learned virtual tokens in front of every input."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    init_text: str | None = Field(None, description="prompt_tuning: start the virtual tokens from this text's "
+                                                    "embeddings (else random)")
+    prefix_projection: bool = Field(False, description="prefix_tuning: reparameterise the prefix through an MLP")
+
+
+class IA3Settings(Section):
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto", description="auto: peft's defaults for the architecture (attention k/v and the MLP down projection)")
+    feedforward_modules: list[str] | None = Field(None, description="Which of target_modules are feed-forward "
+                                                                    "(scaled on their input); auto with target_modules")
+
+
+MethodName = Literal["full", "freeze", "bitfit", "lora", "dora", "rslora", "qlora", "prompt_tuning",
+                     "prefix_tuning", "ia3"]
+LORA_FAMILY = ("lora", "dora", "rslora", "qlora")
+ADAPTER_METHODS = (*LORA_FAMILY, "prompt_tuning", "prefix_tuning", "ia3")
+
+
+class MethodConfig(Section):
+    """Which parameters train. full: all; freeze: the last blocks (and named modules); bitfit: the biases;
+    an adapter (peft): lora, dora, rslora, qlora (LoRA on a 4-bit base), prompt_tuning, prefix_tuning, ia3."""
+
+    name: MethodName = "full"
     lora: LoraSettings = LoraSettings()
     quantization: QuantizationSettings = QuantizationSettings()
+    freeze: FreezeSettings = FreezeSettings()
+    prompt: PromptSettings = PromptSettings()
+    ia3: IA3Settings = IA3Settings()
 
     def uses_adapter(self) -> bool:
-        return self.name in ("lora", "qlora")
+        """A peft adapter on a frozen base: saved as an adapter, and the base is the reference model."""
+        return self.name in ADAPTER_METHODS
+
+    def is_lora(self) -> bool:
+        return self.name in LORA_FAMILY
 
 
 DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference"]
@@ -635,7 +675,25 @@ def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, s
     if strategy.name == "fsdp" and method.name == "qlora":
         errors.append(f"{where}.name: fsdp with method.name=qlora (4-bit weights) is not supported by distft. "
                       "Fix: strategy.name=ddp, or strategy.name=deepspeed with zero_stage 2.")
+    elif strategy.label() not in METHOD_STRATEGIES.get(method.name, ALL_STRATEGIES):
+        supported = METHOD_STRATEGIES[method.name]
+        errors.append(f"{where}: method.name={method.name} is not supported under {strategy.label()} by distft "
+                      f"(supported: {', '.join(supported)}). Fix: strategy.name=ddp, or another method.")
     return errors
+
+
+ALL_STRATEGIES = ("ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3", "fsdp")
+# Where each method is known to work (the rest are refused, not attempted). ZeRO-1/2 only partition
+# optimizer states and gradients, so any set of trainable parameters works there. Sharded weights
+# (ZeRO-3, FSDP2) are verified for full, LoRA and rsLoRA; DoRA's magnitude needs each whole weight,
+# virtual-token methods change the input length the sharded embedding sees, and freezing part of
+# an FSDP2 unit or a ZeRO-3 partition is untested here.
+METHOD_STRATEGIES = {
+    **{m: ("ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2")
+       for m in ("freeze", "bitfit", "dora", "prompt_tuning", "prefix_tuning", "ia3")},
+}
+# Stages each method runs in. Virtual-token methods and IA3 are verified for causal-LM training only.
+METHOD_STAGES = {m: ("sft", "pretrain") for m in ("prompt_tuning", "prefix_tuning", "ia3")}
 
 
 def _ppo_fits(where: str, stage: PPOStage, world: int) -> list[str]:
@@ -746,9 +804,19 @@ class DistftConfig(Section):
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
                                   "support qlora. Fix: method.name=lora (or full).")
+            allowed = METHOD_STAGES.get(st.method.name)
+            if allowed and st.stage not in allowed:
+                errors.append(f"stages.{i}.method.name: {st.method.name} is supported by distft in stage(s) "
+                              f"{', '.join(allowed)}, not {st.stage}. Fix: method.name=lora (or full, freeze).")
             for field, ref in refs:
                 j = self.stage_named(ref) if ref else None
                 if j is not None and j >= i:
                     errors.append(f"stages.{i}.{field}: {ref!r} is {'this' if j == i else 'a later'} stage; a stage "
                                   f"can only start from earlier ones ({', '.join(names[:i]) or 'none here'}).")
+            for source in {self.init_source(i), self.reward_source(i), self.critic_source(i)} - {None}:
+                j = self.stage_named(source)
+                if j is not None and j < i and self.stages[j].method.name in ("prompt_tuning", "prefix_tuning"):
+                    errors.append(f"stages.{i}: starts from stage {source!r}, trained with "
+                                  f"{self.stages[j].method.name}; virtual tokens cannot be merged into the model "
+                                  f"a later stage loads. Fix: train {source!r} with lora, ia3, freeze or full.")
         return errors

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from distft.config.schema import TINY_BASE, MethodConfig, ModelConfig
-from distft.models.methods import build_bnb_config, build_lora_config, count_params, torch_dtype
+from distft.models.methods import apply_partial, build_bnb_config, build_peft_config, count_params, torch_dtype
 
 TINY_BASE_VERSION = "v1"
 
@@ -69,23 +69,27 @@ def _pretrained_kwargs(model: ModelConfig, method: MethodConfig, use_gpu: bool) 
     return kwargs
 
 
-def _attach_method(net, method: MethodConfig, task_type: str):
+def _attach_method(net, method: MethodConfig, task_type: str, tokenizer_path: str | None = None, log=print):
     if method.uses_adapter():
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         if method.name == "qlora":
             net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
-        net = get_peft_model(net, build_lora_config(method, task_type))
+        net = get_peft_model(net, build_peft_config(method, task_type, tokenizer_path))
+    elif method.name in ("freeze", "bitfit"):
+        apply_partial(net, method, log)
     return net
 
 
 def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
-    """A causal LM ready to train with `method`; adapters are attached for lora/qlora."""
+    """A causal LM ready to train with `method`: a peft adapter attached, or (freeze, bitfit) only the
+    method's parameters left trainable."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _pretrained_kwargs(model, method, use_gpu)
-    net = AutoModelForCausalLM.from_pretrained(resolve_model_path(model.name_or_path), **kwargs)
-    net = _attach_method(net, method, "CAUSAL_LM")
+    path = resolve_model_path(model.name_or_path)
+    net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    net = _attach_method(net, method, "CAUSAL_LM", path, log)
     log(f"method {method.name}: {count_params(net).describe()}")
     return net
 
@@ -128,7 +132,7 @@ def load_reward_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = 
     with suppress_seqcls_warning():
         net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     _materialize_new_weights(net)
-    net = _attach_method(net, method, "SEQ_CLS")
+    net = _attach_method(net, method, "SEQ_CLS", path, log)
     log(f"reward head: {'loaded from the checkpoint' if has_head else 'new (the checkpoint is a language model)'}; "
         f"method {method.name}: {count_params(net).describe()}")
     return net

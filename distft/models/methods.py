@@ -1,4 +1,10 @@
-"""Pure builders for fine-tuning methods: peft `LoraConfig`, bitsandbytes config, and parameter counts."""
+"""Fine-tuning methods: pure builders for the peft configs and bitsandbytes config, which parameters
+freeze and bitfit train, and parameter counts.
+
+Adapters (the LoRA family, prompt and prefix tuning, IA3) are peft's; distft only maps the config
+onto them. freeze and bitfit need no library: they choose which of the model's own parameters
+keep `requires_grad`.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,106 @@ def build_lora_config(method: MethodConfig, task_type: str = "CAUSAL_LM"):
         modules_to_save=lora.modules_to_save,
         bias="none",
         task_type=task_type,
+        use_dora=method.name == "dora",
+        use_rslora=method.name == "rslora",  # scale alpha / sqrt(r) instead of alpha / r
     )
+
+
+def build_peft_config(method: MethodConfig, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
+    """The peft config of an adapter method (see MethodConfig.uses_adapter)."""
+    if method.is_lora():
+        return build_lora_config(method, task_type)
+    if method.name == "prompt_tuning":
+        from peft import PromptTuningConfig
+
+        p = method.prompt
+        init = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=p.init_text,
+                    tokenizer_name_or_path=tokenizer_path) if p.init_text else {}
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=p.num_virtual_tokens, **init)
+    if method.name == "prefix_tuning":
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=method.prompt.num_virtual_tokens,
+                                  prefix_projection=method.prompt.prefix_projection)
+    if method.name == "ia3":
+        from peft import IA3Config
+
+        ia3 = method.ia3
+        targets = None if ia3.target_modules == "auto" else ia3.target_modules
+        return IA3Config(task_type=task_type, target_modules=targets,
+                         feedforward_modules=ia3.feedforward_modules if targets else None)
+    raise ValueError(f"method.name={method.name} is not an adapter method")
+
+
+class MethodError(ValueError):
+    """The method cannot apply to this model (e.g. bitfit on a model without biases); the message says why."""
+
+
+def transformer_blocks(model) -> list:
+    """The model's repeated blocks, in order: the longest ModuleList whose items share one class
+    (model.layers in Llama/Qwen2, transformer.h in GPT-2, gpt_neox.layers, encoder.layer in BERT)."""
+    import torch
+
+    best: list = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > len(best):
+            if len({type(m) for m in module}) == 1:
+                best = list(module)
+    return best
+
+
+def head_modules(model) -> list:
+    """The output head: the LM head, or a classifier's `score`/`classifier`."""
+    heads = [model.get_output_embeddings()] if hasattr(model, "get_output_embeddings") else []
+    heads += [getattr(model, name) for name in ("score", "classifier") if hasattr(model, name)]
+    return [h for h in heads if h is not None]
+
+
+def apply_partial(model, method: MethodConfig, log=print) -> None:
+    """freeze / bitfit: leave `requires_grad` on only the parameters the method trains."""
+    import torch
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if method.name == "bitfit":
+        biases = [p for n, p in model.named_parameters() if n.endswith(".bias") or n == "bias"]
+        if not biases:
+            raise MethodError(
+                f"method.name=bitfit trains only bias terms, and {type(model).__name__} has none (Llama, Qwen2 and "
+                "Mistral-style models use no biases). Fix: method.name=freeze (the last blocks), ia3 (a few "
+                "thousand scales) or lora.")
+        for p in biases:
+            p.requires_grad_(True)
+        return
+    f = method.freeze
+    chosen: list[torch.nn.Module] = []
+    blocks = transformer_blocks(model)
+    if f.trainable_layers > len(blocks):
+        raise MethodError(f"method.freeze.trainable_layers={f.trainable_layers}, but {type(model).__name__} has "
+                          f"{len(blocks)} blocks. Fix: method.freeze.trainable_layers={len(blocks)} or fewer "
+                          "(or method.name=full).")
+    if f.trainable_layers:
+        chosen += blocks[-f.trainable_layers:]
+    if f.train_head:
+        chosen += head_modules(model)
+    if f.train_embeddings:
+        chosen.append(model.get_input_embeddings())
+    for module in chosen:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    named = [(n, p) for n, p in model.named_parameters() if any(m in n for m in f.modules)] if f.modules else []
+    missing = [m for m in f.modules if not any(m in n for n, _ in named)]
+    if missing:
+        raise MethodError(f"method.freeze.modules: no parameter name contains {missing[0]!r}. Fix: use part of a "
+                          f"name such as {next(iter(n for n, _ in model.named_parameters()))!r}.")
+    for _, p in named:
+        p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MethodError("method.freeze leaves nothing to train. Fix: method.freeze.trainable_layers >= 1, "
+                          "train_head: true, or modules: [...].")
+    head, emb = head_modules(model), model.get_input_embeddings()
+    if f.train_head and not f.train_embeddings and any(h.weight is emb.weight for h in head if hasattr(h, "weight")):
+        log("method freeze: the head shares its weight with the input embeddings, so they train too")
 
 
 def torch_dtype(name: str):
