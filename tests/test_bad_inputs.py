@@ -17,6 +17,7 @@ from distft.cli import main
 
 RLHF = str(REPO / "configs" / "rlhf_quickstart.yaml")
 BIG = str(REPO / "configs" / "llama8b" / "rlhf.yaml")
+LLAMA8B = str(REPO / "configs" / "models" / "meta-llama" / "Llama-3.1-8B-Instruct")  # config.json only
 
 # (arguments, fragment). $C: a valid one-stage SFT config, $T: a scratch directory holding the files below.
 ROWS = [
@@ -40,6 +41,13 @@ ROWS = [
      "method.lora.target_modules: 'all-linear' or a list of module names"),
     ("validate $C strategy.name=deepspeed strategy.zero_stage=4", "strategy.zero_stage: Input should be 0, 1, 2 or 3"),
     ("validate $C strategy.name=fsdp method.name=qlora", "strategy.name: fsdp with method.name=qlora"),
+    ("validate $C strategy.name=fsdp method.name=prompt_tuning",
+     "strategy: method.name=prompt_tuning is not supported under fsdp by distft (supported: ddp, deepspeed-zero0"),
+    ("validate $C stage=reward data.format=preference method.name=ia3", "ia3 is supported by distft in stage(s) sft"),
+    (f"validate $C model.name_or_path={LLAMA8B} method.name=bitfit",
+     "method.name=bitfit trains only bias terms, and LlamaForCausalLM has none"),
+    (f"validate $C model.name_or_path={LLAMA8B} method.name=freeze method.freeze.trainable_layers=40",
+     "method.freeze.trainable_layers=40, but LlamaForCausalLM has 32 blocks"),
     ("validate $C run.keep_checkpoints=0", "run.keep_checkpoints: Input should be greater than or equal to 1"),
     ("validate $C run.name=../../etc", "run.name: '../../etc' is not a plain directory name"),
     ("validate $C run.forward_env=[hf_abc=1]", "run.forward_env: item 0 is not an environment variable name"),
@@ -114,7 +122,8 @@ def scratch(tmp_path, alpaca_rows, monkeypatch):
 
 
 def ray_processes() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] in ("raylet", "gcs_server")}
+    """Ray daemons this process started (a private cluster is its child; other tests' clusters are not)."""
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.name() in ("raylet", "gcs_server")}
 
 
 @pytest.mark.parametrize("args, fragment", ROWS, ids=[r[0].split()[0] + ":" + r[1][:40] for r in ROWS])

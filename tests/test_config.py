@@ -19,7 +19,8 @@ def problems(raw: dict, overrides=()) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "configs" / "methods").glob("*.yaml")]),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_passes_preflight(path, monkeypatch):
     from distft.launch.preflight import absolutize_paths, preflight
 

@@ -107,3 +107,28 @@ def test_lora_sft_on_gpu_in_bf16_without_ray(tiny_base, alpaca_rows, tmp_path):
     stage_runner("sft")(cfg, ctx)
     losses = logged(ctx, "loss")
     assert losses[-1] < 0.6 * losses[0]
+
+
+@pytest.mark.parametrize("method, lr, export", [
+    ({"name": "freeze", "freeze": {"trainable_layers": 1}}, 1e-3, "model.safetensors"),
+    ({"name": "dora", "lora": {"r": 8, "alpha": 16}}, 3e-3, "adapter_model.safetensors"),
+    ({"name": "ia3"}, 3e-2, "adapter_model.safetensors"),
+    ({"name": "prompt_tuning", "prompt": {"num_virtual_tokens": 8}}, 3e-2, "adapter_model.safetensors"),
+    ({"name": "prefix_tuning", "prompt": {"num_virtual_tokens": 8}}, 1e-2, "adapter_model.safetensors"),
+], ids=lambda v: v["name"] if isinstance(v, dict) else None)
+def test_each_method_trains_exports_and_reloads_through_the_sft_stage(method, lr, export, tiny_base, alpaca_rows,
+                                                                     tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    raw = make_cfg(tiny_base, train, max_steps=20).model_dump(mode="json")
+    raw["stages"][0]["method"] = method
+    raw["stages"][0]["train"]["lr"] = lr
+    ctx = StageContext(run_dir=tmp_path / "run")
+    summary = stage_runner("sft")(build_config(raw), ctx)
+    losses = logged(ctx, "loss")
+    assert losses[-1] < losses[0], losses
+    assert summary["method"] == method["name"] and 0 < summary["trainable_params"] < summary["total_params"]
+    final = tmp_path / "run" / "sft" / "final"
+    assert (final / export).exists()
+    model, tok = load_for_inference(tmp_path / "run" / "sft")
+    (answer,) = generate(model, tok, ["Which animal is in this sentence? The red fox ran."], max_new_tokens=4)
+    assert isinstance(answer, str)

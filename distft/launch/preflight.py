@@ -76,6 +76,29 @@ def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[s
     return []
 
 
+def check_methods(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
+    """freeze and bitfit depend on the architecture (its blocks, its biases): apply them to the model
+    built from config.json alone, on the meta device, so a mismatch is refused before launch."""
+    from distft.models.methods import MethodError
+    from distft.models.shapes import find_config, trainable_on_meta
+
+    problems = []
+    for i, st in enumerate(cfg.stages):
+        source = cfg.init_source(i)
+        if st.method.name not in ("freeze", "bitfit") or source in elsewhere or cfg.stage_named(source) is not None:
+            continue
+        try:
+            find_config(source)
+        except FileNotFoundError:
+            continue  # a hub model not shipped here: the workers check it when they load it
+        try:
+            trainable_on_meta(source, st.method)
+        except MethodError as e:
+            prefix = "" if len(cfg.stages) == 1 else f"stages.{i}."
+            problems.append(f"{prefix}{e}")
+    return problems
+
+
 def check_data(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[list[str], list[str]]:
     """(problems, notes): every local data file is read and every row validated (except those `elsewhere`:
     paths that exist only where the run goes, e.g. on a cluster's shared volume)."""
@@ -223,6 +246,8 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
     local_cluster = not address
     problems = (check_address(address) + check_forwarded_env(cfg) + check_model(cfg, elsewhere)
                 + check_sources(cfg, elsewhere))
+    if not problems:
+        problems += check_methods(cfg, elsewhere)
     data_problems, notes = check_data(cfg, elsewhere)
     problems += data_problems
     if local_cluster:

@@ -32,21 +32,28 @@ class ModelShape:
     small_params: list[int] = field(default_factory=list)  # sizes of parameters under 1e6 elements
     largest_layer: int = 0  # parameters of the largest leaf module (DeepSpeed's estimator wants it)
 
+    def lora_targets(self, lora: LoraSettings) -> list[tuple[str, int, int]]:
+        """The linears LoRA wraps (all-linear skips the output head)."""
+        def hit(leaf: str) -> bool:
+            return leaf not in ("lm_head", "score") if lora.target_modules == "all-linear" else leaf in lora.target_modules
+
+        return [(n, i, o) for n, i, o in self.linears if hit(n.rsplit(".", 1)[-1])]
+
     def lora_params(self, lora: LoraSettings) -> int:
-        """Trainable LoRA parameters: r x (in + out) per targeted linear (all-linear skips the output head)."""
-        total = 0
-        for name, fan_in, fan_out in self.linears:
-            leaf = name.rsplit(".", 1)[-1]
-            if lora.target_modules == "all-linear":
-                hit = leaf not in ("lm_head", "score")
-            else:
-                hit = leaf in lora.target_modules
-            if hit:
-                total += lora.r * (fan_in + fan_out)
-        return total
+        """Trainable LoRA parameters: r x (in + out) per targeted linear."""
+        return sum(lora.r * (fan_in + fan_out) for _, fan_in, fan_out in self.lora_targets(lora))
 
     def trainable(self, method: MethodConfig) -> int:
-        return self.lora_params(method.lora) if method.uses_adapter() else self.params
+        if method.name == "full":
+            return self.params
+        if method.is_lora():
+            extra = self.dora_magnitudes(method.lora) if method.name == "dora" else 0
+            return self.lora_params(method.lora) + extra
+        return trainable_on_meta(self.name, method)  # freeze, bitfit, prompt/prefix tuning, ia3: count them
+
+    def dora_magnitudes(self, lora: LoraSettings) -> int:
+        """DoRA adds one magnitude per output feature of each targeted linear."""
+        return sum(fan_out for _, _, fan_out in self.lora_targets(lora))
 
     def quantized_linear_params(self) -> int:
         """Parameters bitsandbytes stores in 4 bits: every linear but the output head."""
@@ -70,16 +77,38 @@ def find_config(name_or_path: str) -> Path:
     )
 
 
-def model_shape(name_or_path: str) -> ModelShape:
-    """Count a model's parameters and record its shape, from config.json on the meta device."""
+def _meta_model(name_or_path: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = find_config(name_or_path)
-    config = AutoConfig.from_pretrained(str(path.parent))
-    text = config.get_text_config()
+    config = AutoConfig.from_pretrained(str(find_config(name_or_path).parent))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return config, AutoModelForCausalLM.from_config(config)
+
+
+def trainable_on_meta(name_or_path: str, method: MethodConfig) -> int:
+    """What `method` trains, counted by applying it (the training code's own builders) on the meta device."""
+    import torch
+
+    from distft.models.loading import _attach_method
+
+    _, model = _meta_model(name_or_path)
+    with torch.device("meta"):
+        model = _attach_method(model, method, "CAUSAL_LM", log=lambda m: None)
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_shape(name_or_path: str) -> ModelShape:
+    """Count a model's parameters and record its shape, from config.json on the meta device."""
+    import torch
+
+    config, model = _meta_model(name_or_path)
+    text = config.get_text_config()
     seen, params, small, largest = set(), 0, [], 0
     for p in model.parameters():
         if id(p) in seen:
