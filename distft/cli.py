@@ -340,16 +340,46 @@ def _user_prompt(tokenizer, prompt: str, extra: str | None, raw: bool) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
 
 
+def _named_adapters(specs: list[str]) -> dict[str, str]:
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--adapter {spec!r} is not NAME=PATH. Fix: e.g. --adapter sql=runs/sql-lora.")
+        if name in adapters:
+            raise UsageError(f"--adapter {name} is given twice. Fix: one name per adapter.")
+        adapters[name] = path
+    return adapters
+
+
 def cmd_generate(args) -> int:
-    from distft.models.loading import load_for_inference
+    from distft.models.loading import load_for_inference, load_with_adapters
     from distft.stages.evaluate import generate
 
-    model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code,
-                                          allow_pickle=args.allow_pickle_weights)
+    adapters = _named_adapters(args.adapter or [])
+    if adapters:
+        model, tokenizer = load_with_adapters(args.model, adapters, args.trust_remote_code, args.allow_pickle_weights)
+    else:
+        model, tokenizer = load_for_inference(args.model, trust_remote_code=args.trust_remote_code,
+                                              allow_pickle=args.allow_pickle_weights)
     prompts = [_user_prompt(tokenizer, p, args.input, args.raw) for p in args.prompt]
-    for prompt, answer in zip(args.prompt, generate(model, tokenizer, prompts, args.max_new_tokens)):
-        print(f"> {prompt}" + (f" [{args.input}]" if args.input else ""))
-        print(answer.strip())
+    for name in adapters or [None]:
+        if name:
+            model.set_adapter(name)  # one base in memory; only the adapter changes
+            print(f"[adapter {name}]")
+        for prompt, answer in zip(args.prompt, generate(model, tokenizer, prompts, args.max_new_tokens)):
+            print(f"> {prompt}" + (f" [{args.input}]" if args.input else ""))
+            print(answer.strip())
+    return 0
+
+
+def cmd_export(args) -> int:
+    from distft.models.export import export_model
+
+    src = Path(args.run_dir)
+    out = Path(args.out) if args.out else (src if (src / "config.yaml").exists() else src.parent) / (
+        "export-merged" if args.merge else "export")
+    export_model(src, out, merge=args.merge, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -521,7 +551,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", action="append", required=True, help="instruction; repeat for several")
     sp.add_argument("--input", help="optional input appended to the instruction (alpaca style)")
     sp.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    sp.add_argument("--adapter", action="append", metavar="NAME=PATH",
+                    help="an adapter trained on MODEL (the base); repeat to load several on one base and answer "
+                         "with each in turn")
     sp.set_defaults(func=cmd_generate)
+    sp = sub.add_parser("export", help="Write a run's model as a standalone HF directory (safetensors, tokenizer, "
+                                       "generation config); --merge folds an adapter into its base",
+                        description="Write a run's model as a standalone HF directory; verified against its "
+                                    "manifest first")
+    sp.add_argument("run_dir", help="the run directory (runs/<run>), or a model/adapter directory")
+    sp.add_argument("--out", help="where (default: <run>/export, or <run>/export-merged with --merge)")
+    sp.add_argument("--merge", action="store_true", help="merge a LoRA/DoRA/IA3 adapter (QLoRA: into the "
+                                                         "dequantized base) into a full model")
+    sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                    help="dtype of the written weights (default bfloat16; adapters left unmerged keep theirs)")
+    sp.add_argument("--trust-remote-code", action="store_true", help="run the model repo's Python code (unsafe)")
+    sp.set_defaults(func=cmd_export)
 
     sp = with_model("eval", "Score a model on held-out prompt/answer data by exact match")
     sp.add_argument("--data", required=True, help="JSON/JSONL/Parquet/CSV with alpaca, messages or prompt/completion rows")
@@ -568,7 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     from distft.launch.preflight import PreflightError
+    from distft.distributed.checkpoint import CheckpointError
     from distft.launch.train import ClusterError, StageError
+    from distft.models.export import ExportError
 
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: workers stopped, checkpoints kept.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -582,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno is not None and not e.filename:
             raise  # an OS error that names no file is a bug of ours: the traceback says where
         print(f"error: {e}", file=sys.stderr)
-    except (DataError, UsageError, ClusterError) as e:
+    except (DataError, UsageError, ClusterError, ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
     except StageError as e:  # the run itself failed (not its input): exit 1, as a crash would
         print(f"error: {e}", file=sys.stderr)

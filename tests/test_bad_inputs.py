@@ -94,6 +94,9 @@ ROWS = [
     ("generate $T/absent --prompt hi", "no model at $T/absent"),
     ("generate $T/nope --prompt hi", "$T/nope is not a model directory (no config.json or adapter_config.json)"),
     ("eval $T/absent --data $T/train.jsonl", "no model at $T/absent"),
+    ("generate $T/nope --adapter oops --prompt hi", "--adapter 'oops' is not NAME=PATH"),
+    ("export $T/absent", "no model at $T/absent"),
+    ("export $T/nope --merge", "no model at $T/nope"),
     ("eval $T --data $T/missing.jsonl", "--data: file not found: $T/missing.jsonl"),
 ]
 

@@ -220,3 +220,26 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False, allow_
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def load_with_adapters(base: str | Path, adapters: dict[str, str], trust_remote_code: bool = False,
+                       allow_pickle: bool = False):
+    """(model, tokenizer): one base with several adapters loaded by name; `model.set_adapter(name)` switches.
+
+    Every adapter must have been trained on this base (the same architecture and shapes); peft
+    refuses one that does not fit."""
+    from peft import PeftModel
+
+    model, tokenizer = load_for_inference(base, trust_remote_code, allow_pickle)
+    if hasattr(model, "peft_config"):
+        raise ValueError(f"{base} is itself an adapter. Fix: pass its base model, and the adapters with --adapter.")
+    for i, (name, path) in enumerate(adapters.items()):
+        path = inference_source(path, "adapter")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {name}={path}: not an adapter directory (no adapter_config.json).")
+        if i == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+    model.eval()
+    return model, tokenizer

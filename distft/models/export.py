@@ -1,0 +1,98 @@
+"""`distft export`: a run's model as a standalone Hugging Face directory, optionally with its adapter
+merged into the base, in the dtype asked for.
+
+The source (a run's `final/`) is verified against its manifest first. LoRA-family and IA3
+adapters merge (`merge_and_unload`); a QLoRA adapter merges into its base loaded in full
+precision (the 4-bit base dequantized), the usual way to ship QLoRA results. Prompt and prefix
+tuning have nothing to merge into: they export as adapters. The output is written under a
+temporary name and renamed into place, with the tokenizer, the generation config, and a
+manifest of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from distft.distributed.checkpoint import (CheckpointError, build_manifest, read_manifest, verify_checkpoint,
+                                          write_manifest)
+from distft.models.loading import final_model_dir
+from distft.models.methods import torch_dtype
+
+UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked; the message says why and what works instead."""
+
+
+def _adapter(src: Path) -> dict | None:
+    path = src / "adapter_config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def export_model(path: str | Path, out: str | Path, merge: bool = False, dtype: str = "bfloat16",
+                 trust_remote_code: bool = False, log=print) -> Path:
+    """Write `path`'s model (a run directory, or a model/adapter directory) to `out`; return `out`."""
+    src, out = final_model_dir(Path(path)), Path(out)
+    if not (src / "config.json").is_file() and _adapter(src) is None:
+        raise ExportError(f"no model at {src}. Fix: pass a run directory (runs/<run>) or its final/ directory.")
+    if read_manifest(src) is not None:
+        problems = verify_checkpoint(src)
+        if problems:
+            raise CheckpointError(f"{src} does not match its manifest, so it is not exported:\n  - "
+                                  + "\n  - ".join(problems) + "\nFix: re-export from an intact run, or resume the "
+                                  "run from a checkpoint that verifies.")
+    if out.exists():
+        raise ExportError(f"{out} already exists. Fix: --out <a new directory>, or delete it yourself.")
+    adapter = _adapter(src)
+    if merge and adapter and adapter.get("peft_type") in UNMERGEABLE:
+        raise ExportError(f"{src} is a {adapter['peft_type'].lower()} adapter: its virtual tokens are an input, "
+                          "not a weight change, so there is nothing to merge. Fix: export without --merge (the "
+                          "adapter loads with peft on its base).")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if adapter and not merge:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("distft_manifest.json"))
+        what = "adapter (unmerged)"
+    else:
+        model = _load_merged(src, adapter, trust_remote_code)
+        model = model.to(torch_dtype(dtype))
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code).save_pretrained(str(tmp))
+        what = f"{'merged ' if adapter else ''}model in {dtype}"
+    (tmp / "distft_export.json").write_text(json.dumps(
+        {"source": str(src), "merged": bool(adapter and merge), "dtype": None if adapter and not merge else dtype,
+         "peft_type": adapter.get("peft_type") if adapter else None}, indent=2))
+    write_manifest(tmp, build_manifest(tmp, step=(read_manifest(src) or {}).get("step", 0), world_size=1,
+                                       strategy="export"))
+    tmp.rename(out)
+    log(f"exported {what}: {out}")
+    return out
+
+
+def _load_merged(src: Path, adapter: dict | None, trust_remote_code: bool):
+    """The full model in float32: the checkpoint itself, or its base with the adapter merged in."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if adapter is None:
+        config = AutoConfig.from_pretrained(str(src), trust_remote_code=trust_remote_code)
+        seq_cls = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+        cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
+        return cls.from_pretrained(str(src), dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                   use_safetensors=True)
+    if adapter.get("task_type") == "SEQ_CLS":  # a reward model's adapter carries its head
+        from distft.models.loading import load_reward_for_inference
+
+        return load_reward_for_inference(src, trust_remote_code)[0]
+    from peft import AutoPeftModelForCausalLM
+
+    # No quantization config: a QLoRA adapter's base loads in full precision, and merges into that.
+    model = AutoPeftModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    return model.merge_and_unload()
