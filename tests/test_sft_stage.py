@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from conftest import write_jsonl
@@ -132,3 +133,38 @@ def test_each_method_trains_exports_and_reloads_through_the_sft_stage(method, lr
     model, tok = load_for_inference(tmp_path / "run" / "sft")
     (answer,) = generate(model, tok, ["Which animal is in this sentence? The red fox ran."], max_new_tokens=4)
     assert isinstance(answer, str)
+
+
+def test_early_stopping_exports_the_best_checkpoint_and_the_summary_flags_overfitting(tiny_random, alpaca_rows,
+                                                                                     tmp_path):
+    """Full fine-tuning of a random model on 24 rows overfits fast: eval loss turns up, training stops after
+    `patience` evals without improvement, and the exported model is the best checkpoint's, kept through
+    rotation (keep_checkpoints=1) while later ones came and went."""
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows[:24])
+    held = write_jsonl(tmp_path / "held.jsonl", alpaca_rows[100:140])
+    raw = make_cfg(tiny_random, train, max_steps=80, eval_every=3, save_every=3).model_dump(mode="json")
+    st = raw["stages"][0]
+    st["data"].update(eval=str(held), max_eval_samples=40)
+    st["method"] = {"name": "full"}
+    st["train"].update(lr=3e-3, early_stopping={"metric": "eval_loss", "patience": 2}, overfit_gap=0.3)
+    raw["run"] = {"keep_checkpoints": 1}
+    ctx = StageContext(run_dir=tmp_path / "run")
+    summary = stage_runner("sft")(build_config(raw), ctx)
+
+    evals = [(m["step"], m["eval_loss"]) for m in ctx.reported if "eval_loss" in m and "stage_done" not in m]
+    best_step, best = min(evals[:-1], key=lambda e: e[1])  # the last entry is the evaluation after training
+    assert summary["early_stopped_at"] is not None and summary["steps"] == summary["early_stopped_at"] < 80
+    assert summary["best_step"] == best_step and summary["best_metric"] == pytest.approx(best)
+    assert summary["early_stopped_at"] == best_step + 2 * 3  # two evals without improvement
+    assert summary["eval_loss"] == pytest.approx(best, rel=1e-4)  # evaluated after the best was loaded back
+    assert summary["overfitting"] is True and summary["loss_gap"] > summary["loss_gap_smallest"] + 0.3
+
+    ckpts = tmp_path / "run" / "sft" / "checkpoints"
+    kept = sorted(p.name for p in ckpts.glob("checkpoint-*"))
+    assert f"checkpoint-{best_step}" in kept and f"checkpoint-{summary['steps']}" in kept
+    exported = load_file(tmp_path / "run" / "sft" / "final" / "model.safetensors")
+    best_weights = load_file(ckpts / f"checkpoint-{best_step}" / "model.safetensors")
+    assert exported.keys() == best_weights.keys()
+    assert all(torch.equal(exported[k], best_weights[k]) for k in exported)

@@ -270,6 +270,27 @@ class DataConfig(Section):
     max_eval_samples: int | None = Field(256, ge=1)
 
 
+class EarlyStoppingSettings(Section):
+    """Stop when `metric` has not improved by more than `min_delta` for `patience` evals in a row; the best
+    checkpoint is kept through rotation and is what the stage exports."""
+
+    metric: str = Field("eval_loss", description="An eval metric, e.g. eval_loss or eval_accuracy")
+    mode: Literal["min", "max"] | None = Field(None, description="Default: min for losses, else max")
+    patience: int = Field(3, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+    @field_validator("metric")
+    @classmethod
+    def _an_eval_metric(cls, metric: str) -> str:
+        if not metric.startswith("eval_"):
+            raise ValueError(f"train.early_stopping.metric: {metric!r} is not an eval metric. Fix: eval_loss, or "
+                             "another eval_* metric of the stage (eval_accuracy for reward models).")
+        return metric
+
+    def direction(self) -> str:
+        return self.mode or ("min" if "loss" in self.metric else "max")
+
+
 class TrainConfig(Section):
     """Optimisation. The global batch is fixed; accumulation is derived per world size."""
 
@@ -289,6 +310,18 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Steps between evals; default: once per epoch")
     save_every: int | None = Field(None, ge=1, description="Steps between checkpoints; default: once per epoch")
     log_every: int = Field(10, ge=1)
+    early_stopping: EarlyStoppingSettings | None = None
+    overfit_gap: float = Field(0.5, gt=0, description="Flag overfitting in the summary when eval loss minus train "
+                                                      "loss has grown by more than this since its smallest")
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_a_checkpoint_per_eval(self):
+        if self.early_stopping and self.eval_every != self.save_every:
+            every = self.eval_every or self.save_every
+            raise ValueError(f"train.early_stopping keeps the best checkpoint, so every eval needs one: eval_every "
+                             f"({self.eval_every or 'per epoch'}) and save_every ({self.save_every or 'per epoch'}) "
+                             f"must be equal. Fix: train.save_every={every} train.eval_every={every}.")
+        return self
 
     def grad_accum(self, world_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * world_size)
@@ -804,6 +837,9 @@ class DistftConfig(Section):
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
                                   "support qlora. Fix: method.name=lora (or full).")
+            if st.train.early_stopping and st.stage not in ("sft", "pretrain", "reward", "dpo"):
+                errors.append(f"stages.{i}.train.early_stopping: supported in sft, pretrain, reward and dpo stages, "
+                              f"not {st.stage}. Fix: remove it (PPO and GRPO report their reward per step).")
             allowed = METHOD_STAGES.get(st.method.name)
             if allowed and st.stage not in allowed:
                 errors.append(f"stages.{i}.method.name: {st.method.name} is supported by distft in stage(s) "

@@ -345,6 +345,7 @@ class CheckpointPublisher:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._sealed: list[Path] = []
+        self.best_step: int | None = None  # kept through rotation (early stopping's best)
         self._lock = threading.Lock()
         self.registered: Path | None = None
 
@@ -407,9 +408,11 @@ class CheckpointPublisher:
         return newest
 
     def rotate(self) -> list[Path]:
-        """Keep the newest `keep` sealed checkpoints; the newest one is never deleted."""
+        """Keep the newest `keep` sealed checkpoints; the newest one, and the best (`best_step`, set by early
+        stopping), are never deleted."""
         sealed = [d for d in complete_checkpoints(self.dir) if checkpoint_step(d) is not None]
-        doomed = sealed[: max(0, len(sealed) - max(self.keep, 1))]
+        doomed = [d for d in sealed[: max(0, len(sealed) - max(self.keep, 1))]
+                  if checkpoint_step(d) != self.best_step]
         for d in doomed:
             shutil.rmtree(d, ignore_errors=True)
         return doomed

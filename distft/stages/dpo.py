@@ -21,7 +21,6 @@ from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
-from distft.stages.reporting import ReportCallback
 from distft.stages.trainer_setup import (
     base_as_reference,
     export_model,
@@ -31,7 +30,9 @@ from distft.stages.trainer_setup import (
     ready,
     run_summary,
     score_held_out,
+    stage_callbacks,
     total_steps,
+    train,
     trainer_arguments,
 )
 
@@ -83,11 +84,11 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,
-        callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
+        callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
     )
     base_as_reference(trainer)
     ready(trainer, stage, ctx)
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    result = train(trainer, ctx)
     # Eval split: the share of pairs whose implicit reward ranks chosen first, and the mean margin.
     # Both start at 0 exactly: policy and reference agree before the first step.
     eval_metrics = trainer.evaluate()

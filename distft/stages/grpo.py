@@ -28,7 +28,6 @@ from distft.rl.rewards import resolve, weighted_scores
 from distft.stages.chain import source_path, stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import reward_scores
-from distft.stages.reporting import ReportCallback
 from distft.stages.trainer_setup import (
     base_as_reference,
     export_model,
@@ -39,7 +38,9 @@ from distft.stages.trainer_setup import (
     ready,
     run_summary,
     score_held_out,
+    stage_callbacks,
     total_steps,
+    train,
     trainer_arguments,
 )
 
@@ -121,11 +122,11 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizers,
-        callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
+        callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
     )
     base_as_reference(trainer)
     ready(trainer, stage, ctx)
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()  # eval split: eval_reward, the mean weighted reward of sampled answers
 
     after = score_held_out(trainer.model, tokenizer, task, stage, ctx, "after")

@@ -21,7 +21,6 @@ from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import Pairwise, pairwise_accuracy
-from distft.stages.reporting import ReportCallback
 from distft.stages.trainer_setup import (
     export_model,
     finish,
@@ -29,7 +28,9 @@ from distft.stages.trainer_setup import (
     ready,
     run_summary,
     score_on_rank0,
+    stage_callbacks,
     total_steps,
+    train,
     trainer_arguments,
 )
 
@@ -87,10 +88,10 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
+        callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
     )
     ready(trainer, stage, ctx)
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()  # eval split: eval_accuracy, eval_margin (TRL's, batch means)
     ctx.log(f"[{stage.label()}] eval split: accuracy {eval_metrics.get('eval_accuracy', float('nan')):.1%}, "
             f"margin {eval_metrics.get('eval_margin', float('nan')):.3f}")

@@ -16,7 +16,6 @@ from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
-from distft.stages.reporting import ReportCallback
 from distft.stages.trainer_setup import (
     export_model,
     finish,
@@ -25,7 +24,9 @@ from distft.stages.trainer_setup import (
     ready,
     run_summary,
     score_held_out,
+    stage_callbacks,
     total_steps,
+    train,
     trainer_arguments,
 )
 
@@ -70,10 +71,10 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[ReportCallback(ctx, stage.label(), stage_dir, steps, cfg)],
+        callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
     )
     ready(trainer, stage, ctx)
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()
 
     after = score_held_out(trainer.model, tokenizer, task, stage, ctx, "after")

@@ -87,6 +87,28 @@ def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> 
     )
 
 
+def stage_callbacks(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, total_steps: int) -> list:
+    """Progress, metrics and checkpoint sealing (ReportCallback); early stopping when configured."""
+    from distft.stages.early_stopping import EarlyStopping
+
+    stage = cfg.stages[ctx.stage_index]
+    report = ReportCallback(ctx, stage.label(), stage_dir, total_steps, cfg)
+    if not stage.train.early_stopping:
+        return [report]
+    return [report, EarlyStopping(stage.train.early_stopping, stage_dir / "checkpoints", report.checkpoints,
+                                  ctx.log, stage.label())]
+
+
+def train(trainer, ctx: StageContext):
+    """`trainer.train()`, then (early stopping) the best checkpoint loaded back, so that what is evaluated
+    and exported next is the best model, not the last."""
+    from distft.stages.early_stopping import restore_best
+
+    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    restore_best(trainer, ctx.log)
+    return result
+
+
 def ready(trainer, stage, ctx: StageContext) -> None:
     """After building a Trainer: ReportCallback prints progress (not the Trainer's PrinterCallback), and
     FSDP2 is switched on for CPU workers, where accelerate alone would silently run DDP."""
@@ -193,10 +215,12 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
     import time
 
     from distft.distributed.sharding import optimizer_shard, parameter_shard
+    from distft.stages.early_stopping import EarlyStopping, overfitting
 
     stage = cfg.stages[ctx.stage_index]
     history = trainer.state.log_history
     reporters = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReportCallback)]
+    early = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStopping)]
     return {
         "stage": stage.label(),
         "kind": stage.stage,
@@ -215,6 +239,8 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
         "stopped_early_at": reporters[0].stopped_at if reporters else None,
+        **(early[0].summary() if early else {}),
+        **overfitting(history, stage.train.overfit_gap),
     }
 
 
