@@ -192,6 +192,17 @@ def live_cluster(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_dashboard_and_job_server_listen_on_loopback_only(live_cluster):
+    """Ray 2.60 binds the GCS and raylets to every interface whatever --node-ip-address says (token auth guards
+    them: see the job auth tests); the dashboard, which serves the Jobs API, is ours to bind, to 127.0.0.1."""
+    import psutil
+
+    dash = [c.laddr.ip for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == live_cluster["dashboard"]]
+    assert dash and set(dash) <= {"127.0.0.1", "::ffff:127.0.0.1"}, dash
+
+
+@pytest.mark.slow
 def test_up_starts_every_node_and_status_lists_them(live_cluster):
     up, state = live_cluster["up"], live_cluster["state"]
     assert "all 3 nodes alive" in up.stdout and f"address    {live_cluster['address']}" in up.stdout

@@ -151,3 +151,13 @@ def test_a_checkpoint_upload_that_never_finishes_fails_the_run_with_a_hint(tmp_p
     assert str(e.value).startswith("the upload of checkpoint-20 to run.storage_path has not finished after 61 s "
                                    "(run.checkpoint_upload_timeout_s=60)")
     assert f"complete in {tmp_path / 'checkpoints' / 'checkpoint-20'}" in str(e.value)
+
+
+def test_a_worker_group_that_cannot_start_in_time_says_what_to_check():
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    from distft.launch.train import stage_failed
+
+    e = stage_failed("sft", WorkerGroupStartupTimeoutError(num_workers=4))
+    assert str(e).startswith("stage sft failed: WorkerGroupStartupTimeoutError")
+    assert "raise run.worker_start_timeout_s" in str(e) and "distft cluster status" in str(e)

@@ -39,7 +39,12 @@ def stage_failed(label: str, error: BaseException) -> StageError:
         where = f" on rank {rank}" if len(failures) < 2 else f" on {len(failures)} ranks (rank {rank} first)"
     else:
         cause, where = getattr(error, "controller_failure", None) or error, ""
-    return StageError(f"stage {label} failed{where}: {error_line(cause)}")
+    hint = STARTUP_HINT if "WorkerGroupStartup" in f"{type(cause).__name__} {error_line(cause)}" else ""
+    return StageError(f"stage {label} failed{where}: {error_line(cause)}{hint}")
+
+
+STARTUP_HINT = (" Fix: check that the cluster has room for every worker (distft cluster status, ray status), or "
+                "raise run.worker_start_timeout_s when workers start slowly (image pulls, large imports).")
 
 
 def error_line(error) -> str:
