@@ -70,6 +70,10 @@ ROWS = [
     ("validate $C data.train=$T/holed.jsonl", "data.train: $T/holed.jsonl row 42: field `instruction` is missing"),
     ("validate $C data.format=preference", "row 1: field `chosen` is missing (format preference)"),
     ("validate $C stage=dpo", "has format alpaca, but stage dpo trains on preference pairs"),
+    ("validate $C stage=classify", "row 1: field `label` is missing (format classification)"),
+    ("validate $C stage=classify data.format=auto", "has format alpaca, but stage classify trains on text + label"),
+    (f"validate $C data.train={REPO}/configs/data/topics_train.jsonl",
+     "holds text + label rows for classification, which stage sft cannot train on"),
     # resources and the model
     ("validate $C scaling.num_workers=64 train.global_batch_size=512",
      "scaling: 64 workers x 1 CPUs = 64 CPUs, but this machine has"),

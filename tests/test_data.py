@@ -163,3 +163,29 @@ def test_shipped_task_files_match_the_generator_and_are_disjoint():
     assert len(test) >= 500
     assert not {r["input"] for r in train} & {r["input"] for r in test}
     assert {r["instruction"] for r in test} == {r["instruction"] for r in train}  # same 4 question kinds
+
+
+def test_shipped_topic_files_match_the_generator_and_test_only_unseen_words():
+    import json
+
+    from conftest import REPO
+    from distft.data.formats import detect_format
+    from distft.data.task import TOPIC_WORDS, make_topic_splits
+
+    train, test = make_topic_splits()
+    read = lambda name: [json.loads(x) for x in (REPO / "configs" / "data" / name).read_text().splitlines()]  # noqa: E731
+    assert read("topics_train.jsonl") == train and read("topics_test.jsonl") == test
+    assert detect_format(list(train[0])) == "classification"
+    assert {r["label"] for r in test} == {r["label"] for r in train} == set(TOPIC_WORDS)
+    seen = {w for words, _ in TOPIC_WORDS.values() for w in words}
+    assert not any(w in r["text"].replace(",", " ").replace(".", " ").split() for r in test for w in seen)
+
+
+def test_classification_rows_are_checked():
+    from distft.data.formats import check_row
+
+    assert check_row({"text": "a storm", "label": "weather"}, "classification", "text") is None
+    assert check_row({"text": "a storm", "label": 3}, "classification", "text") is None
+    assert check_row({"text": "a storm"}, "classification", "text") == "field `label` is missing"
+    assert check_row({"text": "a", "label": [1]}, "classification", "text").startswith("field `label` must be")
+    assert check_row({"label": "x"}, "classification", "text") == "field `text` is missing"

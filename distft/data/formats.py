@@ -38,6 +38,8 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
         return "preference"
+    if {text_field, "label"} <= cols:
+        return "classification"
     if "messages" in cols:
         return "messages"
     if {"instruction", "output"} <= cols:
@@ -49,7 +51,7 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
     raise DataError(
         f"cannot tell the data format from columns {sorted(cols)}. Fix: set data.format to one of alpaca "
         f"(instruction/input/output), messages, prompt_completion (prompt/completion), text (data.text_field) "
-        f"or preference (chosen/rejected, optional prompt)."
+        f"preference (chosen/rejected, optional prompt) or classification (data.text_field and label)."
     )
 
 
@@ -57,7 +59,13 @@ def check_row(row: dict, fmt: str, text_field: str) -> str | None:
     """Why `row` is unusable for `fmt`, or None if it is fine."""
     if fmt == "preference":
         return _check_preference(row)
-    fields = (text_field,) if fmt == "text" else REQUIRED[fmt]
+    if fmt == "classification":
+        label = row.get("label")
+        if label is None:
+            return "field `label` is missing"
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            return f"field `label` must be a class name or an integer, got {type(label).__name__}"
+    fields = (text_field,) if fmt in ("text", "classification") else REQUIRED[fmt]
     for field in fields:
         value = row.get(field)
         if value is None:

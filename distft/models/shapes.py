@@ -83,7 +83,12 @@ def _meta_model(name_or_path: str):
 
     config = AutoConfig.from_pretrained(str(find_config(name_or_path).parent))
     with torch.device("meta"):
-        return config, AutoModelForCausalLM.from_config(config)
+        try:
+            return config, AutoModelForCausalLM.from_config(config)
+        except ValueError:  # an encoder (BERT, MiniLM): sized as the classifier the classify stage builds
+            from transformers import AutoModelForSequenceClassification
+
+            return config, AutoModelForSequenceClassification.from_config(config)
 
 
 def trainable_on_meta(name_or_path: str, method: MethodConfig) -> int:
@@ -93,8 +98,11 @@ def trainable_on_meta(name_or_path: str, method: MethodConfig) -> int:
     from distft.models.loading import _attach_method
 
     _, model = _meta_model(name_or_path)
+    # How virtual tokens start does not change how many there are (and needs a tokenizer).
+    counted = method.model_copy(update={"prompt": method.prompt.model_copy(update={"init_text": None})})
+    task = "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM"
     with torch.device("meta"):
-        model = _attach_method(model, method, "CAUSAL_LM", log=lambda m: None)
+        model = _attach_method(model, counted, task, log=lambda m: None)
     seen, total = set(), 0
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:

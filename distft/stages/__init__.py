@@ -41,6 +41,8 @@ def stage_runner(kind: str):
         from distft.stages.dpo import run
     elif kind == "grpo":
         from distft.stages.grpo import run
+    elif kind == "classify":
+        from distft.stages.classify import run
     else:
         raise ValueError(f"unknown stage kind {kind!r}")
     return _writes_explained(run)
