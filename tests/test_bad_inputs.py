@@ -44,6 +44,8 @@ ROWS = [
     ("validate $C strategy.name=fsdp method.name=prompt_tuning",
      "strategy: method.name=prompt_tuning is not supported under fsdp by distft (supported: ddp, deepspeed-zero0"),
     ("validate $C stage=reward data.format=preference method.name=ia3", "ia3 is supported by distft in stage(s) sft"),
+    ("validate $C method.name=freeze method.freeze.unfreeze_every=10 strategy.name=deepspeed",
+     "gradual unfreezing (method.freeze.unfreeze_every) masks gradients itself"),
     (f"validate $C model.name_or_path={LLAMA8B} method.name=bitfit",
      "method.name=bitfit trains only bias terms, and LlamaForCausalLM has none"),
     (f"validate $C model.name_or_path={LLAMA8B} method.name=freeze method.freeze.trainable_layers=40",

@@ -168,3 +168,32 @@ def test_early_stopping_exports_the_best_checkpoint_and_the_summary_flags_overfi
     best_weights = load_file(ckpts / f"checkpoint-{best_step}" / "model.safetensors")
     assert exported.keys() == best_weights.keys()
     assert all(torch.equal(exported[k], best_weights[k]) for k in exported)
+
+
+def test_gradual_unfreezing_trains_blocks_top_down_on_its_schedule(tiny_random, alpaca_rows, tmp_path):
+    """Head only for steps 1-2, then the top block too for 3-4, then both blocks: checked on the checkpoints
+    of every phase, with weight decay on (still blocks must not even decay)."""
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "train.jsonl", alpaca_rows)
+    raw = make_cfg(tiny_random, train, max_steps=6, save_every=2, eval_every=100).model_dump(mode="json")
+    st = raw["stages"][0]
+    st["method"] = {"name": "freeze", "freeze": {"trainable_layers": 0, "unfreeze_every": 2}}
+    st["train"].update(weight_decay=0.1, lr=1e-3)
+    raw["run"] = {"keep_checkpoints": 5}
+    ctx = StageContext(run_dir=tmp_path / "run")
+    stage_runner("sft")(build_config(raw), ctx)
+
+    ckpts = tmp_path / "run" / "sft" / "checkpoints"
+    states = [load_file(tiny_random / "model.safetensors")] + [
+        load_file(ckpts / f"checkpoint-{s}" / "model.safetensors") for s in (2, 4, 6)]
+
+    def changed(a, b):
+        return {".".join(k.split(".")[:3]) if k.startswith("model.layers.") else k.removesuffix(".weight")
+                for k in a if not torch.equal(a[k], b[k])}
+
+    head = "model.embed_tokens"  # the tiny model ties its head to the input embeddings
+    assert changed(states[0], states[1]) == {head}
+    assert changed(states[1], states[2]) == {head, "model.layers.1"}
+    assert changed(states[2], states[3]) == {head, "model.layers.1", "model.layers.0"}
+    assert torch.equal(states[0]["model.norm.weight"], states[3]["model.norm.weight"])  # never scheduled

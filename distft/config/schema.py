@@ -209,6 +209,9 @@ class FreezeSettings(Section):
                                                                  "of these, e.g. [norm] for the final norm")
     train_embeddings: bool = False
     train_head: bool = Field(True, description="The output head (lm_head, or a classifier's score/classifier)")
+    unfreeze_every: int | None = Field(None, ge=1, description="Gradual unfreezing: one more block, top-down, "
+                                                               "every this many steps (or epochs)")
+    unfreeze_unit: Literal["steps", "epochs"] = "steps"
 
 
 class PromptSettings(Section):
@@ -737,6 +740,7 @@ def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, s
         if strategy.fsdp_offload:
             errors.append(f"{where}.fsdp_offload moves GPU memory to the CPU; with scaling.use_gpu=false there is "
                           "nothing to offload. Fix: scaling.use_gpu=true, or strategy.fsdp_offload=false.")
+    errors += _gradual_fits(where, strategy, method)
     if strategy.name == "fsdp" and method.name == "qlora":
         errors.append(f"{where}.name: fsdp with method.name=qlora (4-bit weights) is not supported by distft. "
                       "Fix: strategy.name=ddp, or strategy.name=deepspeed with zero_stage 2.")
@@ -745,6 +749,14 @@ def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, s
         errors.append(f"{where}: method.name={method.name} is not supported under {strategy.label()} by distft "
                       f"(supported: {', '.join(supported)}). Fix: strategy.name=ddp, or another method.")
     return errors
+
+
+def _gradual_fits(where: str, strategy: StrategyConfig, method: MethodConfig) -> list[str]:
+    if method.name == "freeze" and method.freeze.unfreeze_every and strategy.name != "ddp":
+        return [f"{where}: gradual unfreezing (method.freeze.unfreeze_every) masks gradients itself, which "
+                f"{strategy.label()} manages in its own buffers; supported under ddp. Fix: strategy.name=ddp, or "
+                "drop method.freeze.unfreeze_every."]
+    return []
 
 
 ALL_STRATEGIES = ("ddp", "deepspeed-zero0", "deepspeed-zero1", "deepspeed-zero2", "deepspeed-zero3", "fsdp")

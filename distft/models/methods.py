@@ -107,7 +107,9 @@ def apply_partial(model, method: MethodConfig, log=print) -> None:
         raise MethodError(f"method.freeze.trainable_layers={f.trainable_layers}, but {type(model).__name__} has "
                           f"{len(blocks)} blocks. Fix: method.freeze.trainable_layers={len(blocks)} or fewer "
                           "(or method.name=full).")
-    if f.trainable_layers:
+    if f.unfreeze_every:
+        chosen += blocks  # every block gets gradients; GradualUnfreezing keeps the not-yet-unfrozen ones still
+    elif f.trainable_layers:
         chosen += blocks[-f.trainable_layers:]
     if f.train_head:
         chosen += head_modules(model)

@@ -88,15 +88,20 @@ def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> 
 
 
 def stage_callbacks(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, total_steps: int) -> list:
-    """Progress, metrics and checkpoint sealing (ReportCallback); early stopping when configured."""
+    """Progress, metrics and checkpoint sealing (ReportCallback); early stopping and gradual unfreezing when
+    configured."""
     from distft.stages.early_stopping import EarlyStopping
 
+    from distft.stages.unfreezing import GradualUnfreezing
+
     stage = cfg.stages[ctx.stage_index]
-    report = ReportCallback(ctx, stage.label(), stage_dir, total_steps, cfg)
-    if not stage.train.early_stopping:
-        return [report]
-    return [report, EarlyStopping(stage.train.early_stopping, stage_dir / "checkpoints", report.checkpoints,
-                                  ctx.log, stage.label())]
+    callbacks = [ReportCallback(ctx, stage.label(), stage_dir, total_steps, cfg)]
+    if stage.train.early_stopping:
+        callbacks.append(EarlyStopping(stage.train.early_stopping, stage_dir / "checkpoints",
+                                       callbacks[0].checkpoints, ctx.log, stage.label()))
+    if stage.method.name == "freeze" and stage.method.freeze.unfreeze_every:
+        callbacks.append(GradualUnfreezing(stage.method.freeze, ctx.log, stage.label()))
+    return callbacks
 
 
 def train(trainer, ctx: StageContext):
