@@ -17,18 +17,20 @@ from test_provenance import SECRET_PROBE, assert_run_records_itself
 pytestmark = pytest.mark.slow
 
 
-def test_two_worker_lora_sft_on_ray(ray_cluster, tiny_base, tmp_path):
+def test_two_worker_dora_sft_on_ray(ray_cluster, tiny_base, tmp_path):
+    """The quickstart with DoRA (a method beyond LoRA, through Ray Train: the matrix's one Ray launch)."""
     from distft.launch.train import launch
     from distft.models.loading import load_for_inference
     from distft.stages.evaluate import exact_match
 
     cfg = absolutize_paths(load_config(REPO / "configs" / "quickstart.yaml", [
-        f"model.name_or_path={tiny_base}", "train.max_steps=40", "train.save_every=20", "train.eval_every=20",
+        f"model.name_or_path={tiny_base}", "method.name=dora", "train.max_steps=40", "train.save_every=20",
+        "train.eval_every=20",
         "train.log_every=5", "evaluate.max_samples=64", "data.max_train_samples=1500",
     ]), REPO)
     (summary,) = launch(cfg, tmp_path / "run", log=lambda m: None)
 
-    assert summary["world_size"] == 2 and summary["steps"] == 40
+    assert summary["world_size"] == 2 and summary["steps"] == 40 and summary["method"] == "dora"
     assert summary["exact_match_after"] > summary["exact_match_before"]
     lines = [json.loads(x) for x in (tmp_path / "run" / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
