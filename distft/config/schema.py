@@ -193,7 +193,7 @@ class LoraSettings(Section):
 
 
 class QuantizationSettings(Section):
-    bits: Literal[4] = 4
+    bits: Literal[4, 8] = Field(4, description="4: QLoRA (NF4/FP4); 8: LLM.int8 LoRA (bitsandbytes CUDA kernels only)")
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
@@ -751,6 +751,22 @@ def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, s
     return errors
 
 
+def _device_fits(i: int, stage, scaling: ScalingConfig) -> list[str]:
+    """bitsandbytes features verified only on CUDA are refused on CPU workers, with what works instead."""
+    errors = []
+    if scaling.use_gpu:
+        return errors
+    if stage.method.name == "qlora" and stage.method.quantization.bits == 8:
+        errors.append(f"stages.{i}.method.quantization.bits: 8-bit (LLM.int8) weights need bitsandbytes' CUDA "
+                      "kernels; on CPU workers only 4-bit is verified. Fix: method.quantization.bits=4, or "
+                      "scaling.use_gpu=true.")
+    if stage.train.optimizer in ("paged_adamw_8bit", "adamw_bnb_8bit"):
+        errors.append(f"stages.{i}.train.optimizer: {stage.train.optimizer} (bitsandbytes) pages or quantizes "
+                      "optimizer states on CUDA; it is not verified on CPU workers. Fix: "
+                      "train.optimizer=adamw_torch, or scaling.use_gpu=true.")
+    return errors
+
+
 def _gradual_fits(where: str, strategy: StrategyConfig, method: MethodConfig) -> list[str]:
     if method.name == "freeze" and method.freeze.unfreeze_every and strategy.name != "ddp":
         return [f"{where}: gradual unfreezing (method.freeze.unfreeze_every) masks gradients itself, which "
@@ -804,6 +820,7 @@ class DistftConfig(Section):
                     break
             errors += _strategy_fits(f"stages.{i}.strategy", st.strategy, st.method, self.scaling, self.model)
             errors += _elastic_fits(i, st, self.scaling)
+            errors += _device_fits(i, st, self.scaling)
         if self.scaling.elastic() and self.run.max_failures < 1:
             errors.append("run.max_failures: an elastic run shrinks or grows by restarting its worker group from "
                           "the latest checkpoint, and Ray Train counts each lost worker as a failure; with 0 it "

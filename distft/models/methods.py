@@ -90,7 +90,7 @@ def apply_partial(model, method: MethodConfig, log=print) -> None:
         biases = [p for n, p in model.named_parameters() if n.endswith(".bias") or n == "bias"]
         if not biases:
             raise MethodError(
-                f"method.name=bitfit trains only bias terms, and {type(model).__name__} has none (Llama, Qwen2 and "
+                f"method.name=bitfit trains only bias terms, and {type(model).__name__} has none (Llama- and "
                 "Mistral-style models use no biases). Fix: method.name=freeze (the last blocks), ia3 (a few "
                 "thousand scales) or lora.")
         for p in biases:
@@ -158,6 +158,8 @@ def build_bnb_config(method: MethodConfig, model: ModelConfig, use_gpu: bool):
     from transformers import BitsAndBytesConfig
 
     q = method.quantization
+    if q.bits == 8:  # LLM.int8 (CUDA only: the config refuses it for CPU workers)
+        return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
