@@ -114,7 +114,7 @@ def test_corrupt_jsonl_line_is_located(tmp_path):
 def test_empty_and_missing_datasets(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="no rows|could not read"):
+    with pytest.raises(DataError, match=r"empty.jsonl is empty. Fix: point it at a file with rows"):
         load_rows(str(empty))
     with pytest.raises(DataError, match="file not found: ./nope.jsonl"):
         load_rows("./nope.jsonl")
