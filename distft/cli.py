@@ -209,6 +209,10 @@ def stage_result(s: dict) -> str:
     pairwise = before_after(s, "pairwise_accuracy", ".1%")
     if pairwise:
         parts.append(f"pairwise accuracy {pairwise} (margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
+    accuracy = before_after(s, "accuracy", ".1%")
+    if accuracy:
+        f1 = before_after(s, "f1_macro", ".3f")
+        parts.append(f"accuracy {accuracy}, macro F1 {f1} ({s.get('heldout_rows', 0)} rows)")
     reward = before_after(s, "heldout_reward", ".3f")
     if reward:
         parts.append(f"mean reward {reward}")
@@ -246,8 +250,13 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
         result = stage_result(s)
         if result != "-":
             lines.append(f"  held-out     {result}")
+        if s.get("early_stopped_at") is not None or s.get("best_step") not in (None, s.get("steps")):
+            lines.append(f"  early stop   at step {s.get('early_stopped_at') or s['steps']}; exported the best, step "
+                         f"{s['best_step']} ({s['early_stopping_metric']} {s['best_metric']:.4g})")
+        if s.get("overfitting"):
+            lines.append(f"  overfitting  eval - train loss grew to {s['loss_gap']:.3f} from {s['loss_gap_smallest']:.3f}")
     lines.append(f"model        {run_dir / 'final'}")
-    if summaries and summaries[-1].get("kind") != "reward":  # a reward model scores, it does not generate
+    if summaries and summaries[-1].get("kind") not in ("reward", "classify"):  # these score; they do not generate
         lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
         lines.append(f"score it     distft eval {run_dir} --data <held-out file>")
     lines.append("=" * 64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,18 @@ def test_methods_on_a_bert_encoder_train_what_they_should(method, trained, tmp_p
     assert names and all(re.search(trained, n) for n in names), sorted(names)[:5]
     if method["name"] == "bitfit":
         assert "classifier.weight" in names and "bert.embeddings.word_embeddings.weight" not in names
+
+
+def test_the_run_summary_reports_classification_early_stopping_and_overfitting():
+    from distft.cli import render_summary
+
+    s = {"stage": "classify", "kind": "classify", "method": "bitfit", "steps": 60, "wall_seconds": 40,
+         "trainable_params": 27652, "total_params": 22714756, "accuracy_before": 0.318, "accuracy_after": 1.0,
+         "f1_macro_before": 0.212, "f1_macro_after": 1.0, "heldout_rows": 400, "world_size": 1,
+         "early_stopped_at": 60, "best_step": 50, "early_stopping_metric": "eval_loss", "best_metric": 0.31,
+         "overfitting": True, "loss_gap": 0.9, "loss_gap_smallest": 0.1}
+    out = render_summary(Path("/tmp/run"), [s], 40)
+    assert "accuracy 31.8% -> 100.0%, macro F1 0.212 -> 1.000 (400 rows)" in out
+    assert "early stop   at step 60; exported the best, step 50 (eval_loss 0.31)" in out
+    assert "overfitting  eval - train loss grew to 0.900 from 0.100" in out
+    assert "distft generate" not in out  # a classifier does not generate
