@@ -171,6 +171,9 @@ def test_the_job_server_address_comes_from_the_flag_then_ray_address_then_the_cl
 
     monkeypatch.setenv("DISTFT_CACHE", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://api:8265")  # Ray's own variable: after RAY_ADDRESS
+    assert jobs.job_server_url(None) == "http://api:8265"
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
     assert jobs.job_server_url(None) == "http://127.0.0.1:8265"
     cluster._write_state({"address": "127.0.0.1:7000", "port": 7000, "dashboard_url": "http://127.0.0.1:9265",
                           "processes": []})
@@ -210,3 +213,16 @@ def test_submit_refuses_bad_input_before_contacting_any_server(tmp_path):
     assert r.returncode == 2 and "cannot reach a Ray job server at http://127.0.0.1:9" in r.stderr
     r = distft("jobs", "logs", env=env)
     assert r.returncode == 2 and "distft jobs logs needs a job id" in r.stderr
+
+
+def test_the_address_given_wins_over_ray_api_server_address(monkeypatch):
+    """Ray's clients let RAY_API_SERVER_ADDRESS override the address they are given; ours do not."""
+    from ray.job_submission import JobSubmissionClient
+
+    seen = []
+    monkeypatch.setattr(JobSubmissionClient, "__init__", lambda self, url: seen.append(
+        (url, __import__("os").environ.get("RAY_API_SERVER_ADDRESS"))))
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:1")
+    jobs.connect("http://head:8265")
+    assert seen == [("http://head:8265", None)]
+    assert __import__("os").environ["RAY_API_SERVER_ADDRESS"] == "http://127.0.0.1:1"  # put back

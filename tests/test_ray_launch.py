@@ -78,6 +78,7 @@ def test_deepspeed_zero3_on_ray_shards_parameters(ray_cluster, tiny_base, tmp_pa
         "data.max_train_samples=800", "train.log_every=4",
     ]), REPO)
     (summary,) = launch(cfg, tmp_path / "run", log=lambda m: None)
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # the private cluster's pin stays with its raylet
     assert summary["strategy"] == "deepspeed-zero3" and summary["world_size"] == 2
     assert summary["param_elements_local"] == pytest.approx(summary["param_elements_full"] / 2, rel=0.02)
     assert summary["last_logged_loss"] < summary["first_logged_loss"]

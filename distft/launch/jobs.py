@@ -48,8 +48,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def job_server_url(address: str | None) -> str:
-    """--address, else RAY_ADDRESS when it is the job server's http(s) URL, else the job server of the
-    cluster `distft cluster up` started, else Ray's default on this machine."""
+    """--address, else RAY_ADDRESS when it is the job server's http(s) URL, else RAY_API_SERVER_ADDRESS, else
+    the job server of the cluster `distft cluster up` started, else Ray's default on this machine."""
     from distft.launch.cluster import read_state
 
     if address and address != "auto":
@@ -57,6 +57,8 @@ def job_server_url(address: str | None) -> str:
     env = os.environ.get("RAY_ADDRESS", "")
     if env.startswith(("http://", "https://")):
         return env
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return os.environ["RAY_API_SERVER_ADDRESS"]
     state = read_state()
     if state and state.get("dashboard_url"):
         return state["dashboard_url"]
@@ -71,10 +73,16 @@ def connect(address: str | None):
 
     url = job_server_url(address)
     use_job_server_auth(url)
+    # Ray lets RAY_API_SERVER_ADDRESS override the address a client is given; the URL resolved above
+    # (from --address first) is the one meant, so the variable is set aside while the client is made.
+    saved = os.environ.pop("RAY_API_SERVER_ADDRESS", None)
     try:
         return JobSubmissionClient(url)
     except Exception as e:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError or AuthenticationError here
         raise ClusterError(explain(e, url)) from None
+    finally:
+        if saved is not None:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def explain(error: Exception, url: str) -> str:

@@ -79,10 +79,19 @@ def start_private_ray(num_cpus: int, **init_kwargs) -> None:
     from distft.launch.cluster import free_port
 
     port = free_port()
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     init_kwargs.setdefault("logging_level", "warning")
-    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port,
-             include_dashboard=True, **init_kwargs)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port,
+                 include_dashboard=True, **init_kwargs)
+    finally:
+        # The raylet has its environment now. Left set here, it would override the address of any job
+        # server this process (or a child, e.g. `distft submit` from a test) talks to later.
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None):
