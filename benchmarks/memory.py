@@ -109,7 +109,9 @@ def _worker(rank: int, world: int, port: int, raw_json: str, run_dir: str) -> No
     reset_peak_rss()
     seen: dict = {}
 
-    class MemoryProbe(sft.ReportCallback):
+    import distft.stages.trainer_setup as setup
+
+    class MemoryProbe(setup.ReportCallback):
         """The stage's own callback plus a measurement just before optimizer step MEASURE_AT_STEP.
 
         The innermost optimizer's `step` is wrapped (DeepSpeed's ZeRO optimizer, which the engine
@@ -143,8 +145,8 @@ def _worker(rank: int, world: int, port: int, raw_json: str, run_dir: str) -> No
                 target.step = step
             return super().on_step_begin(args, state, control, model=model, optimizer=optimizer, **kwargs)
 
-    # The stage builds its callback by this name; a `ctx.callbacks` hook in sft.py would replace the patch.
-    sft.ReportCallback = MemoryProbe
+    # The stage's callbacks are built by trainer_setup.stage_callbacks, which looks this name up at call time.
+    setup.ReportCallback = MemoryProbe
     ctx = context_from_env(run_dir)
     try:
         sft.run(cfg, ctx)

@@ -107,7 +107,9 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
                     load_param_bytes=model_state_bytes(model, None)["params"])
         raise _Done
 
-    class Probe(sft.ReportCallback):
+    import distft.stages.trainer_setup as setup
+
+    class Probe(setup.ReportCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             touch_local_parameters(model)
             gc.collect()
@@ -116,8 +118,9 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
                         sharded_param_bytes=model_state_bytes(model, None)["params"], sharded_live=live_tensor_bytes())
             raise _Done
 
-    # The stage looks both names up at call time; patched in this worker process only.
-    sft.load_model, sft.ReportCallback = measuring_load_model, Probe
+    # The stage looks both names up at call time (its callbacks come from trainer_setup.stage_callbacks);
+    # patched in this worker process only.
+    sft.load_model, setup.ReportCallback = measuring_load_model, Probe
     try:
         sft.run(cfg, context_from_env(Path(out_dir) / "run"))
     except _Done:
