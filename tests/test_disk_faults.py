@@ -114,11 +114,18 @@ def test_disk_errors_are_told_apart_from_other_failures(error, disk, tmp_path):
 def test_a_failure_while_a_checkpoint_is_staged_names_it(tmp_path):
     from distft.distributed.checkpoint import write_failure
 
+    import os
+    import time
+
     ckpts = tmp_path / "run" / "sft" / "checkpoints"
     (staging_dir(ckpts) / "checkpoint-12").mkdir(parents=True)
     told = write_failure(ckpts, ValueError("a bug in a callback"), "`distft resume run`")
     assert told.startswith("writing checkpoint checkpoint-12 failed (ValueError: a bug in a callback)")
     assert "Fix: fix the cause above for" in told
+    # A leftover of an earlier crash (staged before this attempt started) is not this failure's cause.
+    old = time.time() - 3600
+    os.utime(staging_dir(ckpts) / "checkpoint-12", (old, old))
+    assert write_failure(ckpts, ValueError("a bug"), "`distft resume run`", since=time.time() - 60) is None
 
 
 def test_ray_train_errors_are_reduced_to_the_failing_rank_and_its_message():

@@ -245,13 +245,16 @@ def is_disk_error(error: BaseException) -> bool:
     return False
 
 
-def write_failure(checkpoints_dir: str | Path, error: BaseException, resume_hint: str) -> str | None:
+def write_failure(checkpoints_dir: str | Path, error: BaseException, resume_hint: str,
+                  since: float = 0.0) -> str | None:
     """The account of a stage that failed writing (a checkpoint, or any file on a full disk), else None.
 
     A checkpoint left in the staging folder was being written when the error came: it never
     becomes `checkpoint-N` (it is deleted on the next start), and the latest sealed one is
-    re-verified here, so the message can say it is intact."""
-    staged = sorted((d for d in staging_dir(checkpoints_dir).glob("checkpoint-*") if d.is_dir()),
+    re-verified here, so the message can say it is intact. Only checkpoints staged at or after `since`
+    (this attempt's start) count: an older leftover is an earlier crash's, not this failure's."""
+    staged = sorted((d for d in staging_dir(checkpoints_dir).glob("checkpoint-*")
+                     if d.is_dir() and d.stat().st_mtime >= since),
                     key=lambda d: checkpoint_step(d) or -1)
     disk = is_disk_error(error)
     if not staged and not disk:

@@ -1,5 +1,6 @@
 """Training stages. Each `run(cfg, ctx)` builds model, data and trainer, then trains; none imports Ray."""
 
+import time
 from functools import wraps
 
 from distft.stages.context import StageContext
@@ -12,6 +13,7 @@ class StageWriteError(RuntimeError):
 def _writes_explained(run):
     @wraps(run)
     def guarded(cfg, ctx: StageContext):
+        started = time.time()
         try:
             return run(cfg, ctx)
         except Exception as e:
@@ -19,7 +21,7 @@ def _writes_explained(run):
 
             stage = cfg.stages[ctx.stage_index]
             problem = write_failure(ctx.run_dir / stage.label() / "checkpoints", e,
-                                    f"`distft resume {ctx.run_dir}`")
+                                    f"`distft resume {ctx.run_dir}`", since=started)
             if problem is None:
                 raise
             raise StageWriteError(f"stage {stage.label()}: {problem}") from e
