@@ -111,3 +111,28 @@ def test_the_run_summary_reports_classification_early_stopping_and_overfitting()
     assert "early stop   at step 60; exported the best, step 50 (eval_loss 0.31)" in out
     assert "overfitting  eval - train loss grew to 0.900 from 0.100" in out
     assert "distft generate" not in out  # a classifier does not generate
+
+
+def test_a_lora_classifier_merges_into_a_plain_model_with_its_labels(tmp_path):
+    """The adapter export keeps its label set (distft_labels.json), so --merge rebuilds the 4-way head."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from distft.cli import main
+    from distft.models.loading import minilm_path
+
+    run = tmp_path / "run"
+    stage_runner("classify")(config("method.name=lora", "train.max_steps=3", "train.early_stopping=null",
+                                    "evaluate.before=false", "evaluate.max_samples=8"), StageContext(run_dir=run))
+    final = run / "classify" / "final"
+    out = tmp_path / "merged"
+    assert main(["export", str(final), "--merge", "--dtype", "float32", "--out", str(out)]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config.id2label == {0: "food", 1: "sports", 2: "technology", 3: "weather"}
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=4,
+                                                              ignore_mismatched_sizes=True)
+    adapter = PeftModel.from_pretrained(base, str(final)).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok(["A storm hit the stadium."], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**ids).logits, adapter(**ids).logits, rtol=1e-4, atol=1e-4)

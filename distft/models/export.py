@@ -86,7 +86,16 @@ def _load_merged(src: Path, adapter: dict | None, trust_remote_code: bool):
         cls = AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM
         return cls.from_pretrained(str(src), dtype=torch.float32, trust_remote_code=trust_remote_code,
                                    use_safetensors=True)
-    if adapter.get("task_type") == "SEQ_CLS":  # a reward model's adapter carries its head
+    if adapter.get("task_type") == "SEQ_CLS" and (src / "distft_labels.json").is_file():  # a classify stage's
+        from peft import PeftModel
+
+        labels = json.loads((src / "distft_labels.json").read_text())["labels"]
+        base = AutoModelForSequenceClassification.from_pretrained(
+            adapter["base_model_name_or_path"], num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True, dtype=torch.float32,
+            use_safetensors=True, trust_remote_code=trust_remote_code)
+        return PeftModel.from_pretrained(base, str(src)).merge_and_unload()
+    if adapter.get("task_type") == "SEQ_CLS":  # a reward model's adapter carries its one-score head
         from distft.models.loading import load_reward_for_inference
 
         return load_reward_for_inference(src, trust_remote_code)[0]

@@ -8,6 +8,7 @@ without one, on the eval split.
 
 from __future__ import annotations
 
+import json
 import time
 
 from distft.config import DistftConfig
@@ -28,6 +29,9 @@ from distft.stages.trainer_setup import (
     train,
     trainer_arguments,
 )
+
+
+LABELS_FILE = "distft_labels.json"  # beside a classifier's adapter: the labels its head was trained on
 
 
 def label_names(rows) -> list[str]:
@@ -123,6 +127,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
     final_dir = stage_dir / "final"
     export_model(trainer, final_dir, ctx)
+    if ctx.is_main and (final_dir / "adapter_config.json").is_file():
+        # An adapter export carries no config.json, so the label set would be lost to whoever merges it.
+        (final_dir / LABELS_FILE).write_text(json.dumps({"labels": labels}))
     summary = {
         **run_summary(cfg, ctx, trainer, result, eval_metrics, params, started, final_dir),
         "labels": labels,
