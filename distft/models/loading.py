@@ -60,6 +60,12 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     return tok
 
 
+def safetensors_only(allow_pickle: bool) -> bool | None:
+    """from_pretrained's use_safetensors: True refuses pickle (.bin) weights; None is transformers' own
+    fallback to them, only when the user opted in (model.allow_pickle_weights, --allow-pickle-weights)."""
+    return None if allow_pickle else True
+
+
 def _device_map(use_gpu: bool):
     if not use_gpu:
         return "cpu"
@@ -71,7 +77,7 @@ def _pretrained_kwargs(model: ModelConfig, method: MethodConfig, use_gpu: bool) 
         revision=model.revision,
         trust_remote_code=model.trust_remote_code,
         dtype=torch_dtype(model.dtype),
-        use_safetensors=None if model.allow_pickle_weights else True,  # None: transformers' own fallback to .bin
+        use_safetensors=safetensors_only(model.allow_pickle_weights),
     )
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
@@ -81,7 +87,7 @@ def _pretrained_kwargs(model: ModelConfig, method: MethodConfig, use_gpu: bool) 
     return kwargs
 
 
-def _attach_method(net, method: MethodConfig, task_type: str, tokenizer_path: str | None = None, log=print):
+def attach_method(net, method: MethodConfig, task_type: str, tokenizer_path: str | None = None, log=print):
     if method.uses_adapter():
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -101,7 +107,7 @@ def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, 
     kwargs = _pretrained_kwargs(model, method, use_gpu)
     path = resolve_model_path(model.name_or_path)
     net = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    net = _attach_method(net, method, "CAUSAL_LM", path, log)
+    net = attach_method(net, method, "CAUSAL_LM", path, log)
     log(f"method {method.name}: {count_params(net).describe()}")
     return net
 
@@ -144,7 +150,7 @@ def load_reward_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = 
     with suppress_seqcls_warning():
         net = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
     _materialize_new_weights(net)
-    net = _attach_method(net, method, "SEQ_CLS", path, log)
+    net = attach_method(net, method, "SEQ_CLS", path, log)
     log(f"reward head: {'loaded from the checkpoint' if has_head else 'new (the checkpoint is a language model)'}; "
         f"method {method.name}: {count_params(net).describe()}")
     return net
@@ -163,7 +169,7 @@ def load_classifier(model: ModelConfig, method: MethodConfig, labels: list[str],
     if net.config.pad_token_id is None:
         net.config.pad_token_id = net.config.eos_token_id
     _materialize_new_weights(net)
-    net = _attach_method(net, method, "SEQ_CLS", path, log)
+    net = attach_method(net, method, "SEQ_CLS", path, log)
     log(f"classifier: {len(labels)} labels {labels}; method {method.name}: {count_params(net).describe()}")
     return net
 
@@ -212,12 +218,12 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False,
         with suppress_seqcls_warning():  # the base is a language model; the adapter carries the head
             net = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
                                                                      trust_remote_code=trust_remote_code,
-                                                                     use_safetensors=None if allow_pickle else True)
+                                                                     use_safetensors=safetensors_only(allow_pickle))
         net = PeftModel.from_pretrained(net, str(path)).merge_and_unload()
     else:
         net, info = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True,
-            use_safetensors=None if allow_pickle else True,
+            use_safetensors=safetensors_only(allow_pickle),
         )
         if info["missing_keys"]:
             raise ValueError(f"{path} is not a trained reward model: {sorted(info['missing_keys'])} missing. "
@@ -242,10 +248,10 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False, allow_
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                                         use_safetensors=None if allow_pickle else True)
+                                                         use_safetensors=safetensors_only(allow_pickle))
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if allow_pickle else True)
+                                                     use_safetensors=safetensors_only(allow_pickle))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

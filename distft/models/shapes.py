@@ -95,14 +95,14 @@ def trainable_on_meta(name_or_path: str, method: MethodConfig) -> int:
     """What `method` trains, counted by applying it (the training code's own builders) on the meta device."""
     import torch
 
-    from distft.models.loading import _attach_method
+    from distft.models.loading import attach_method
 
     _, model = _meta_model(name_or_path)
     # How virtual tokens start does not change how many there are (and needs a tokenizer).
     counted = method.model_copy(update={"prompt": method.prompt.model_copy(update={"init_text": None})})
     task = "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM"
     with torch.device("meta"):
-        model = _attach_method(model, counted, task, log=lambda m: None)
+        model = attach_method(model, counted, task, log=lambda m: None)
     seen, total = set(), 0
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
