@@ -225,7 +225,7 @@ def sealed_run(tiny_random, tmp_path_factory):
     cfg = make_cfg(tiny_random, write_jsonl(tmp / "train.jsonl", rows))
     registered = []
 
-    def report(metrics, checkpoint_dir):
+    def report(metrics, checkpoint_dir, progress):
         if checkpoint_dir:  # checked at the moment it is registered, as Ray would copy it
             registered.append((metrics, checkpoint_dir, verify_checkpoint(checkpoint_dir)))
 

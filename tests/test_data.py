@@ -189,3 +189,26 @@ def test_classification_rows_are_checked():
     assert check_row({"text": "a storm"}, "classification", "text") == "field `label` is missing"
     assert check_row({"text": "a", "label": [1]}, "classification", "text").startswith("field `label` must be")
     assert check_row({"label": "x"}, "classification", "text") == "field `text` is missing"
+
+
+def test_tokenization_runs_once_and_a_rerun_reads_the_cache(tmp_path, alpaca_rows, tok):
+    """The second preparation of the same rows reuses the first's token ids; any input of the
+    encoding that changes (length limit, loss mask, the tokenizer's template) tokenizes afresh."""
+    path = write_jsonl(tmp_path / "cached.jsonl", alpaca_rows)
+    cfg = data_cfg(train=str(path), eval_fraction=0.1)
+
+    def prepare(tokenizer, max_len=64, loss_on="completion"):
+        train, _, fmt = split_rows(cfg, seed=1)  # loaded again from the file, as a rerun does
+        return tokenize_dataset(train, fmt, tokenizer, max_len, loss_on)
+
+    first, stats = prepare(tok)
+    assert not stats.cached
+    again, stats = prepare(tok)
+    assert stats.cached and "reused from the cache" in stats.describe(64)
+    assert again["input_ids"] == first["input_ids"] and again["labels"] == first["labels"]
+    assert not prepare(tok, max_len=48)[1].cached
+    assert not prepare(tok, loss_on="all")[1].cached
+    other = AutoTokenizer.from_pretrained(tok.name_or_path)  # same path, retemplated: must not reuse
+    other.chat_template = tok.chat_template.replace("</s>", "</s>\n")
+    assert other.chat_template != tok.chat_template
+    assert not prepare(other)[1].cached

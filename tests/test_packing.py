@@ -1,47 +1,142 @@
-"""Packing never lets attention cross sample boundaries: packed loss == unpacked loss."""
+"""Packing, as the SFT stage builds it: documents never see each other, and padding shrinks.
+
+The trainer under test is the one `distft.stages.sft.run` builds (its SFTConfig, model,
+tokenized data and TRL collator), captured right after construction. Every check feeds
+batches through `SFTTrainer.compute_loss`, the call training makes, because transformers
+only separates packed documents under conditions that call sets up (no attention mask, no
+KV cache); a bare `model(...)` call on a hub config with `use_cache: true` would leak.
+"""
 
 from __future__ import annotations
 
-import datasets
+import itertools
+import random
+
+import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.data_utils import pack_dataset
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from distft.data.loading import tokenize_dataset
+from conftest import write_jsonl
+from distft.config import ConfigError, build_config
+from distft.stages import StageContext
 
-
-def token_loss_sum(logits, labels) -> tuple[float, int]:
-    logits, labels = logits[:, :-1], labels[:, 1:]
-    keep = labels != -100
-    loss = torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
-    return loss.item(), int(keep.sum())
+WORDS = "the cat sees a green river and an old dog reads one long letter in the busy city".split()
+MAX_LEN = 128
 
 
-def test_packed_loss_equals_unpacked_loss(tiny_base, alpaca_rows):
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, attn_implementation="sdpa").eval()
-    rows = datasets.Dataset.from_list(alpaca_rows[:12])
-    ds, _ = tokenize_dataset(rows, "alpaca", tok, max_len=128, loss_on="all")
+class TrainerBuilt(Exception):
+    """Stops the stage once its trainer exists: nothing here needs training."""
 
+
+def long_tailed_rows(n: int, seed: int = 0) -> list[dict]:
+    """prompt_completion rows whose lengths are lognormal (median ~15 words, a few past MAX_LEN tokens)."""
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(3, 8))) + ":",
+             "completion": " " + " ".join(rng.choices(WORDS, k=1 + int(rng.lognormvariate(2.5, 0.9))))}
+            for _ in range(n)]
+
+
+def raw_config(model_dir, train_file, packing: bool, method: str = "full") -> dict:
+    return {
+        "model": {"name_or_path": str(model_dir), "max_seq_len": MAX_LEN},
+        "scaling": {"num_workers": 1, "torch_threads": 2},
+        "stage": "sft",
+        "data": {"train": str(train_file), "packing": packing, "max_eval_samples": 4},
+        "method": {"name": method},
+        "evaluate": {"data": None},
+        "train": {"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 1},
+    }
+
+
+def stage_trainer(monkeypatch, tmp_path, raw: dict):
+    """The SFTTrainer exactly as the SFT stage configures it."""
+    import trl
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    from distft.stages import sft
+
+    built = {}
+
+    class Capture(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built["trainer"] = self
+            raise TrainerBuilt
+
+    monkeypatch.setattr(trl, "SFTTrainer", Capture)  # sft.run imports it from trl at call time
+    with pytest.raises(TrainerBuilt):
+        sft.run(build_config(raw), StageContext(run_dir=tmp_path / "run"))
+    trainer = built["trainer"]
+    trainer.model.eval()  # no dropout, so differences can only come from attention
+    return trainer
+
+
+def token_log_probs(trainer, batch: dict) -> torch.Tensor:
+    """Per-token log-probs of the labels (zero where ignored), from the forward `compute_loss` runs."""
+    seen = {}
+    hook = trainer.model.register_forward_hook(lambda m, args, kwargs, out: seen.update(lp=out.log_probs),
+                                               with_kwargs=True)
+    try:
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, dict(batch))
+    finally:
+        hook.remove()
+    return seen["lp"][0]
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", long_tailed_rows(120))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_packed_documents_attend_only_to_themselves(tiny_random, train_file, tmp_path, monkeypatch, method):
+    # tiny_random's config keeps transformers' default use_cache=true, as hub models do.
+    trainer = stage_trainer(monkeypatch, tmp_path, raw_config(tiny_random, train_file, packing=True, method=method))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch  # padding-free: boundaries come only from position_ids
+    positions = batch["position_ids"][0]
+    bounds = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
+    assert len(bounds) > 4, "too few documents share the packed batch to test anything"
+
+    packed = token_log_probs(trainer, batch)
+    for start, end in itertools.pairwise(bounds):
+        ids = batch["input_ids"][:, start:end]
+        alone = token_log_probs(trainer, {"input_ids": ids, "labels": batch["labels"][:, start:end],
+                                          "attention_mask": torch.ones_like(ids)})
+        torch.testing.assert_close(packed[start:end - 1], alone, atol=1e-4, rtol=0)
+
+    # The same packed batch with a KV cache (what a plain forward does when the config says use_cache):
+    # transformers then builds one causal mask over the whole row, and the documents after the first
+    # change. So the equality above is the per-document mask at work, not an insensitive check.
+    model_inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     with torch.no_grad():
-        unpacked = [token_loss_sum(model(input_ids=torch.tensor([r["input_ids"]])).logits,
-                                   torch.tensor([r["labels"]])) for r in ds]
-    total, count = sum(u[0] for u in unpacked), sum(u[1] for u in unpacked)
+        masked = trainer.model(**model_inputs, use_cache=False).logits
+        leaky = trainer.model(**model_inputs, use_cache=True).logits
+    second = slice(bounds[1], bounds[2])
+    assert (masked[0, second] - leaky[0, second]).abs().max() > 1e-3
 
-    packed = pack_dataset(ds.select_columns(["input_ids", "labels"]), seq_length=128, strategy="bfd")
-    assert len(packed) < len(ds)  # several samples really share a row
-    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(list(packed))
-    assert "attention_mask" not in batch  # boundaries come from position_ids
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-    p_total, p_count = token_loss_sum(logits, batch["labels"])
-    assert p_count == count
-    assert abs(p_total - total) / total < 1e-4
 
-    # The same packed row with attention allowed across samples gives a different loss,
-    # so the equality above is evidence of masking, not an accident.
-    with torch.no_grad():
-        leaky = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"])).logits
-    l_total, _ = token_loss_sum(leaky, batch["labels"])
-    assert abs(l_total - total) / total > 1e-3
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_packing_is_refused_for_virtual_token_methods(tmp_path, method):
+    # peft drops position_ids for prompt tuning, and prefix tuning's cache disables the per-document
+    # mask: measured here, packed log-probs then differ from the unpacked ones by 0.16 and 0.42.
+    with pytest.raises(ConfigError, match=r"data\.packing.*Fix: data\.packing=false"):
+        build_config(raw_config(tmp_path, tmp_path / "train.jsonl", packing=True, method=method))
+
+
+def test_packing_cuts_padding_on_long_tailed_data(tiny_random, train_file, tmp_path, monkeypatch):
+    def epoch(packing: bool) -> dict:
+        trainer = stage_trainer(monkeypatch, tmp_path / str(packing), raw_config(tiny_random, train_file, packing))
+        seen = {"batches": 0, "tokens": 0, "useful": 0}
+        for batch in trainer.get_train_dataloader():
+            seen["batches"] += 1
+            seen["tokens"] += batch["input_ids"].numel()
+            mask = batch.get("attention_mask")
+            seen["useful"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        return seen
+
+    padded, packed = epoch(False), epoch(True)
+    assert packed["useful"] == padded["useful"]  # the same documents, none dropped or repeated
+    assert padded["useful"] / padded["tokens"] < 0.7  # the long tail: most of a padded batch is padding
+    assert packed["tokens"] == packed["useful"]  # padding-free rows: nothing to pad
+    assert packed["batches"] < padded["batches"] / 2

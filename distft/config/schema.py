@@ -271,6 +271,10 @@ class DataConfig(Section):
         None, description="Default: completion (assistant turns) for instruction data, all for text"
     )
     packing: bool = False
+    streaming: bool = Field(
+        False, description="Feed the workers from Ray Data: the files are read and tokenized by parallel Ray tasks "
+        "while training consumes them, and each worker gets its own shard. For data larger than a worker's memory. "
+        "sft and pretrain stages; needs train.max_steps, data.eval and data.format")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(256, ge=1)
 
@@ -445,6 +449,27 @@ class StageBase(Section):
 
     def label(self) -> str:
         return self.name or self.stage  # type: ignore[attr-defined]
+
+    @model_validator(mode="after")
+    def _streaming_needs(self):
+        if not self.data.streaming:
+            return self
+        # A stream has no length and is read once, in order: what needs either is named here.
+        needs = [
+            (self.stage in ("sft", "pretrain"), f"an sft or pretrain stage; the {self.stage} stage reads its data "
+                                                "whole. Fix: data.streaming=false."),
+            (self.train.max_steps is not None, "train.max_steps (a stream has no length to count epochs in). Fix: "
+                                               "set train.max_steps."),
+            (self.data.eval is not None, "data.eval (no eval rows can be split off a stream). Fix: set data.eval "
+                                         "to a held-out file."),
+            (self.data.format != "auto", "data.format (it cannot be detected before the stream is read). Fix: "
+                                         "data.format=alpaca, messages, prompt_completion or text."),
+            (not self.data.packing, "data.packing=false (TRL packs a whole dataset, not a stream)."),
+        ]
+        errors = [f"data.streaming needs {why}" for ok, why in needs if not ok]
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
 
     def loss_on(self) -> str:
         if self.data.loss_on:
@@ -821,6 +846,13 @@ class DistftConfig(Section):
             errors += _strategy_fits(f"stages.{i}.strategy", st.strategy, st.method, self.scaling, self.model)
             errors += _elastic_fits(i, st, self.scaling)
             errors += _device_fits(i, st, self.scaling)
+            if st.data.packing and st.method.name in ("prompt_tuning", "prefix_tuning"):
+                # Packed documents are told apart only by position_ids; peft drops those for prompt tuning,
+                # and prefix tuning's prefix cache turns off transformers' per-document mask. Either way
+                # every document would attend to the ones packed before it.
+                errors.append(f"stages.{i}.data.packing: packing with method.name={st.method.name} lets packed "
+                              "documents attend to each other (the virtual tokens break the per-document "
+                              "attention mask). Fix: data.packing=false, or method.name=lora.")
         if self.scaling.elastic() and self.run.max_failures < 1:
             errors.append("run.max_failures: an elastic run shrinks or grows by restarting its worker group from "
                           "the latest checkpoint, and Ray Train counts each lost worker as a failure; with 0 it "

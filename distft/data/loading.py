@@ -95,6 +95,7 @@ class TokenStats:
     dropped: int
     max_tokens: int
     mean_tokens: float
+    cached: bool = False  # loaded from an earlier run's tokenization
 
     def describe(self, max_len: int) -> str:
         pct = 100.0 * self.truncated / max(self.rows, 1)
@@ -102,21 +103,42 @@ class TokenStats:
             f"{self.rows} rows, mean {self.mean_tokens:.0f} / max {self.max_tokens} tokens before truncation; "
             f"{self.truncated} ({pct:.1f}%) truncated to model.max_seq_len={max_len}; "
             f"{self.dropped} dropped with no trainable tokens left"
+            + ("; tokenization reused from the cache" if self.cached else "")
         )
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of what decides the token ids: the vocabulary and merges, special tokens and chat
+    template. Not the path: a tokenizer retrained in place must not reuse the old ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+             tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None),
+             type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]
+    return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_key(ds, *inputs) -> str:
+    """The map's cache fingerprint: the rows' own fingerprint (a file's content and the split taken
+    from it) plus every input of the encoding; explicit, so datasets need not hash the closure."""
+    key = [getattr(ds, "_fingerprint", None), *inputs]
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
+
+
 def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text"):
-    """Returns (dataset with input_ids/labels, TokenStats)."""
+    """Returns (dataset with input_ids/labels, TokenStats).
+
+    Tokenized once: a rerun with the same rows, tokenizer and settings loads the result from the
+    datasets cache (`TokenStats.cached`), next to the rows' own cache files.
+    """
+    encoded = 0
 
     def encode(row):
+        nonlocal encoded
+        encoded += 1
         enc = encode_row(row, fmt, tokenizer, max_len, loss_on, text_field)
         return {"input_ids": enc.input_ids, "labels": enc.labels, "_truncated": enc.truncated, "_len": enc.full_length}
 
-    # An explicit fingerprint: the cache key is exactly these inputs, and datasets need not
-    # hash the closure (and the tokenizer inside it) to find it.
-    key = [getattr(ds, "_fingerprint", None), fmt, max_len, loss_on, text_field,
-           tokenizer.name_or_path, len(tokenizer), getattr(tokenizer, "chat_template", None)]
-    fingerprint = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
+    fingerprint = _cache_key(ds, "sft", fmt, max_len, loss_on, text_field, tokenizer_fingerprint(tokenizer))
     out = ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing", new_fingerprint=fingerprint)
     keep = [any(t != IGNORE for t in labels) for labels in out["labels"]]
     lengths = out["_len"]
@@ -126,6 +148,7 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_f
         dropped=keep.count(False),
         max_tokens=max(lengths),
         mean_tokens=sum(lengths) / len(lengths),
+        cached=encoded == 0,
     )
     if stats.dropped:
         out = out.select([i for i, k in enumerate(keep) if k])
@@ -172,9 +195,7 @@ def _encode_pairs(ds, tokenizer):
         chosen, rejected = encode_preference(row, tokenizer)
         return {"chosen_ids": chosen, "rejected_ids": rejected, "_len": max(len(chosen), len(rejected))}
 
-    key = [getattr(ds, "_fingerprint", None), "preference", tokenizer.name_or_path, len(tokenizer),
-           getattr(tokenizer, "chat_template", None), tokenizer.eos_token]
-    fingerprint = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
+    fingerprint = _cache_key(ds, "preference", tokenizer_fingerprint(tokenizer))
     return ds.map(encode, remove_columns=ds.column_names, desc="Tokenizing pairs", new_fingerprint=fingerprint)
 
 
@@ -211,3 +232,15 @@ def split_rows(data, seed: int):
     if data.max_eval_samples:
         held_out = held_out.select(range(min(len(held_out), data.max_eval_samples)))
     return train, held_out, fmt
+
+
+def stream_dataset(shard):
+    """A `datasets.IterableDataset` over one worker's shard of token rows: anything with `iter_rows()`
+    (Ray Data's DataIterator under `data.streaming`). Each pass over it is a new epoch of the shard."""
+    import datasets
+
+    def rows():
+        for row in shard.iter_rows():
+            yield {"input_ids": [int(t) for t in row["input_ids"]], "labels": [int(t) for t in row["labels"]]}
+
+    return datasets.IterableDataset.from_generator(rows)

@@ -34,6 +34,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -439,6 +440,22 @@ def barrier() -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+@contextmanager
+def local_leader_first(local_rank: int):
+    """The body runs on each node's local rank 0 first, then on the others at once: work that
+    fills a node-local cache (tokenization) is done once per node, and the rest read it.
+    Every rank must enter it, exactly once per use. A leader that fails still releases the
+    others (they then fail on the same input themselves) rather than leave them at the barrier."""
+    if local_rank != 0:
+        barrier()
+        yield
+        return
+    try:
+        yield
+    finally:
+        barrier()
 
 
 def from_main(value):

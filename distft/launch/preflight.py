@@ -126,6 +126,14 @@ def check_data(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[l
             if not looks_local(src) and not Path(src).exists():
                 notes.append(f"{name}: {src} is a datasets name; it is checked when the workers load it.")
                 continue
+            if field == "data.train" and st.data.streaming:
+                from distft.launch.streaming import check_sample
+
+                try:
+                    notes.append(check_sample(src, st.data, name))
+                except DataError as e:
+                    problems.append(str(e))
+                continue
             try:
                 ds, fmt = load_checked(src, st.data, name)
                 notes.append(f"{name}: {src}: {len(ds)} rows, format {fmt}")
@@ -204,6 +212,10 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
             f"scaling: {workers} workers x {s.cpus_per_worker:g} CPUs = {need:g} CPUs, but this machine has {cpus}. "
             f"Fix: scaling.num_workers={fit}, or a smaller scaling.cpus_per_worker, or run.address=<a bigger cluster>."
         )
+    from distft.launch.streaming import spare_cpu_problem
+
+    if need <= cpus and (problem := spare_cpu_problem(cfg, cpus)):
+        problems.append(problem)
     if s.use_gpu:
         import torch
 

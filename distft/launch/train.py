@@ -18,8 +18,9 @@ from pathlib import Path
 from distft.config import DistftConfig
 
 # Workers inherit these so per-process thread pools match the CPUs Ray reserved.
+SYNC_UPLOAD_ENV = "DISTFT_SYNC_UPLOAD"
 WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
-                   "DISTFT_SYNC_HASH_MAX_BYTES")
+                   "DISTFT_SYNC_HASH_MAX_BYTES", SYNC_UPLOAD_ENV)
 
 
 class ClusterError(RuntimeError):
@@ -135,6 +136,11 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
                 f"scaling asks for {need:g} {key} ({workers} workers x {per:g}), but the cluster has {have:g}. "
                 "Fix: fewer scaling.num_workers, smaller per-worker resources, or add nodes."
             )
+    from distft.launch.streaming import spare_cpu_problem
+
+    problem = spare_cpu_problem(cfg, total.get("CPU", 0))
+    if problem:
+        raise ClusterError(problem)
 
 
 def check_storage(cfg: DistftConfig, run_dir: Path) -> None:
@@ -222,6 +228,14 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     s = cfg.scaling
     # Ray Train reads it from the driver's environment and hands it to its controller.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.run.worker_start_timeout_s)
+    # The controller takes each worker's report (one at a time: a second one blocks training) and
+    # notices the end of the run only when it polls, every 2 s by default; 0.5 s costs little.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    streamed = {}
+    if stage.data.streaming:  # Ray Data reads and tokenizes; Train splits it into one shard per worker
+        from distft.launch.streaming import token_rows
+
+        streamed["train"] = token_rows(cfg, stage_index, run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         # Ray Train forms the process group: the same bound on its rendezvous and every collective.
@@ -234,6 +248,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             "stop_hook": stop_hook,
             "secrets": ray.put(forwarded_secrets(cfg) if secrets is None else secrets),
         },
+        datasets=streamed or None,
         scaling_config=ScalingConfig(
             # Elastic: Ray Train starts with what fits (at least the minimum), restarts the group
             # smaller from the latest checkpoint when a worker is lost, and larger when room appears.
@@ -388,10 +403,18 @@ def _worker_entry(config: dict) -> None:
         stop_fn = stop_asker(config["stop_hook"])
 
     uploads = UploadWatch(cfg.run.checkpoint_upload_timeout_s)
+    # Training waits for each upload: for storage that cannot take a second writer, and the
+    # baseline benchmarks/checkpoint_cost.py measures the background upload against.
+    sync_upload = os.environ.get(SYNC_UPLOAD_ENV) == "1"
 
-    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+    def report(metrics: dict, checkpoint_dir: str | None, progress: bool) -> None:
         uploads.check()
-        snapshot = upload_snapshot(checkpoint_dir) if checkpoint_dir else None
+        if progress and stop_fn is None:
+            # A training-progress line is in metrics.jsonl and TensorBoard already, and outside a search
+            # nothing on the Ray side reads it. Reporting it would cost a stall per log: Ray Train queues
+            # one report per worker, and a second report waits until the controller's next poll.
+            return
+        snapshot = upload_snapshot(checkpoint_dir) if checkpoint_dir and not sync_upload else None
         if snapshot is None:  # no checkpoint, or no hard links possible: Ray copies it while training waits
             ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=ckpt)
@@ -413,6 +436,7 @@ def _worker_entry(config: dict) -> None:
             resume_from=resume_from,
             report_fn=report,
             stop_fn=stop_fn,
+            shard_fn=ray.train.get_dataset_shard,
         )
         if resume_from:
             step = (read_manifest(resume_from) or {}).get("step", "?")

@@ -23,7 +23,9 @@ class StageContext:
     local_rank: int = 0
     # A checkpoint directory to resume from (the latest registered one), if any.
     resume_from: str | None = None
-    report_fn: Callable[[dict, str | None], None] | None = None
+    # (metrics, checkpoint_dir, progress): `progress` marks a training-progress line a launcher may
+    # keep to itself (it is in metrics.jsonl already); checkpoints, evals and the end always go out.
+    report_fn: Callable[[dict, str | None, bool], None] | None = None
     # Pre-sharded data streams by name (e.g. Ray Data); None means "load from data.* paths".
     shard_fn: Callable[[str], object] | None = None
     # Under `distft tune`: given an eval's metrics, whether the search stopped this trial early.
@@ -35,11 +37,12 @@ class StageContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def report(self, metrics: dict, checkpoint_dir: str | None = None) -> None:
-        """Report metrics (and optionally a complete checkpoint directory). Call on every rank."""
+    def report(self, metrics: dict, checkpoint_dir: str | None = None, progress: bool = False) -> None:
+        """Report metrics (and optionally a complete checkpoint directory). Call on every rank, with the
+        same `progress` on each: a launcher that drops progress lines drops them on every rank alike."""
         self.reported.append(dict(metrics))
         if self.report_fn is not None:
-            self.report_fn(metrics, checkpoint_dir)
+            self.report_fn(metrics, checkpoint_dir, progress)
 
     def should_stop(self, metrics: dict) -> bool:
         """Rank 0's answer from `stop_fn` (False without one). Call on every rank when `stop_fn` is set."""

@@ -195,7 +195,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             if checkpoint and publisher:
                 publisher.rotate()  # after the report: Ray has copied what it registered
         elif logged:  # a report per rollout would cost more than the rollout (Ray Train's report is a sync)
-            ctx.report(metrics)
+            ctx.report(metrics, progress=True)
     if publisher:
         publisher.finish()
     if metrics_log is not None:

@@ -23,6 +23,7 @@ from distft.config import dump_config
 from distft.distributed.checkpoint import CheckpointPublisher, barrier, checkpoint_step, from_main, staging_dir
 
 PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
+RSS_WARMUP_STEPS = 5  # allocator, optimizer state and data prefetch are in place by then
 
 
 def tensorboard_tag(key: str) -> str:
@@ -65,6 +66,39 @@ class MetricsLog:
             self._writer = None
 
 
+class RssWatch:
+    """How much a process's own memory grew after a warm-up point: what training added once the model,
+    optimizer state and first batches exist. What `data.streaming` keeps flat however large the data.
+
+    Own memory is RssAnon, sampled at every step end: the resident shared-memory pages of Ray's object
+    store that a worker has read blocks from (RssShmem) belong to the store, which bounds and reuses
+    them, and a memory limit on the worker does not charge them to it. Linux only (None elsewhere).
+    """
+
+    def __init__(self):
+        self.base: int | None = None
+        self.peak: int | None = None
+
+    @staticmethod
+    def anon_bytes() -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            return None
+
+    def start(self) -> None:
+        self.base = self.peak = self.anon_bytes()
+
+    def sample(self) -> None:
+        if self.base is not None:
+            self.peak = max(self.peak, self.anon_bytes() or 0)
+
+    def growth_mib(self) -> float | None:
+        self.sample()
+        return None if self.base is None else round((self.peak - self.base) / 2**20, 1)
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -78,6 +112,11 @@ class ReportCallback(TrainerCallback):
         self.stopped_at: int | None = None  # the step a search's scheduler stopped this run at
         self.training_over = False  # the final evaluate() after train() logs too; no decision is asked then
         self.checkpoints = None
+        # Seconds training stood still for each checkpoint: the Trainer's write, the seal (hashing, when
+        # inline), the report that hands it to Ray. Measured from the last event before the save.
+        self.checkpoint_blocked: list[float] = []
+        self.rss = RssWatch()
+        self._mark = time.time()
         if ctx.is_main:
             self.checkpoints = CheckpointPublisher(
                 self.stage_dir / "checkpoints", keep=cfg.run.keep_checkpoints, world_size=ctx.world_size,
@@ -86,6 +125,7 @@ class ReportCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.time()
+
         self.start_step = state.global_step
         staging = staging_dir(self.stage_dir / "checkpoints")
         if Path(args.output_dir).resolve() != staging.resolve():
@@ -96,16 +136,28 @@ class ReportCallback(TrainerCallback):
             self.stage_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoints.recover()
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mark = time.time()
+        if state.global_step - self.start_step == RSS_WARMUP_STEPS:
+            self.rss.start()
+        self.rss.sample()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._mark = time.time()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         metrics = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        anon = RssWatch.anon_bytes()
+        if anon is not None and not self.training_over:  # this rank's own memory, for metrics.jsonl and TensorBoard
+            metrics["rss_mib"] = round(anon / 2**20, 1)
         if self.ctx.is_main:
             self.metrics.write(metrics)
             if self.training_over:  # the stage's evaluate() after training: nothing else is logged after it
                 self.metrics.close()
             if any(k in logs for k in PROGRESS_KEYS):
                 self.ctx.log(self._progress_line(state, logs))
-        self.ctx.report(metrics)
+        self.ctx.report(metrics, progress=not any(k.startswith("eval_") for k in logs))
         # Tune's early stop ends the run from inside, at an eval, like EarlyStoppingCallback: the stage
         # exports and returns, Ray Train releases the workers, and the next trial can start.
         last_step = state.global_step >= state.max_steps  # the run ends here anyway: nothing to ask
@@ -113,6 +165,7 @@ class ReportCallback(TrainerCallback):
             self.ctx.log(f"[{self.label}] stopped early at step {state.global_step} by the search's scheduler")
             self.stopped_at = state.global_step
             control.should_training_stop = True
+        self._mark = time.time()
 
     def _progress_line(self, state, logs: dict) -> str:
         step, total = state.global_step, max(state.max_steps or self.total_steps, 1)
@@ -131,6 +184,7 @@ class ReportCallback(TrainerCallback):
                 dump_config(self.cfg, staged / "distft_config.yaml")
             ready = self.checkpoints.publish(state.global_step)
         self._report(state, ready)
+        self.checkpoint_blocked.append(round(time.time() - self._mark, 3))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.training_over = True

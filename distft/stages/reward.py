@@ -15,6 +15,7 @@ from distft.config import DistftConfig
 from distft.data.formats import DataError, encode_preference
 from distft.data.loading import load_checked, split_rows, tokenize_preferences
 from distft.distributed import fsdp
+from distft.distributed.checkpoint import local_leader_first
 from distft.distributed.sharding import full_parameters
 from distft.models.loading import load_reward_model, load_tokenizer
 from distft.models.methods import count_params
@@ -48,13 +49,14 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     # Data: validated pairs -> chosen/rejected token ids. We tokenize (as TRL would), so the
     # held-out scoring below reads exactly what training read, and over-long pairs are counted.
     tokenizer = load_tokenizer(model_cfg)
-    train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
-    if fmt != "preference":
-        raise DataError(f"data.train: the reward stage trains on preference pairs (chosen/rejected, optional prompt); "
-                        f"{data_cfg.train} has format {fmt}.")
     max_len = cfg.model.max_seq_len
-    train_ds, train_stats = tokenize_preferences(train_rows, tokenizer, max_len, "data.train")
-    eval_ds, _ = tokenize_preferences(eval_rows, tokenizer, max_len, "data.eval")
+    with local_leader_first(ctx.local_rank):  # once per node; the others read the datasets cache
+        train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
+        if fmt != "preference":
+            raise DataError(f"data.train: the reward stage trains on preference pairs (chosen/rejected, optional "
+                            f"prompt); {data_cfg.train} has format {fmt}.")
+        train_ds, train_stats = tokenize_preferences(train_rows, tokenizer, max_len, "data.train")
+        eval_ds, _ = tokenize_preferences(eval_rows, tokenizer, max_len, "data.eval")
     ctx.log(f"[{stage.label()}] data (preference): {train_stats.describe(max_len)}")
 
     steps = total_steps(cfg, ctx, len(train_ds))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 
 from distft.config import DistftConfig
-from distft.data.loading import split_rows, tokenize_dataset
+from distft.data.loading import load_checked, split_rows, stream_dataset, tokenize_dataset
 from distft.distributed import fsdp
+from distft.distributed.checkpoint import local_leader_first
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
@@ -20,6 +21,7 @@ from distft.stages.trainer_setup import (
     export_model,
     finish,
     held_out_task,
+    own_shard_loader,
     prepare_worker,
     ready,
     run_summary,
@@ -42,14 +44,22 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     model_cfg = stage_model(cfg, ctx)  # the base, or an earlier stage's output
 
     # Data: validated rows -> token ids with loss labels (prompt tokens masked).
+    # Once per node: the other ranks read what local rank 0 wrote to the datasets cache.
     tokenizer = load_tokenizer(model_cfg)
-    train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
     max_len = cfg.model.max_seq_len
-    train_ds, train_stats = tokenize_dataset(train_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
-    eval_ds, _ = tokenize_dataset(eval_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
-    ctx.log(f"[{stage.label()}] data ({fmt}, loss on {stage.loss_on()}): {train_stats.describe(max_len)}")
+    with local_leader_first(ctx.local_rank):
+        if data_cfg.streaming:  # Ray Data tokenized this worker's shard already; only eval rows load here
+            eval_rows, fmt = load_checked(data_cfg.eval, data_cfg, "data.eval", fmt=data_cfg.format)
+            train_ds = stream_dataset(ctx.dataset_shard("train"))
+        else:
+            train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
+            train_ds, train_stats = tokenize_dataset(train_rows, fmt, tokenizer, max_len, stage.loss_on(),
+                                                     data_cfg.text_field)
+        eval_ds, _ = tokenize_dataset(eval_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
+    described = "streamed from Ray Data, tokenized by its tasks" if data_cfg.streaming else train_stats.describe(max_len)
+    ctx.log(f"[{stage.label()}] data ({fmt}, loss on {stage.loss_on()}): {described}")
 
-    steps = total_steps(cfg, ctx, len(train_ds))
+    steps = total_steps(cfg, ctx, 0 if data_cfg.streaming else len(train_ds))
     args = SFTConfig(
         **trainer_arguments(cfg, ctx, stage_dir),
         max_length=max_len,
@@ -65,10 +75,13 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     task = held_out_task(stage, fmt)
     before = score_held_out(model, tokenizer, task, stage, ctx, "before")
 
-    trainer = SFTTrainer(
+    trainer_cls, train_data = SFTTrainer, {"train_dataset": train_ds}
+    if data_cfg.streaming:  # the eval rows stand in while TRL's __init__ samples its train set (own_shard_loader)
+        trainer_cls, train_data = own_shard_loader(SFTTrainer), {"train_dataset": eval_ds, "stream": train_ds}
+    trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=train_ds,
+        **train_data,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
@@ -87,8 +100,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "exact_match_before": before,
         "exact_match_after": after,
         "eval_items": len(task.rows) if task else 0,
-        "train_rows": train_stats.rows,
-        "truncated_rows": train_stats.truncated,
+        "train_rows": None if data_cfg.streaming else train_stats.rows,
+        "truncated_rows": None if data_cfg.streaming else train_stats.truncated,
     }
     if ctx.is_main:
         model.generation_config.save_pretrained(str(final_dir))

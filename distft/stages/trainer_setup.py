@@ -208,6 +208,31 @@ def export_model(trainer, final_dir: Path, ctx: StageContext) -> None:
         trainer.save_model(str(final_dir))
 
 
+def own_shard_loader(trainer_cls):
+    """`trainer_cls` training on `stream`, one worker's own shard of a stream, read as given. Construct it
+    with a small in-memory `train_dataset` (the eval rows) for the Trainer's own checks.
+
+    accelerate would split an iterable dataset across ranks once more (keeping every N-th batch
+    of a shard that is already this rank's alone), so the loader is built here unprepared, as
+    Ray's own `prepare_trainer` does; the Trainer still moves each batch to the device.
+    """
+    from torch.utils.data import DataLoader
+
+    class OwnShard(trainer_cls):
+        def __init__(self, *args, stream, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Swapped in after construction: TRL's __init__ takes a sample of its train dataset, which from
+            # a stream would start (and abandon) an epoch of every worker's shard.
+            self.train_dataset = stream
+
+        def get_train_dataloader(self):
+            return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                              num_workers=0)
+
+    OwnShard.__name__ = f"OwnShard{trainer_cls.__name__}"
+    return OwnShard
+
+
 def logged_value(history: list[dict], key: str, index: int) -> float | None:
     """The `index`-th value of `key` in a Trainer's log history (0: first, -1: last); None if never logged."""
     values = [h[key] for h in history if key in h]
@@ -244,6 +269,9 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
         "stopped_early_at": reporters[0].stopped_at if reporters else None,
+        "checkpoint_blocked_s": reporters[0].checkpoint_blocked if reporters else [],
+        # Peak RSS growth after the first steps (None on short runs and off Linux).
+        "train_rss_growth_mib": reporters[0].rss.growth_mib() if reporters else None,
         **(early[0].summary() if early else {}),
         **overfitting(history, stage.train.overfit_gap),
     }

@@ -1,0 +1,46 @@
+"""Run a config's stages without Ray, one process per rank under torchrun (or one process alone).
+
+    torchrun --nproc-per-node 2 -m distft.stages configs/quickstart.yaml runs/plain [overrides]
+
+The same stage code a Ray Train worker runs, given its rank from torchrun's environment.
+For machines where Ray cannot go (a lone GPU box for a benchmark), and to tell Ray's cost
+apart from the stage's (benchmarks/overhead.py). No resume, no Tune, no jobs: `distft train`
+is the product; this is the stages with nothing around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m distft.stages", description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+
+    from distft.config import TINY_BASE, ConfigError, load_config
+    from distft.stages import stage_runner
+    from distft.stages.context import context_from_env
+    from distft.models.loading import tiny_base_path
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.model.name_or_path == TINY_BASE and not (tiny_base_path() / "config.json").exists():
+        # Ranks start together; letting each build it would race on one directory.
+        print("error: model.name_or_path: the tiny base is not built yet. Fix: run `distft tiny-model` once.",
+              file=sys.stderr)
+        return 2
+    for i, stage in enumerate(cfg.stages):
+        stage_runner(stage.stage)(cfg, context_from_env(Path(a.run_dir), stage_index=i))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
