@@ -8,11 +8,13 @@ a checkpoint holds weights, optimizer moments and RNG state) of a randomly initi
 built from a config, saving every `--save-every` steps to a `run.storage_path` outside the run
 directory, so Ray copies each checkpoint as it would to shared storage.
 
-Two modes, alternating within each repetition:
+Three modes, alternating within each repetition:
 
 - `inline`: the seal (sha256 of every file into the manifest, fsync, rename) runs on the
   training thread (DISTFT_SYNC_HASH_MAX_BYTES=<huge>) and Ray copies the checkpoint to storage
   before `report` returns (DISTFT_SYNC_UPLOAD=1);
+- `default`: what distft does unless told otherwise: the seal inline for checkpoints up to
+  1 GiB (DISTFT_SYNC_HASH_MAX_BYTES), in the background above; the upload in the background;
 - `background`: the seal runs on a background thread and registers at the next save
   (DISTFT_SYNC_HASH_MAX_BYTES=0) and Ray uploads a hard-linked snapshot while training goes on
   (CheckpointUploadMode.ASYNC), distft's path for large checkpoints.
@@ -45,8 +47,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BIN = Path(sys.executable).parent
 MODES = {
     "inline": {"DISTFT_SYNC_HASH_MAX_BYTES": str(1 << 50), "DISTFT_SYNC_UPLOAD": "1"},
+    "default": {"DISTFT_SYNC_UPLOAD": "0"},
     "background": {"DISTFT_SYNC_HASH_MAX_BYTES": "0", "DISTFT_SYNC_UPLOAD": "0"},
 }
+
+
+def clean_env() -> dict:
+    """This environment without the two switches: each mode sets what it needs, `default` neither."""
+    return {k: v for k, v in os.environ.items() if k not in ("DISTFT_SYNC_HASH_MAX_BYTES", "DISTFT_SYNC_UPLOAD")}
 
 
 def write_config(path: Path, model: Path, storage: Path, a) -> None:
@@ -68,7 +76,7 @@ def write_config(path: Path, model: Path, storage: Path, a) -> None:
 def run(config: Path, work: Path, name: str, mode: str) -> dict:
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
     proc = subprocess.run([str(BIN / "distft"), "train", str(config), f"run.output_dir={work / 'runs'}",
-                           f"run.name={name}"], env={**os.environ, **MODES[mode]},
+                           f"run.name={name}"], env={**clean_env(), **MODES[mode]},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode:
         sys.exit(f"distft train failed ({name}):\n{proc.stdout[-3000:]}")
@@ -97,7 +105,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     try:
         for rep in range(a.reps):
-            for mode in (list(MODES) if rep % 2 == 0 else list(MODES)[::-1]):
+            for mode in list(MODES)[rep % len(MODES):] + list(MODES)[:rep % len(MODES)]:
                 r = run(config, work, f"{mode}-{rep}", mode)
                 results[mode].append(r)
                 print(f"rep {rep + 1}/{a.reps} {mode:10s}: blocked per checkpoint {r['blocked']} s", flush=True)

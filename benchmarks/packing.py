@@ -8,8 +8,9 @@ tail up to model.max_seq_len=512, max/median ~9), as instruction data tends to b
 stage runs for real (`distft.stages.sft.run`, one process, Ray-free, full fine-tuning of the
 pretrained tiny base) with data.packing=false and data.packing=true, the same rows and the
 same micro-batch size B: a padded batch is B rows padded to the longest of them; a packed
-batch is B best-fit-decreasing bins of up to max_seq_len tokens, which TRL flattens into one
-padding-free row whose documents are told apart by position_ids. The modes alternate for
+batch is B best-fit-decreasing bins of up to max_seq_len tokens. With sdpa or eager attention
+(here) distft keeps each bin a row, its documents told apart by position_ids
+(distft/data/packing.py); with flash attention TRL's one padding-free row. The modes alternate for
 --reps repetitions.
 
 A step's time is the wall time between consecutive optimizer steps (data collation, forward,
@@ -19,10 +20,11 @@ tokens do not. The table gives the median over repetitions and the min-max range
 single run. Target (the issue's): packed useful tokens/s >= 0.9 x padded total tokens/s,
 i.e. packing keeps the raw throughput while it stops spending it on padding.
 
-Reading the numbers: without a flash-attention varlen kernel (sdpa or eager, as on a CPU),
-transformers masks the flattened packed row with one dense (B x max_seq_len)^2 mask, here
-~4096 x 4096, and attention computes all of it; a padded row attends over at most its own
-length. So on such a setup a packed token costs up to B times the attention of a padded one.
+Reading the numbers: a packed row is max_seq_len long, a padded one only as long as its batch's
+longest row, and causal attention costs more per token in a longer row; so packed total
+tokens/s sits a little under padded total tokens/s on a CPU, while useful tokens/s is what
+packing buys. Before distft kept bins as rows, TRL's flattened row of B x max_seq_len tokens had
+one dense mask over all of it: packing ran at 0.30x the padded total tokens/s here.
 """
 
 from __future__ import annotations
@@ -116,17 +118,18 @@ class StepLog:
     max_steps: ClassVar[int] = 0
 
     @classmethod
-    def reset(cls, max_steps: int) -> None:
-        cls.steps, cls.pending, cls.max_steps = [], {"tokens": 0, "useful": 0}, max_steps
+    def reset(cls, max_steps: int, pad_id: int) -> None:
+        cls.steps, cls.pending, cls.max_steps, cls.pad_id = [], {"tokens": 0, "useful": 0}, max_steps, pad_id
 
     @classmethod
     def count(cls, module, args, kwargs) -> None:
         """A forward pre-hook: the tokens each training forward sees."""
         if module.training:
             ids = kwargs["input_ids"]
-            mask = kwargs.get("attention_mask")  # absent in packed (padding-free) batches: every token is real
+            # Packed batches have no mask: each bin is a row, right-padded to the longest bin with pad ids.
+            mask = kwargs.get("attention_mask")
             cls.pending["tokens"] += ids.numel()
-            cls.pending["useful"] += int(mask.sum()) if mask is not None else ids.numel()
+            cls.pending["useful"] += int(mask.sum()) if mask is not None else int((ids != cls.pad_id).sum())
 
 
 def step_timer(base):
@@ -167,8 +170,10 @@ def run_once(raw: dict, run_dir: Path) -> list[dict]:
     from distft.stages import sft
     from distft.stages.context import StageContext
 
+    from distft.models.loading import load_tokenizer
+
     cfg = build_config(raw)
-    StepLog.reset(cfg.stages[0].train.max_steps)
+    StepLog.reset(cfg.stages[0].train.max_steps, load_tokenizer(cfg.model).pad_token_id)
     try:
         sft.run(cfg, StageContext(run_dir=run_dir))
     except MeasurementDone:

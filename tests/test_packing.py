@@ -1,7 +1,7 @@
 """Packing, as the SFT stage builds it: documents never see each other, and padding shrinks.
 
 The trainer under test is the one `distft.stages.sft.run` builds (its SFTConfig, model,
-tokenized data and TRL collator), captured right after construction. Every check feeds
+tokenized data and collator), captured just before it would train. Every check feeds
 batches through `SFTTrainer.compute_loss`, the call training makes, because transformers
 only separates packed documents under conditions that call sets up (no attention mask, no
 KV cache); a bare `model(...)` call on a hub config with `use_cache: true` would leak.
@@ -48,21 +48,17 @@ def raw_config(model_dir, train_file, packing: bool, method: str = "full") -> di
 
 
 def stage_trainer(monkeypatch, tmp_path, raw: dict):
-    """The SFTTrainer exactly as the SFT stage configures it."""
-    import trl
-    from trl.trainer.sft_trainer import SFTTrainer
-
+    """The SFTTrainer exactly as the SFT stage configures it: taken when the stage calls `ready` on it,
+    after it has set its own collator and before any training."""
     from distft.stages import sft
 
     built = {}
 
-    class Capture(SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built["trainer"] = self
-            raise TrainerBuilt
+    def capture(trainer, stage, ctx):
+        built["trainer"] = trainer
+        raise TrainerBuilt
 
-    monkeypatch.setattr(trl, "SFTTrainer", Capture)  # sft.run imports it from trl at call time
+    monkeypatch.setattr(sft, "ready", capture)
     with pytest.raises(TrainerBuilt):
         sft.run(build_config(raw), StageContext(run_dir=tmp_path / "run"))
     trainer = built["trainer"]
@@ -92,14 +88,19 @@ def train_file(tmp_path):
 def test_packed_documents_attend_only_to_themselves(tiny_random, train_file, tmp_path, monkeypatch, method):
     # tiny_random's config keeps transformers' default use_cache=true, as hub models do.
     trainer = stage_trainer(monkeypatch, tmp_path, raw_config(tiny_random, train_file, packing=True, method=method))
-    batch = next(iter(trainer.get_train_dataloader()))
-    assert "attention_mask" not in batch  # padding-free: boundaries come only from position_ids
+    full = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in full  # boundaries come only from position_ids
+    # Each packed bin is a row of its own (distft/data/packing.py): the row with the most documents.
+    row = int((full["position_ids"] == 0).sum(dim=1).argmax())
+    batch = {k: v[row:row + 1] for k, v in full.items()}
     positions = batch["position_ids"][0]
     bounds = (positions == 0).nonzero().flatten().tolist() + [positions.numel()]
     assert len(bounds) > 4, "too few documents share the packed batch to test anything"
 
     packed = token_log_probs(trainer, batch)
     for start, end in itertools.pairwise(bounds):
+        if (batch["labels"][0, start:end] == -100).all():
+            continue  # the padding tail: nothing to compare
         ids = batch["input_ids"][:, start:end]
         alone = token_log_probs(trainer, {"input_ids": ids, "labels": batch["labels"][:, start:end],
                                           "attention_mask": torch.ones_like(ids)})
@@ -128,15 +129,29 @@ def test_packing_cuts_padding_on_long_tailed_data(tiny_random, train_file, tmp_p
     def epoch(packing: bool) -> dict:
         trainer = stage_trainer(monkeypatch, tmp_path / str(packing), raw_config(tiny_random, train_file, packing))
         seen = {"batches": 0, "tokens": 0, "useful": 0}
+        pad = trainer.processing_class.pad_token_id
         for batch in trainer.get_train_dataloader():
             seen["batches"] += 1
             seen["tokens"] += batch["input_ids"].numel()
             mask = batch.get("attention_mask")
-            seen["useful"] += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            seen["useful"] += int(mask.sum()) if mask is not None else int((batch["input_ids"] != pad).sum())
         return seen
 
     padded, packed = epoch(False), epoch(True)
     assert packed["useful"] == padded["useful"]  # the same documents, none dropped or repeated
     assert padded["useful"] / padded["tokens"] < 0.7  # the long tail: most of a padded batch is padding
-    assert packed["tokens"] == packed["useful"]  # padding-free rows: nothing to pad
+    assert packed["useful"] / packed["tokens"] > 0.9  # bins are nearly full rows
     assert packed["batches"] < padded["batches"] / 2
+
+
+def test_packed_bins_stay_rows_with_their_documents_positions():
+    from distft.data.packing import packed_rows_collator
+
+    collate = packed_rows_collator(pad_token_id=0)
+    batch = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lengths": [3, 2]},
+                     {"input_ids": [4, 3], "labels": [4, 3], "seq_lengths": [2]}])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no mask: documents come from positions
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]  # the padding tail is its own
+    # A document's first token is not predicted from the one before it; padding is never a target.
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 3, -100, -100, -100]]

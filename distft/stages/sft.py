@@ -11,6 +11,7 @@ import time
 
 from distft.config import DistftConfig
 from distft.data.loading import load_checked, split_rows, stream_dataset, tokenize_dataset
+from distft.data.packing import packed_rows_collator, uses_varlen_kernel
 from distft.distributed import fsdp
 from distft.distributed.checkpoint import local_leader_first
 from distft.models.loading import load_model, load_tokenizer
@@ -86,6 +87,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         processing_class=tokenizer,
         callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
     )
+    if data_cfg.packing and not uses_varlen_kernel(model):
+        # Swapped in after construction: TRL refuses a collator of ours with packing (distft/data/packing.py).
+        trainer.data_collator = packed_rows_collator(tokenizer.pad_token_id)
     ready(trainer, stage, ctx)
     result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()
