@@ -195,13 +195,9 @@ def machine_lines() -> list[str]:
     import transformers
     import trl
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return [f"date: {datetime.date.today().isoformat()}   machine: {cpu}, {os.cpu_count()} cores (CPU only)",
+    from mfu import device_name  # benchmarks/ is on sys.path when a benchmark runs as a script
+
+    return [f"date: {datetime.date.today().isoformat()}   machine: {device_name(gpu=False)}",
             f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"trl {trl.__version__}"]
 
