@@ -212,3 +212,13 @@ def test_tokenization_runs_once_and_a_rerun_reads_the_cache(tmp_path, alpaca_row
     other.chat_template = tok.chat_template.replace("</s>", "</s>\n")
     assert other.chat_template != tok.chat_template
     assert not prepare(other)[1].cached
+
+
+def test_tokenizer_fingerprint_ignores_call_time_padding_and_truncation(tok):
+    """transformers rewrites a fast tokenizer's padding and truncation on every call; a padded batch call
+    (held-out scoring does one) must not change the cache key of the next tokenization."""
+    from distft.data.loading import tokenizer_fingerprint
+
+    before = tokenizer_fingerprint(tok)
+    tok(["a b", "a b c d"], padding=True, truncation=True, max_length=3)
+    assert tokenizer_fingerprint(tok) == before

@@ -145,12 +145,14 @@ def test_packing_cuts_padding_on_long_tailed_data(tiny_random, train_file, tmp_p
 
 
 def test_packed_bins_stay_rows_with_their_documents_positions():
-    from distft.data.packing import packed_rows_collator
+    from distft.data.packing import REAL_TOKENS, packed_rows_collator
 
     collate = packed_rows_collator(pad_token_id=0)
     batch = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lengths": [3, 2]},
                      {"input_ids": [4, 3], "labels": [4, 3], "seq_lengths": [2]}])
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no mask: documents come from positions
+    # No mask: documents come from positions. The real-token count is for the trainer's num_tokens.
+    assert set(batch) == {"input_ids", "labels", "position_ids", REAL_TOKENS}
+    assert batch[REAL_TOKENS].item() == 7
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 3, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]  # the padding tail is its own
     # A document's first token is not predicted from the one before it; padding is never a target.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 
@@ -92,3 +93,35 @@ def test_streamed_data_larger_than_the_memory_cap_trains_with_flat_memory(ray_cl
     lines = [json.loads(x) for x in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
     assert losses[-1] < losses[0]
+
+
+def test_a_shard_streams_pass_after_pass_and_an_empty_one_is_an_error():
+    """Endless, so the Trainer sees one epoch of max_steps and no pass ends inside a gradient-accumulation
+    group (whose gradients would leak into the next pass's first step)."""
+    from distft.data.loading import stream_dataset
+
+    class Shard:
+        def __init__(self, n):
+            self.n, self.passes = n, 0
+
+        def iter_rows(self):
+            self.passes += 1
+            for i in range(self.n):
+                yield {"input_ids": [i, i + 1], "labels": [-100, i + 1]}
+
+    shard = Shard(3)
+    rows = list(itertools.islice(iter(stream_dataset(shard)), 7))
+    assert [r["input_ids"][0] for r in rows] == [0, 1, 2, 0, 1, 2, 0] and shard.passes == 3
+    with pytest.raises(DataError, match="shard of the stream is empty"):
+        next(iter(stream_dataset(Shard(0))))
+
+
+def test_streamed_eval_rows_are_capped_and_a_stream_needs_ray(tmp_path):
+    from distft.data.loading import streamed_split
+
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(10)))
+    data = streamed_cfg(tmp_path, format="text", max_eval_samples=4).stages[0].data
+    _, held_out, fmt = streamed_split(data, shard=object())
+    assert (len(held_out), fmt) == (4, "text")
+    with pytest.raises(DataError, match="data.streaming: no Ray Data shard reached this process"):
+        streamed_split(data, shard=None)

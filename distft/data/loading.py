@@ -107,20 +107,30 @@ class TokenStats:
         )
 
 
+# Part of every cache key: bump it when encode_row / encode_preference change what they produce,
+# so no run trains on ids cached by the old code.
+ENCODING_VERSION = 1
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what decides the token ids: the vocabulary and merges, special tokens and chat
     template. Not the path: a tokenizer retrained in place must not reuse the old ids."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
+    if backend is not None:
+        # Without the call-time settings: transformers rewrites truncation and padding on every call
+        # (a batched, padded call leaves padding on, and a saved tokenizer.json keeps it).
+        model = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    parts = [model if backend is not None else sorted(tokenizer.get_vocab().items()),
              tokenizer.special_tokens_map, getattr(tokenizer, "chat_template", None),
              type(tokenizer).__name__, getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)]
     return hashlib.sha256(json.dumps(parts, default=str, sort_keys=True).encode()).hexdigest()
 
 
 def _cache_key(ds, *inputs) -> str:
-    """The map's cache fingerprint: the rows' own fingerprint (a file's content and the split taken
-    from it) plus every input of the encoding; explicit, so datasets need not hash the closure."""
-    key = [getattr(ds, "_fingerprint", None), *inputs]
+    """The map's cache fingerprint: the rows' own fingerprint (datasets derives it from the file's path,
+    size and modification time, and the split taken from it) plus every input of the encoding;
+    explicit, so datasets need not hash the closure."""
+    key = [getattr(ds, "_fingerprint", None), ENCODING_VERSION, *inputs]
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
 
 
@@ -234,13 +244,38 @@ def split_rows(data, seed: int):
     return train, held_out, fmt
 
 
+def streamed_split(data, shard):
+    """(the stream of this worker's shard, eval rows, format) under `data.streaming`: the eval rows
+    come from `data.eval`, capped at `data.max_eval_samples` as in memory."""
+    if shard is None:
+        raise DataError("data.streaming: no Ray Data shard reached this process; streams come through `distft "
+                        "train` (Ray Train). Fix: data.streaming=false to run the stage without Ray.")
+    held_out, fmt = load_checked(data.eval, data, "data.eval", fmt=data.format)
+    if data.max_eval_samples:
+        held_out = held_out.select(range(min(len(held_out), data.max_eval_samples)))
+    return stream_dataset(shard), held_out, fmt
+
+
 def stream_dataset(shard):
     """A `datasets.IterableDataset` over one worker's shard of token rows: anything with `iter_rows()`
-    (Ray Data's DataIterator under `data.streaming`). Each pass over it is a new epoch of the shard."""
+    (Ray Data's DataIterator under `data.streaming`).
+
+    Endless: passes over the shard follow each other, and the Trainer sees one epoch of
+    train.max_steps steps. A pass whose last micro-batches did not fill a gradient-accumulation
+    group would otherwise end the Trainer's epoch with their gradients unapplied and carried into
+    the next pass's first step. Every rank's shard has the same length (Ray Train splits equally),
+    so passes stay in step across ranks.
+    """
     import datasets
 
     def rows():
-        for row in shard.iter_rows():
-            yield {"input_ids": [int(t) for t in row["input_ids"]], "labels": [int(t) for t in row["labels"]]}
+        while True:
+            n = 0
+            for row in shard.iter_rows():
+                n += 1
+                yield {"input_ids": [int(t) for t in row["input_ids"]], "labels": [int(t) for t in row["labels"]]}
+            if n == 0:
+                raise DataError("data.train: this worker's shard of the stream is empty (fewer rows than workers?). "
+                                "Fix: more rows, or fewer scaling.num_workers.")
 
     return datasets.IterableDataset.from_generator(rows)

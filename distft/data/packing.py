@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from distft.data.formats import IGNORE
 
+REAL_TOKENS = "distft_real_tokens"  # the batch's tokens without padding, for the trainer's count (not the model)
+
 
 def uses_varlen_kernel(model) -> bool:
     """Flash attention packs efficiently by itself (TRL's flattened row); everything else wants rows."""
@@ -39,6 +41,7 @@ def packed_rows_collator(pad_token_id: int):
             input_ids[row, :n] = torch.as_tensor(e["input_ids"])
             labels[row, :n] = torch.as_tensor(e.get("labels", e["input_ids"]))
         labels[position_ids == 0] = IGNORE
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        real = torch.tensor(sum(len(e["input_ids"]) for e in examples))
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, REAL_TOKENS: real}
 
     return collate

@@ -110,13 +110,17 @@ def _tokenizer(cfg_json: str, stage_index: int, run_dir: str):
 
         cfg = DistftConfig.model_validate_json(cfg_json)
         # The tokenizer the stage's model was exported with (an earlier stage's, or the base's).
-        path = source_path(cfg, Path(run_dir), cfg.init_source(stage_index))
-        _TOKENIZERS[key] = load_tokenizer(cfg.model, path)
+        source = cfg.init_source(stage_index)
+        path = source_path(cfg, Path(run_dir), source)
+        # model.revision names a revision of the base only (as stage_model has it).
+        model = cfg.model if source == cfg.model.name_or_path else cfg.model.model_copy(update={"revision": None})
+        _TOKENIZERS[key] = load_tokenizer(model, path)
     return _TOKENIZERS[key]
 
 
-def token_rows(cfg: DistftConfig, stage_index: int, run_dir: Path):
-    """The stage's training rows as a Ray Dataset of {input_ids, labels}, tokenized lazily by Ray Data tasks."""
+def token_rows(cfg: DistftConfig, stage_index: int, run_dir: Path, env: dict[str, str] | None = None):
+    """The stage's training rows as a Ray Dataset of {input_ids, labels}, tokenized lazily by Ray Data tasks.
+    `env`: what the tasks' processes need, as the Train workers get it (caches, offline mode)."""
     import ray.data
 
     stage = cfg.stages[stage_index]
@@ -138,4 +142,4 @@ def token_rows(cfg: DistftConfig, stage_index: int, run_dir: Path):
     rows = read_rows(data_files(data.train))
     if data.max_train_samples:
         rows = rows.limit(data.max_train_samples)
-    return rows.flat_map(encode)
+    return rows.flat_map(encode, runtime_env={"env_vars": env} if env else None)

@@ -235,7 +235,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     if stage.data.streaming:  # Ray Data reads and tokenizes; Train splits it into one shard per worker
         from distft.launch.streaming import token_rows
 
-        streamed["train"] = token_rows(cfg, stage_index, run_dir)
+        streamed["train"] = token_rows(cfg, stage_index, run_dir, env=_worker_env(cfg, forwarded))
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         # Ray Train forms the process group: the same bound on its rendezvous and every collective.

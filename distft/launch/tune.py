@@ -315,7 +315,7 @@ def build_tuner(raw: dict, cwd: str, tune_cfg: TuneSettings, cfg: DistftConfig, 
 class MetricResultsOnly(OptunaSearch):
     """Optuna TPE, fed only the results that carry the metric, and judging each trial by its last value.
 
-    Trials report every log (loss only) as well as every eval; OptunaSearch reads the metric
+    Trials can report logs without the metric (training-loss lines) as well as evals; OptunaSearch reads the metric
     from every result (a KeyError on a log) and judges a trial by its last result (which, for
     a trial's final checkpoint report, has no metric: Optuna would count it as pruned).
     """
@@ -400,7 +400,7 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
             board = board_name(run_dir)
             _CURRENT.update(board_name=board)
             board_actor = ray.remote(num_cpus=0)(DecisionBoard).options(name=board, get_if_exists=True).remote()
-        # Trials report every log (loss only) and every eval (with the metric); Tune's strict check
+        # Trials may report logs without the metric (loss lines, under ASHA) besides evals; Tune's strict check
         # would fail the search on the first log. A metric never reported is caught after the search.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         trial_log = TrialLog(tune_cfg.metric, total)

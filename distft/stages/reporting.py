@@ -95,7 +95,6 @@ class RssWatch:
             self.peak = max(self.peak, self.anon_bytes() or 0)
 
     def growth_mib(self) -> float | None:
-        self.sample()
         return None if self.base is None else round((self.peak - self.base) / 2**20, 1)
 
 
@@ -149,7 +148,7 @@ class ReportCallback(TrainerCallback):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         metrics = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         anon = RssWatch.anon_bytes()
-        if anon is not None and not self.training_over:  # this rank's own memory, for metrics.jsonl and TensorBoard
+        if anon is not None and not self.training_over and not any(k.startswith("eval_") for k in logs):  # this rank's own memory, for metrics.jsonl and TensorBoard
             metrics["rss_mib"] = round(anon / 2**20, 1)
         if self.ctx.is_main:
             self.metrics.write(metrics)
@@ -187,6 +186,7 @@ class ReportCallback(TrainerCallback):
         self.checkpoint_blocked.append(round(time.time() - self._mark, 3))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.rss.sample()  # the last sample: the final eval and the export are not training
         self.training_over = True
         if self.metrics is not None:
             self.metrics.close()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from distft.config import DistftConfig
-from distft.data.loading import load_checked, split_rows, stream_dataset, tokenize_dataset
-from distft.data.packing import packed_rows_collator, uses_varlen_kernel
+from distft.data.loading import split_rows, streamed_split, tokenize_dataset
+from distft.data.packing import uses_varlen_kernel
 from distft.distributed import fsdp
 from distft.distributed.checkpoint import local_leader_first
 from distft.models.loading import load_model, load_tokenizer
@@ -23,6 +23,7 @@ from distft.stages.trainer_setup import (
     finish,
     held_out_task,
     own_shard_loader,
+    packed_rows_trainer,
     prepare_worker,
     ready,
     run_summary,
@@ -50,8 +51,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     max_len = cfg.model.max_seq_len
     with local_leader_first(ctx.local_rank):
         if data_cfg.streaming:  # Ray Data tokenized this worker's shard already; only eval rows load here
-            eval_rows, fmt = load_checked(data_cfg.eval, data_cfg, "data.eval", fmt=data_cfg.format)
-            train_ds = stream_dataset(ctx.dataset_shard("train"))
+            train_ds, eval_rows, fmt = streamed_split(data_cfg, ctx.dataset_shard("train"))
         else:
             train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
             train_ds, train_stats = tokenize_dataset(train_rows, fmt, tokenizer, max_len, stage.loss_on(),
@@ -65,6 +65,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         **trainer_arguments(cfg, ctx, stage_dir),
         max_length=max_len,
         packing=data_cfg.packing,
+        # A resumed stream cannot be fast-forwarded: skipping would re-read (and re-tokenize) everything
+        # trained so far, and Ray's split hands rows out afresh anyway. It goes on with new rows.
+        ignore_data_skip=data_cfg.streaming,
     )
     # Model, with the method's adapters attached. Under FSDP2 only local rank 0 reads the
     # weights; the other ranks build on the meta device and get their shards at prepare time.
@@ -79,6 +82,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     trainer_cls, train_data = SFTTrainer, {"train_dataset": train_ds}
     if data_cfg.streaming:  # the eval rows stand in while TRL's __init__ samples its train set (own_shard_loader)
         trainer_cls, train_data = own_shard_loader(SFTTrainer), {"train_dataset": eval_ds, "stream": train_ds}
+    elif data_cfg.packing and not uses_varlen_kernel(model):  # each bin a row (distft/data/packing.py)
+        trainer_cls = packed_rows_trainer(SFTTrainer)
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -87,9 +92,6 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         processing_class=tokenizer,
         callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
     )
-    if data_cfg.packing and not uses_varlen_kernel(model):
-        # Swapped in after construction: TRL refuses a collator of ours with packing (distft/data/packing.py).
-        trainer.data_collator = packed_rows_collator(tokenizer.pad_token_id)
     ready(trainer, stage, ctx)
     result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()

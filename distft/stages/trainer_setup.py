@@ -233,6 +233,35 @@ def own_shard_loader(trainer_cls):
     return OwnShard
 
 
+def packed_rows_trainer(trainer_cls):
+    """`trainer_cls` (TRL's SFTTrainer, packing) batching each packed bin as a row of its own.
+
+    The collator goes in after construction: TRL refuses one of ours with packing. TRL counts a
+    padding-free batch's tokens (`num_tokens`) as the width of its one row; with a row per bin
+    that undercounts by the batch size, so the count comes from the collator's exact total.
+    """
+    from distft.data.packing import REAL_TOKENS, packed_rows_collator
+
+    class PackedRows(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.data_collator = packed_rows_collator(self.processing_class.pad_token_id)
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            inputs = dict(inputs)
+            real = inputs.pop(REAL_TOKENS, None)
+            counted = self._total_train_tokens
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+            if real is not None and self._total_train_tokens != counted:  # a training batch TRL counted
+                total = self.accelerator.gather_for_metrics(real.reshape(1)).sum().item()
+                self._total_train_tokens = counted + total // self._tp_size
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return result
+
+    PackedRows.__name__ = f"PackedRows{trainer_cls.__name__}"
+    return PackedRows
+
+
 def logged_value(history: list[dict], key: str, index: int) -> float | None:
     """The `index`-th value of `key` in a Trainer's log history (0: first, -1: last); None if never logged."""
     values = [h[key] for h in history if key in h]
