@@ -186,6 +186,7 @@ def test_an_elastic_run_shrinks_when_a_node_goes_and_grows_back_when_one_joins(t
     assert summary["world_size"] == 2
     steps = logged_steps(run_dir)
     assert steps[-1] == 300 and shrunk_at < 300
-    # Every restart went back at most two checkpoint intervals: nothing trained twice beyond that.
+    # Every restart went back at most two checkpoint intervals: nothing trained twice beyond that, and
+    # nothing from the start. (None at all when a node went just after a checkpoint and a log.)
     backs = [steps[i - 1] - steps[i] for i in range(1, len(steps)) if steps[i] <= steps[i - 1]]
-    assert len(backs) >= 2 and all(b < 2 * SAVE_EVERY + 10 for b in backs), steps
+    assert all(b < 2 * SAVE_EVERY + 10 for b in backs), steps
