@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 from distft.config.search import load_search  # noqa: E402
 
 SHORT = ["train.max_steps=40", "train.eval_every=5", "train.save_every=40", "train.log_every=5",
-         "evaluate.data=null", "tune.asha.grace_period=5", "tune.asha.reduction_factor=3"]
+         "evaluate.data=null", "tune.asha.grace_period=5", "tune.asha.reduction_factor=4"]
 
 
 def run(scheduler: str, seed: int, samples: int, out: Path) -> dict:

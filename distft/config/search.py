@@ -75,7 +75,9 @@ class ASHASettings(Section):
 
     grace_period: int | None = Field(None, ge=1, description="Steps before a trial can be stopped; "
                                                              "default: train.eval_every")
-    reduction_factor: float = Field(3.0, gt=1, description="Keep the best 1/reduction_factor at each rung")
+    reduction_factor: float = Field(
+        4.0, gt=1, description="Keep the best 1/reduction_factor at each rung; 4 is Ray's ASHAScheduler default"
+    )
     max_t: int | None = Field(None, ge=1, description="Steps of the longest trial; default: train.max_steps")
 
 
