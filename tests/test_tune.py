@@ -127,8 +127,49 @@ def test_concurrency_places_whole_workers_on_nodes_not_cluster_totals():
     # each trial's actor takes a sliver too: 2 trials.
     assert concurrency(cfg, tune, [{"CPU": 9.0}, {"CPU": 9.0}]) == 2
     assert concurrency(cfg, tune, [{"CPU": 9.0}, {"CPU": 9.0}, {"CPU": 0.5}]) == 3  # the actors go on the small node
-    with pytest.raises(ClusterError, match=r"do not fit on the cluster's nodes \(the largest has 2 CPU"):
+    with pytest.raises(ClusterError, match=r"do not fit on the cluster's nodes, .*\(the largest node has 2 CPU\)"):
         concurrency(cfg, tune, [{"CPU": 2.0}] * 4)
+
+
+def test_concurrency_follows_the_strict_placement_strategies():
+    """STRICT_PACK wants a trial's workers on one node and STRICT_SPREAD each on its own: counted the
+    PACK way, such a search would start more trials than fit, and they would wait forever."""
+    from distft.launch.train import ClusterError
+    from distft.launch.tune import concurrency
+
+    nodes = [{"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 4.0}]
+    args = ["tune.max_concurrent_trials=8", "scaling.num_workers=3", "scaling.cpus_per_worker=1",
+            "train.global_batch_size=48"]
+    _, tune, cfg = load_search(str(QUICKSTART), args)
+    assert concurrency(cfg, tune, nodes) == 3  # 9 of the 12 CPUs; the actors' slivers fit beside them
+    _, tune, cfg = load_search(str(QUICKSTART), [*args, "scaling.placement_strategy=STRICT_PACK"])
+    assert concurrency(cfg, tune, nodes) == 3  # one trial per node
+    _, tune, cfg = load_search(str(QUICKSTART), [*args, "scaling.placement_strategy=STRICT_SPREAD"])
+    assert concurrency(cfg, tune, nodes) == 3  # one worker of each trial on every node
+    _, tune, cfg = load_search(str(QUICKSTART), ["tune.max_concurrent_trials=8", "scaling.num_workers=2",
+                                                 "scaling.cpus_per_worker=2",
+                                                 "scaling.placement_strategy=STRICT_PACK"])
+    # 2 x 2 CPUs on one 4-CPU node leaves no room for the trial actor there; it takes a sliver elsewhere.
+    assert concurrency(cfg, tune, nodes) == 2
+    _, tune, cfg = load_search(str(QUICKSTART), [*args, "scaling.placement_strategy=STRICT_SPREAD"])
+    with pytest.raises(ClusterError, match=r"STRICT_SPREAD puts each of the 3 workers .* only 2 of the cluster's "
+                                           r"2 nodes .* Fix: scaling.placement_strategy=SPREAD"):
+        concurrency(cfg, tune, [{"CPU": 8.0}, {"CPU": 8.0}])
+    _, tune, cfg = load_search(str(QUICKSTART), [*args, "scaling.placement_strategy=STRICT_PACK"])
+    with pytest.raises(ClusterError, match=r"STRICT_PACK puts all 3 workers .* on one node .* Fix: "
+                                           r"scaling.placement_strategy=PACK"):
+        concurrency(cfg, tune, [{"CPU": 2.0}, {"CPU": 2.0}])
+
+
+def test_place_workers_takes_whole_bundles_and_leaves_the_nodes_untouched_when_they_do_not_fit():
+    from distft.launch.train import place_workers
+
+    free = [{"CPU": 3.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}]
+    assert not place_workers(free, {"CPU": 1.0, "GPU": 1.0}, 3, "PACK")
+    assert free == [{"CPU": 3.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}]
+    assert place_workers(free, {"CPU": 1.0, "GPU": 1.0}, 2, "STRICT_PACK")
+    assert free == [{"CPU": 1.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 0.0}]
+    assert place_workers(free, {"CPU": 4.0}, 2, "PACK") and free[1]["CPU"] == 0.0
 
 
 def test_a_resumed_search_on_a_smaller_cluster_is_refused(tmp_path):
@@ -364,3 +405,22 @@ def test_two_workers_per_trial_and_a_crashing_trial_is_recorded_while_the_search
     summary = json.loads((run_dir / "trials" / done["trial"] / "sft" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 20
     assert "2 at a time" in r.stdout  # both trials ran side by side: 2 x (2 workers x 0.5 CPU) fits
+
+
+def test_a_run_whose_workers_fit_the_totals_but_no_node_is_refused(monkeypatch):
+    """`distft train` on an existing cluster: 2 workers of 3 CPUs on two 2-CPU nodes would wait forever."""
+    import ray
+
+    from distft.config import load_config
+    from distft.launch.train import ClusterError, check_cluster_resources
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=2"])
+    check_cluster_resources(cfg)  # fits one node
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=3"])
+    with pytest.raises(ClusterError, match=r"1 worker of 3 CPU each do not fit on the cluster's nodes.*"
+                                           r"\(the largest node has 2 CPU\)"):
+        check_cluster_resources(cfg)

@@ -121,6 +121,43 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
     return ray
 
 
+def place_workers(free: list[dict], per: dict, workers: int, strategy: str) -> bool:
+    """Take `workers` bundles of `per` from the nodes' `free` resources (in place), as the worker group's
+    placement group would under `strategy`; False, with `free` untouched, when they do not fit.
+
+    A bundle is whole on one node. PACK and SPREAD are preferences (Ray falls back to any node),
+    so any node that fits will do; STRICT_PACK needs one node for them all and STRICT_SPREAD a
+    different node for each.
+    """
+    need = {k: v for k, v in per.items() if v > 0}
+
+    def fits(node: dict, times: int = 1) -> bool:
+        return all(node.get(k, 0) + 1e-9 >= v * times for k, v in need.items())
+
+    def take(node: dict, times: int = 1) -> None:
+        for k, v in need.items():
+            node[k] = node.get(k, 0) - v * times
+
+    # Fullest node first that still fits: packing leaves the roomiest nodes for later groups.
+    order = sorted(range(len(free)), key=lambda i: free[i].get("CPU", 0))
+    if strategy == "STRICT_PACK":
+        node = next((free[i] for i in order if fits(free[i], workers)), None)
+        if node is None:
+            return False
+        take(node, workers)
+        return True
+    trial = [dict(n) for n in free]
+    used: set[int] = set()
+    for _ in range(workers):
+        i = next((i for i in order if fits(trial[i]) and not (strategy == "STRICT_SPREAD" and i in used)), None)
+        if i is None:
+            return False
+        take(trial[i])
+        used.add(i)
+    free[:] = trial
+    return True
+
+
 def check_cluster_resources(cfg: DistftConfig) -> None:
     """On an existing cluster, refuse requests it can never satisfy instead of waiting forever."""
     import ray
@@ -136,11 +173,35 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
                 f"scaling asks for {need:g} {key} ({workers} workers x {per:g}), but the cluster has {have:g}. "
                 "Fix: fewer scaling.num_workers, smaller per-worker resources, or add nodes."
             )
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
+    if not place_workers(nodes, s.resources_per_worker(), workers, s.placement_strategy):
+        raise ClusterError(placement_problem(cfg, workers, [n["Resources"] for n in ray.nodes() if n["Alive"]]))
     from distft.launch.streaming import spare_cpu_problem
 
     problem = spare_cpu_problem(cfg, total.get("CPU", 0))
     if problem:
         raise ClusterError(problem)
+
+
+def placement_problem(cfg: DistftConfig, workers: int, nodes: list[dict]) -> str:
+    """Why `workers` workers fit the cluster's totals but not its nodes, and the fix."""
+    s = cfg.scaling
+    per = {k: v for k, v in s.resources_per_worker().items() if v > 0}
+    largest = ", ".join(f"{max((n.get(k, 0) for n in nodes), default=0):g} {k}" for k in per)
+    each = ", ".join(f"{v:g} {k}" for k, v in per.items())
+    if s.placement_strategy == "STRICT_PACK":
+        why = f"scaling.placement_strategy=STRICT_PACK puts all {workers} workers of {each} on one node"
+        fix = "scaling.placement_strategy=PACK (workers may then span nodes), fewer workers, or a larger node"
+    elif s.placement_strategy == "STRICT_SPREAD":
+        why = (f"scaling.placement_strategy=STRICT_SPREAD puts each of the {workers} workers of {each} on its "
+               f"own node, and only {sum(all(n.get(k, 0) + 1e-9 >= v for k, v in per.items()) for n in nodes)} "
+               f"of the cluster's {len(nodes)} nodes can host one")
+        fix = "scaling.placement_strategy=SPREAD (a preference, not a rule), fewer workers, or more nodes"
+    else:
+        why = (f"{workers} worker{'s' if workers != 1 else ''} of {each} each do not fit on the cluster's nodes, "
+               "and a worker cannot span nodes")
+        fix = "a smaller scaling.cpus_per_worker (e.g. 0.5, with scaling.torch_threads=1), or larger nodes"
+    return f"{why} (the largest node has {largest}). Fix: {fix}."
 
 
 def check_storage(cfg: DistftConfig, run_dir: Path) -> None:

@@ -41,7 +41,8 @@ from ray.tune.search.optuna import OptunaSearch  # imports without optuna instal
 from distft.config import DistftConfig, dump_config
 from distft.config.search import TuneSettings, trial_config
 from distft.launch.train import (ClusterError, check_storage, cluster_address, error_line, forwarded_env,
-                                 forwarded_secrets, init_ray, resume_point, train_stage)
+                                 forwarded_secrets, init_ray, place_workers, placement_problem, resume_point,
+                                 train_stage)
 
 TRIAL_ACTOR_CPU = 0.01  # a trial's Tune actor only waits on `fit`
 SEARCH_FILE = "search.yaml"  # the config with its tune section, as the search ran it (for --resume)
@@ -196,40 +197,25 @@ def concurrency(cfg: DistftConfig, tune_cfg: TuneSettings, nodes: list[dict]) ->
     s = cfg.scaling
     per = {k: v for k, v in s.resources_per_worker().items() if v > 0}
     free = [dict(n) for n in nodes]
-
-    def place(need: dict) -> bool:
-        # Most-loaded node first that still fits (PACK), as Train's placement group does.
-        for node in sorted(free, key=lambda n: n.get("CPU", 0)):
-            if all(node.get(k, 0) + 1e-9 >= v for k, v in need.items()):
-                for k, v in need.items():
-                    node[k] = node.get(k, 0) - v
-                return True
-        return False
-
     hosted = 0
     while hosted < tune_cfg.max_concurrent_trials:
-        if not (place({"CPU": TRIAL_ACTOR_CPU}) and all(place(per) for _ in range(s.num_workers))):
+        # The trial's Tune actor is not in its worker group's placement group: any node will do.
+        if not (place_workers(free, {"CPU": TRIAL_ACTOR_CPU}, 1, "PACK")
+                and place_workers(free, per, s.num_workers, s.placement_strategy)):
             break
         hosted += 1
     if hosted == 0:
         total = {k: sum(n.get(k, 0) for n in nodes) for k in per}
-        largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in per}
         short = [k for k, v in per.items() if v * s.num_workers + (TRIAL_ACTOR_CPU if k == "CPU" else 0) > total[k]]
         if short:
             k = short[0]
-            what = (f"one trial needs {per[k] * s.num_workers + (TRIAL_ACTOR_CPU if k == 'CPU' else 0):g} {k} "
-                    f"({s.num_workers} workers x {per[k]:g}, plus {TRIAL_ACTOR_CPU} for Tune's trial actor), "
-                    f"but the cluster has {total[k]:g}")
-        else:
-            what = (f"one trial's {s.num_workers} workers of {_resources(per)} each do not fit on the cluster's "
-                    f"nodes (the largest has {_resources(largest)}; a worker cannot span nodes)")
-        raise ClusterError(f"{what}. Fix: fewer scaling.num_workers or a smaller scaling.cpus_per_worker "
-                           "(e.g. 0.5, with scaling.torch_threads=1), or a larger cluster.")
+            raise ClusterError(
+                f"one trial needs {per[k] * s.num_workers + (TRIAL_ACTOR_CPU if k == 'CPU' else 0):g} {k} "
+                f"({s.num_workers} workers x {per[k]:g}, plus {TRIAL_ACTOR_CPU} for Tune's trial actor), but the "
+                f"cluster has {total[k]:g}. Fix: fewer scaling.num_workers or a smaller scaling.cpus_per_worker "
+                "(e.g. 0.5, with scaling.torch_threads=1), or a larger cluster.")
+        raise ClusterError(f"one trial cannot be placed: {placement_problem(cfg, s.num_workers, nodes)}")
     return hosted
-
-
-def _resources(r: dict) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in r.items())
 
 
 class TrialLog(tune.Callback):
