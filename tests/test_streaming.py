@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 
 import pytest
@@ -125,3 +126,33 @@ def test_streamed_eval_rows_are_capped_and_a_stream_needs_ray(tmp_path):
     assert (len(held_out), fmt) == (4, "text")
     with pytest.raises(DataError, match="data.streaming: no Ray Data shard reached this process"):
         streamed_split(data, shard=None)
+
+
+@pytest.mark.slow
+def test_tokenize_tasks_get_the_forwarded_secrets_from_the_object_store(ray_cluster, tiny_base, tmp_path, monkeypatch):
+    """A gated hub tokenizer needs HF_TOKEN in Ray Data's tokenize tasks too; it travels as an object ref
+    (like the workers'), never in the runtime env, which Ray shows in its dashboard and state API."""
+    import distft.models.loading as loading
+    from distft.launch import streaming
+
+    seen = {}
+
+    def fake_load_tokenizer(model, path):
+        seen["token"] = os.environ.get("DISTFT_PROBE_TOKEN")
+        return "tokenizer"
+
+    monkeypatch.setattr(loading, "load_tokenizer", fake_load_tokenizer)
+    monkeypatch.delenv("DISTFT_PROBE_TOKEN", raising=False)
+    cfg = build_config({**STREAMED, "model": {"name_or_path": str(tiny_base)},
+                        "data": {"train": "t.jsonl", "eval": "e.jsonl", "streaming": True, "format": "text"}})
+    ref = ray_cluster.put({"DISTFT_PROBE_TOKEN": "hf_probe"})
+    assert streaming._tokenizer(cfg.model_dump_json(), 0, str(tmp_path / "a"), ref) == "tokenizer"
+    assert seen["token"] == "hf_probe"
+
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(8)))
+    cfg = build_config({**STREAMED, "model": {"name_or_path": str(tiny_base)},
+                        "data": {"train": str(tmp_path / "t.jsonl"), "eval": "e.jsonl", "streaming": True,
+                                 "format": "text"}})
+    rows = streaming.token_rows(cfg, 0, tmp_path / "b", env={"TOKENIZERS_PARALLELISM": "false"},
+                                secrets=ray_cluster.put({"DISTFT_PROBE_TOKEN": "hf_probe"})).take_all()
+    assert len(rows) == 8 and all(r["input_ids"] for r in rows)  # the ref inside the task's function resolves

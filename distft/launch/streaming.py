@@ -12,6 +12,7 @@ token ids and loss masks; a row that cannot be encoded fails the run with its co
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from distft.config import DistftConfig
@@ -102,10 +103,15 @@ def read_rows(files: list[str]):
     return ray.data.read_json(files, lines=Path(files[0]).suffix == ".jsonl")
 
 
-def _tokenizer(cfg_json: str, stage_index: int, run_dir: str):
+def _tokenizer(cfg_json: str, stage_index: int, run_dir: str, secrets=None):
     key = (cfg_json, stage_index, run_dir)
     if key not in _TOKENIZERS:
         from distft.models.loading import load_tokenizer
+
+        if secrets is not None:  # run.forward_env's values (HF_TOKEN for a gated tokenizer), as the workers get them
+            import ray
+
+            os.environ.update(ray.get(secrets))
         from distft.stages.chain import source_path
 
         cfg = DistftConfig.model_validate_json(cfg_json)
@@ -118,9 +124,11 @@ def _tokenizer(cfg_json: str, stage_index: int, run_dir: str):
     return _TOKENIZERS[key]
 
 
-def token_rows(cfg: DistftConfig, stage_index: int, run_dir: Path, env: dict[str, str] | None = None):
+def token_rows(cfg: DistftConfig, stage_index: int, run_dir: Path, env: dict[str, str] | None = None,
+               secrets=None):
     """The stage's training rows as a Ray Dataset of {input_ids, labels}, tokenized lazily by Ray Data tasks.
-    `env`: what the tasks' processes need, as the Train workers get it (caches, offline mode)."""
+    `env`: what the tasks' processes need, as the Train workers get it (caches, offline mode); `secrets`:
+    an object ref to run.forward_env's values, which stay out of the runtime env (Ray shows those)."""
     import ray.data
 
     stage = cfg.stages[stage_index]
@@ -132,7 +140,7 @@ def token_rows(cfg: DistftConfig, stage_index: int, run_dir: Path, env: dict[str
         if problem:
             excerpt = str({k: v for k, v in row.items()})[:200]
             raise DataError(f"data.train: {data.train}: a row {problem} (format {data.format}): {excerpt}")
-        enc = encode_row(row, data.format, _tokenizer(cfg_json, stage_index, where), max_len, loss_on,
+        enc = encode_row(row, data.format, _tokenizer(cfg_json, stage_index, where, secrets), max_len, loss_on,
                          data.text_field)
         # A row with nothing left to learn from (all prompt after truncation) is skipped, as in memory.
         return [] if all(t == IGNORE for t in enc.labels) else [{"input_ids": enc.input_ids, "labels": enc.labels}]

@@ -292,11 +292,12 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     # The controller takes each worker's report (one at a time: a second one blocks training) and
     # notices the end of the run only when it polls, every 2 s by default; 0.5 s costs little.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    secrets_ref = ray.put(forwarded_secrets(cfg) if secrets is None else secrets)
     streamed = {}
     if stage.data.streaming:  # Ray Data reads and tokenizes; Train splits it into one shard per worker
         from distft.launch.streaming import token_rows
 
-        streamed["train"] = token_rows(cfg, stage_index, run_dir, env=_worker_env(cfg, forwarded))
+        streamed["train"] = token_rows(cfg, stage_index, run_dir, env=_worker_env(cfg, forwarded), secrets=secrets_ref)
     trainer = TorchTrainer(
         train_loop_per_worker=_worker_entry,
         # Ray Train forms the process group: the same bound on its rendezvous and every collective.
@@ -307,7 +308,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             "run_dir": str(run_dir),
             "resume_from": resume_from,
             "stop_hook": stop_hook,
-            "secrets": ray.put(forwarded_secrets(cfg) if secrets is None else secrets),
+            "secrets": secrets_ref,
         },
         datasets=streamed or None,
         scaling_config=ScalingConfig(
