@@ -93,6 +93,37 @@ def test_hub_ids_and_the_tiny_base_stay_names(tmp_path, alpaca_rows):
     assert job_cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B" and [p for p, _ in shipped] == ["data/train.jsonl"]
 
 
+def test_reward_functions_and_rollout_engines_from_the_submitting_directory_travel(tmp_path, alpaca_rows,
+                                                                                   monkeypatch):
+    """`package.module:function` names: code under the submitting directory goes to the job's root (on every
+    worker's sys.path); installed packages and distft itself stay the cluster's."""
+    (tmp_path / "myrewards.py").write_text("def score(prompts, completions, references):\n    return [0.0]\n")
+    (tmp_path / "mypkg" / "gen").mkdir(parents=True)
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "gen" / "__init__.py").write_text("def fast(*args):\n    pass\n")
+    (tmp_path / "mypkg" / "__pycache__").mkdir()
+    (tmp_path / "mypkg" / "__pycache__" / "x.pyc").write_bytes(b"stale")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_jsonl(tmp_path / "data" / "train.jsonl", alpaca_rows[:16])
+    cfg = build_config({
+        "run": {"name": "r1"},
+        "stages": [
+            {"stage": "grpo", "data": {"train": "data/train.jsonl"},
+             "reward": {"functions": {"exact_match": 1.0, "myrewards:score": 0.5, "yaml:safe_load": 0.1}}},
+            {"stage": "ppo", "data": {"train": "data/train.jsonl"}, "train": {"global_batch_size": 16},
+             "ppo": {"rollout_batch_size": 16, "generation": "mypkg.gen:fast"},
+             "reward": {"functions": {"myrewards:score": 1.0, "distft.rl.rewards:exact_match": 1.0}}},
+        ],
+    })
+    staging = tmp_path / "s"
+    staging.mkdir()
+    _, shipped = jobs.stage_job(cfg, tmp_path, staging, secrets={})
+    assert sorted(p for p, _ in shipped if not p.startswith("data")) == ["mypkg", "myrewards.py"]
+    assert (staging / "myrewards.py").read_text().startswith("def score")
+    assert (staging / "mypkg" / "gen" / "__init__.py").is_file() and not (staging / "mypkg" / "__pycache__").exists()
+    assert not (staging / "yaml").exists() and not (staging / "distft").exists()
+
+
 def test_secrets_go_in_a_private_file_never_in_the_config(tmp_path, alpaca_rows):
     cfg, _, _ = job_config(tmp_path, alpaca_rows, forward_env=["HF_TOKEN"])
     staging = tmp_path / "staging"

@@ -7,6 +7,10 @@ small working directory: the resolved config, every local file or model director
 (rewritten to paths inside the job). Ray zips and uploads it; the job's driver
 (distft/launch/job_entrypoint.py) runs `distft train` (one stage) or `distft pipeline`
 (several) on the cluster with `--address auto`. Sizes are checked against Ray's package limit before uploading.
+Code the config names as `package.module:function` (reward functions, a rollout engine) goes too
+when it is imported from under the submitting directory: its top-level module or package is
+copied to the package's root, which Ray puts on the job's and every worker's sys.path. An
+installed package is expected on the cluster's image instead.
 
 Secrets
 -------
@@ -156,6 +160,13 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
         lambda v: ship(v, must_exist=True) if v and (looks_local(v) or (cwd / v).exists()) else v,
         lambda v: ship(v, must_exist=False),
     )
+    for top in local_modules(cfg, cwd):
+        target = staging / top.name
+        if top.is_dir():
+            shutil.copytree(top, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(top, target)
+        shipped.append((str(top.relative_to(cwd)), _size(top)))
     total = sum(size for _, size in shipped)
     if total > PACKAGE_LIMIT:
         biggest = max(shipped, key=lambda item: item[1])
@@ -174,6 +185,39 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
         with os.fdopen(fd, "w") as f:
             json.dump(secrets, f)
     return job_cfg, shipped
+
+
+def code_names(cfg: DistftConfig) -> list[str]:
+    """The `package.module:function` names the config's stages import (reward functions, rollout engines)."""
+    names = []
+    for stage in cfg.stages:
+        reward = getattr(stage, "reward", None)
+        names += [n for n in (reward.functions if reward else {}) if ":" in n]
+        generation = getattr(getattr(stage, "ppo", None), "generation", "hf")
+        names += [generation] if ":" in generation else []
+    return names
+
+
+def local_modules(cfg: DistftConfig, cwd: Path) -> list[Path]:
+    """The top-level modules (a .py file or a package directory) of `code_names` that live under `cwd`."""
+    import importlib.util
+
+    found: dict[str, Path] = {}
+    for name in code_names(cfg):
+        top = name.partition(":")[0].split(".")[0]
+        if top == "distft":  # the cluster runs its own install; a checkout's copy would shadow it
+            continue
+        try:
+            spec = importlib.util.find_spec(top)
+        except (ImportError, ValueError):
+            spec = None
+        origins = list(spec.submodule_search_locations or []) if spec else []
+        if spec and spec.origin and not origins:
+            origins = [spec.origin]
+        for origin in (Path(o).resolve() for o in origins):
+            if origin.is_relative_to(cwd.resolve()) and ".venv" not in origin.parts and "site-packages" not in origin.parts:
+                found[top] = origin
+    return list(found.values())
 
 
 def _size(path: Path) -> int:
