@@ -160,6 +160,29 @@ def test_a_checkpoint_upload_that_never_finishes_fails_the_run_with_a_hint(tmp_p
     assert f"complete in {tmp_path / 'checkpoints' / 'checkpoint-20'}" in str(e.value)
 
 
+def test_uploads_still_pending_when_training_ends_are_awaited_within_the_same_timeout(tmp_path):
+    """Ray waits for them after the training function returns, with no timeout; distft waits first, bounded."""
+    from distft.launch.train import CheckpointUploadTimeout, UploadWatch
+
+    slow, stuck = tmp_path / "checkpoint-30-00aa11bb", tmp_path / "checkpoint-40-22cc33dd"
+    clock = {"t": 0.0}
+
+    def sleep(s):  # Ray finishes the slow upload 3 s into the wait; the stuck one never
+        clock["t"] += s
+        if clock["t"] >= 3 and slow.exists():
+            slow.rmdir()
+
+    slow.mkdir()
+    watch = UploadWatch(timeout_s=60)
+    watch.add(slow, now=0.0)
+    watch.drain(clock=lambda: clock["t"], sleep=sleep)
+    assert watch.pending == [] and clock["t"] == 3.0
+    stuck.mkdir()
+    watch.add(stuck, now=clock["t"])
+    with pytest.raises(CheckpointUploadTimeout, match="the upload of checkpoint-40 .* after 61 s"):
+        watch.drain(poll_s=1.0, clock=lambda: clock["t"], sleep=sleep)
+
+
 def test_a_worker_group_that_cannot_start_in_time_says_what_to_check():
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 

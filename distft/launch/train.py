@@ -438,6 +438,15 @@ class UploadWatch:
                 f"the checkpoint itself is complete in {snapshot.parent.parent / name}."
             )
 
+    def drain(self, poll_s: float = 0.5, clock=time.monotonic, sleep=time.sleep) -> None:
+        """Wait for the pending uploads, within the same timeout: after the training function returns,
+        Ray would wait for them with none, and a stuck upload would hang the finished run."""
+        while True:
+            self.check(clock())
+            if not self.pending:
+                return
+            sleep(poll_s)
+
 
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
@@ -518,6 +527,7 @@ def _worker_entry(config: dict) -> None:
     else:
         with checkpoint.as_directory() as path:
             run(path)
+    uploads.drain()
 
 
 def stage_done(cfg: DistftConfig, run_dir: Path, stage_index: int) -> dict | None:
