@@ -1,10 +1,11 @@
 """ASHA vs no early stopping, same search, same trial budget, side by side in one process.
 
-    python benchmarks/tune_asha.py                 # 16 samples x 3 seeds, about 70 min on 2 cores
+    python benchmarks/tune_asha.py                 # 16 samples x 3 seeds, about 30 min on 2 cores
     python benchmarks/tune_asha.py --samples 8 --seeds 1   # a quick look
 
 The search is configs/tune_quickstart.yaml's (learning rate x LoRA rank on the bundled task),
-shortened to 40 steps with an eval every 5. For each seed both schedulers get the same
+shortened to 40 steps with an eval every 5; ASHA judges at every eval from step 5 with the
+default reduction factor 4 (rungs at steps 5 and 20). For each seed both schedulers get the same
 16 sampled configs (the random search is seeded), run 2 at a time on one shared Ray cluster;
 the order alternates per seed so drift on this noisy machine does not favour either.
 
