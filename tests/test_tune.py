@@ -325,6 +325,27 @@ def test_outputs_table_best_config_and_curves(tmp_path):
     assert "| t1 **best** |" in md and "stopped early by ASHA at step 10" in md
 
 
+def test_result_rows_have_one_curve_point_per_step_and_the_stage_summary_decides_how_a_trial_ended(tmp_path):
+    import pandas as pd
+
+    from distft.launch.tune import result_rows
+
+    _, tune, _ = load_search(str(QUICKSTART))
+    (tmp_path / "trials" / "a1" / "sft").mkdir(parents=True)
+    (tmp_path / "trials" / "a1" / "sft" / "summary.json").write_text(json.dumps(
+        {"steps": 10, "stopped_early_at": 10, "wall_seconds": 12.5}))
+    # Tune's rows: loss-only logs, two evals, then the checkpoint's and the stage's reports repeating step 10's.
+    df = pd.DataFrame({"step": [5, 5, 8, 10, 10, 10],
+                       "loss": [3.0, None, 2.5, None, None, None],
+                       "eval_loss": [None, 2.9, None, 2.4, 2.4, 2.4]})
+    result = SimpleNamespace(path=str(tmp_path / "tune" / "a1"), metrics_dataframe=df,
+                             metrics={"eval_loss": 2.4, "time_total_s": 20.0}, error=None, config={"train.lr": 1e-3})
+    (row,) = result_rows([result], tmp_path, tune)
+    assert row["curve"] == [(5, 2.9), (10, 2.4)]
+    assert (row["final"], row["best"], row["steps"], row["status"]) == (2.4, 2.4, 10, "stopped")
+    assert row["stop_reason"] == "stopped early by ASHA at step 10" and row["wall_seconds"] == 20.0
+
+
 # ---- real searches (Ray) -------------------------------------------------------------------------
 
 SMALL = ["train.max_steps=40", "train.eval_every=5", "train.save_every=20", "train.log_every=5",

@@ -423,7 +423,8 @@ def result_rows(grid, run_dir: Path, tune_cfg: TuneSettings) -> list[dict]:
         curve = []
         if df is not None and tune_cfg.metric in df and "step" in df:
             evals = df[df[tune_cfg.metric].notna() & df["step"].notna()]
-            curve = [(int(s), float(v)) for s, v in zip(evals["step"], evals[tune_cfg.metric])]
+            # A checkpoint's report and the stage's last one repeat the eval of their step: one point per step.
+            curve = list(dict((int(s), float(v)) for s, v in zip(evals["step"], evals[tune_cfg.metric])).items())
         metrics = result.metrics or {}
         final = metrics.get(tune_cfg.metric, curve[-1][1] if curve else None)
         values = [v for _, v in curve] + ([final] if final is not None else [])
