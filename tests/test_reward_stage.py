@@ -172,16 +172,18 @@ def plain_transformers_accuracy(model_dir, rows) -> float:
 
 
 def test_reward_model_learns_near_misses_and_reloads_with_plain_transformers(tiny_base, tmp_path):
-    # 800 pairs x 4 epochs = 100 steps (about 10 s). Measured: held-out accuracy 34.8% -> 74.7%
-    # (typos 100%, wrong-slot answers 78%; same-category entities need the full recipe, see the slow test).
+    # 800 pairs x 4 epochs = 100 steps (about 10 s). Measured: held-out accuracy 34.8% -> 74.7% on an earlier
+    # machine, 55.7% -> 80.5% on this AVX-512 one (2026-11-27), where the tiny base builds slightly differently
+    # (typos 100%, wrong-slot answers 78-84%; same-category entities need the full recipe, see the slow test).
+    # Where a new head starts is chance, so "before" is judged by its margins (near 0), not its accuracy.
     cfg = reward_cfg(tiny_base, PREFS_TRAIN, lr=1e-3, epochs=4, eval_every=50)
     cfg.stages[0].data.max_train_samples = 800
     ctx = StageContext(run_dir=tmp_path / "run")
     summary = stage_runner("reward")(cfg, ctx)
 
     before, after = summary["pairwise_accuracy_before"], summary["pairwise_accuracy_after"]
-    assert before < 0.55  # a new, random head
-    assert after >= 0.65 and after - before >= 0.25, (before, after)
+    assert abs(summary["mean_margin_before"]) < 0.25  # a new, random head: it barely tells pairs apart (0.01)
+    assert after >= 0.7 and after - before >= 0.15, (before, after)
     assert summary["pairwise_accuracy_by_kind"]["typo"] >= 0.95
     assert summary["mean_margin_after"] > summary["mean_margin_before"] + 1.0
     assert summary["eval_pairs"] == 600 and summary["steps"] == 100
@@ -211,8 +213,9 @@ def test_lora_reward_adapter_exports_its_head_and_reloads(tiny_base, tmp_path):
     cfg.stages[0].data.max_train_samples = 640
     summary = stage_runner("reward")(cfg, StageContext(run_dir=tmp_path / "run"))
     assert summary["trainable_params"] < summary["total_params"]
-    # measured: 34.7% -> 69.3% (typos learned first)
-    assert summary["pairwise_accuracy_after"] > summary["pairwise_accuracy_before"] + 0.25
+    # measured: 34.7% -> 69.3% (an earlier machine), 50.7% -> 73.3% (AVX-512); typos learned first
+    assert summary["pairwise_accuracy_after"] >= 0.65, summary
+    assert summary["pairwise_accuracy_after"] > summary["pairwise_accuracy_before"] + 0.15, summary
 
     final = tmp_path / "run" / "reward" / "final"
     adapter = json.loads((final / "adapter_config.json").read_text())
@@ -310,7 +313,10 @@ def test_reward_stage_shards_on_two_cpu_ranks(strategy, tiny_base, tmp_path):
     assert abs(s0["param_elements_local"] - full / 2) / full < 0.02, s0
     assert s0["pairwise_accuracy_before"] == s1["pairwise_accuracy_before"]
     assert s0["pairwise_accuracy_after"] == s1["pairwise_accuracy_after"] and s0["eval_pairs"] == 101
-    assert s0["pairwise_accuracy_after"] > s0["pairwise_accuracy_before"] + 0.2, s0
+    # 30 steps learn the typos (100% of them, measured) and little else: about 2/3 of the pairs, from chance.
+    assert s0["pairwise_accuracy_by_kind"]["typo"] >= 0.8, s0
+    assert s0["pairwise_accuracy_after"] > s0["pairwise_accuracy_before"] + 0.08, s0
+    assert s0["mean_margin_after"] > s0["mean_margin_before"] + 0.5, s0
     final = run_dir / "reward" / "final"
     assert plain_transformers_accuracy(final, read_jsonl(held_out)) == pytest.approx(
         s0["pairwise_accuracy_after"], abs=2 / 101)

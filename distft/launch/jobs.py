@@ -215,7 +215,8 @@ def local_modules(cfg: DistftConfig, cwd: Path) -> list[Path]:
         if spec and spec.origin and not origins:
             origins = [spec.origin]
         for origin in (Path(o).resolve() for o in origins):
-            if origin.is_relative_to(cwd.resolve()) and ".venv" not in origin.parts and "site-packages" not in origin.parts:
+            installed = ".venv" in origin.parts or "site-packages" in origin.parts
+            if origin.is_relative_to(cwd.resolve()) and not installed:
                 found[top] = origin
     return list(found.values())
 
