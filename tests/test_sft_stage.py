@@ -197,3 +197,25 @@ def test_gradual_unfreezing_trains_blocks_top_down_on_its_schedule(tiny_random, 
     assert changed(states[1], states[2]) == {head, "model.layers.1"}
     assert changed(states[2], states[3]) == {head, "model.layers.1", "model.layers.0"}
     assert torch.equal(states[0]["model.norm.weight"], states[3]["model.norm.weight"])  # never scheduled
+
+
+def test_known_library_notices_stay_out_of_the_logs_and_other_warnings_do_not(caplog):
+    """bitsandbytes' optional-kernel notice and peft's probe of a deprecated transformers name repeat in every
+    worker of every run; anything else from those libraries still shows."""
+    import logging
+    import warnings
+
+    from distft.stages.quiet import quiet_libraries
+
+    quiet_libraries()
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes.backends.cpu.ops"):
+        bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels")
+        bnb.warning("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_libraries()  # re-installs its filters over the catch_warnings reset
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("`other_name` is deprecated", FutureWarning)
+    assert [str(w.message) for w in seen] == ["`other_name` is deprecated"]

@@ -31,6 +31,9 @@ def _writes_explained(run):
 
 def stage_runner(kind: str):
     """The `run` function of a stage kind."""
+    from distft.stages.quiet import quiet_libraries
+
+    quiet_libraries()  # before the stage's module imports transformers (and with it bitsandbytes)
     if kind == "sft":
         from distft.stages.sft import run
     elif kind == "pretrain":

@@ -206,17 +206,3 @@ class ReportCallback(TrainerCallback):
         self.ctx.report(metrics, checkpoint_dir=str(checkpoint) if checkpoint is not None else None)
         if self.ctx.is_main:
             self.checkpoints.rotate()  # after the report: Ray has copied what it registered
-
-
-def quiet_libraries() -> None:
-    """Per-item progress bars from datasets/transformers drown our progress lines in worker logs."""
-    import logging
-
-    import datasets
-    import transformers
-
-    # accelerate logs every FSDP shard it saves or loads at INFO ("[RANK 0] Optimizer state saved in ...").
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_warning()

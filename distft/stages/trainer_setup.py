@@ -19,7 +19,8 @@ from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.models.hub import fetch_first
 from distft.stages.context import StageContext
-from distft.stages.reporting import ReportCallback, quiet_libraries
+from distft.stages.quiet import quiet_libraries
+from distft.stages.reporting import ReportCallback
 
 
 def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
