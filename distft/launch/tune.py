@@ -389,6 +389,9 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
         # Trials may report logs without the metric (loss lines, under ASHA) besides evals; Tune's strict check
         # would fail the search on the first log. A metric never reported is caught after the search.
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+        # TrialLog prints one line per trial event. Tune's newer console output prints its own header box,
+        # its storage path and a TensorBoard hint even at verbose=0; the classic reporter at 0 is silent.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         trial_log = TrialLog(tune_cfg.metric, total)
         tuner = build_tuner(raw, cwd, tune_cfg, cfg, run_dir, board, at_once, trial_log, restore)
         log(f"[tune] {total} trial(s), {at_once} at a time, scheduler {tune_cfg.scheduler}, "

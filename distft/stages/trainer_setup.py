@@ -31,8 +31,10 @@ def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
     stage = cfg.stages[ctx.stage_index]
     strategy = stage.strategy
     use_deepspeed = strategy.name == "deepspeed"
-    if use_deepspeed and not cfg.scaling.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    if not cfg.scaling.use_gpu:
+        # Read when deepspeed is first imported, which transformers and TRL do under any strategy; unset, it
+        # probes for a GPU and warns in every worker that it settled on the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     stage_dir = Path(ctx.run_dir) / stage.label()
     torch.set_num_threads(cfg.scaling.threads_per_worker())
     quiet_libraries()
