@@ -57,6 +57,7 @@ def test_sft_reward_ppo_pipeline_improves_the_task_and_reruns_skip_finished_stag
     # The same command again: every stage verified and skipped, nothing retrained.
     again = pipeline(tmp_path)
     assert again.stdout.count("finished earlier with these settings; skipped") == 3
+    assert "every stage finished earlier with these settings: nothing to run" in again.stdout
     assert json.loads((run_dir / "summary.json").read_text())[2]["exact_match_after"] == ppo["exact_match_after"]
 
     # A changed PPO setting reruns PPO only; the earlier PPO output is set aside, not deleted.
@@ -90,6 +91,36 @@ def test_a_damaged_export_is_not_reused(tmp_path):
     assert stage_done(other, run_dir, 0) is None  # other settings: not the same stage
     (final / "model.safetensors").write_bytes(b"weightz")
     assert stage_done(cfg, run_dir, 0) is None
+
+
+def test_a_rerun_with_every_stage_finished_starts_no_cluster(tmp_path, monkeypatch):
+    import ray
+
+    from distft.config import load_config
+    from distft.distributed.checkpoint import build_manifest, write_manifest
+    from distft.launch import train
+
+    cfg = load_config(REPO / "configs" / "rlhf_quickstart.yaml")
+    run_dir = tmp_path / "run"
+    for i, stage in enumerate(cfg.stages):
+        final = run_dir / stage.label() / "final"
+        final.mkdir(parents=True)
+        (final / "model.safetensors").write_bytes(b"weights")
+        write_manifest(final, build_manifest(final, step=1, world_size=1, strategy="ddp"))
+        summary = {"stage": stage.label(), "fingerprint": cfg.stage_fingerprint(i)}
+        (run_dir / stage.label() / "summary.json").write_text(json.dumps(summary))
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a run with nothing to do")
+
+    monkeypatch.setattr(train, "init_ray", no_cluster)
+    lines = []
+    summaries = train.launch(cfg, run_dir, resume=True, log=lines.append)
+    assert [s["stage"] for s in summaries] == ["sft", "reward", "ppo"] and all(s["skipped"] for s in summaries)
+    assert lines[-1] == "every stage finished earlier with these settings: nothing to run"
+    assert not ray.is_initialized()
+    with pytest.raises(AssertionError, match="a cluster was started"):  # forced: it must run
+        train.launch(cfg, run_dir, resume=True, force_from=2, log=lines.append)
 
 
 def test_a_stage_finished_with_other_settings_restarts_instead_of_resuming_its_checkpoints(tmp_path):

@@ -586,6 +586,18 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     from distft.launch.provenance import finish_provenance, start_provenance
 
     started = time.time()
+    if resume and force_from is None:
+        finished = []
+        for i in range(len(cfg.stages)):
+            done = stage_done(cfg, run_dir, i)
+            if done is None:
+                break
+            finished.append(done)
+        if len(finished) == len(cfg.stages):  # nothing to run: no cluster to start or reach
+            for i, stage in enumerate(cfg.stages):
+                log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier with these settings; skipped")
+            log("every stage finished earlier with these settings: nothing to run")
+            return [{**done, "skipped": True} for done in finished]
     address = cluster_address(cfg, address)
     owns_ray = not ray.is_initialized()  # a caller's (or a test fixture's) cluster stays up
     init_ray(cfg, address)
