@@ -93,8 +93,7 @@ def test_hub_ids_and_the_tiny_base_stay_names(tmp_path, alpaca_rows):
     assert job_cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B" and [p for p, _ in shipped] == ["data/train.jsonl"]
 
 
-def test_reward_functions_and_rollout_engines_from_the_submitting_directory_travel(tmp_path, alpaca_rows,
-                                                                                   monkeypatch):
+def test_reward_functions_and_rollout_engines_from_the_submitting_directory_travel(tmp_path, alpaca_rows):
     """`package.module:function` names: code under the submitting directory goes to the job's root (on every
     worker's sys.path); installed packages and distft itself stay the cluster's."""
     (tmp_path / "myrewards.py").write_text("def score(prompts, completions, references):\n    return [0.0]\n")
@@ -103,7 +102,8 @@ def test_reward_functions_and_rollout_engines_from_the_submitting_directory_trav
     (tmp_path / "mypkg" / "gen" / "__init__.py").write_text("def fast(*args):\n    pass\n")
     (tmp_path / "mypkg" / "__pycache__").mkdir()
     (tmp_path / "mypkg" / "__pycache__" / "x.pyc").write_bytes(b"stale")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # Not on sys.path: the `distft` command does not put the directory it runs in there.
+    assert str(tmp_path) not in sys.path
     write_jsonl(tmp_path / "data" / "train.jsonl", alpaca_rows[:16])
     cfg = build_config({
         "run": {"name": "r1"},

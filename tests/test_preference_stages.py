@@ -297,6 +297,8 @@ def test_grpo_with_exact_match_raises_the_reward_and_the_held_out_score(sft_poli
 
     rewards = logged(ctx, "reward")[:80]
     early, late = sum(rewards[:10]) / 10, sum(rewards[40:]) / len(rewards[40:])
+    # A loose check that the training reward moves (about 1.2 sigma at 0.02); the held-out exact match
+    # below, on greedy answers to unseen prompts, is the real test that GRPO learned.
     assert late > early + 0.02, (early, late)
     assert logged(ctx, "rewards/exact_match/mean") == pytest.approx(logged(ctx, "reward"))  # one function, weight 1
     assert summary["exact_match_after"] > summary["exact_match_before"] + 0.02, summary

@@ -135,24 +135,38 @@ def test_tokenize_tasks_get_the_forwarded_secrets_from_the_object_store(ray_clus
     import distft.models.loading as loading
     from distft.launch import streaming
 
-    seen = {}
+    real_load = loading.load_tokenizer
+    seen = []
 
-    def fake_load_tokenizer(model, path):
-        seen["token"] = os.environ.get("DISTFT_PROBE_TOKEN")
-        return "tokenizer"
+    def recording_load(model, path):
+        seen.append(os.environ.get("DISTFT_PROBE_TOKEN"))
+        return real_load(model, path)
 
-    monkeypatch.setattr(loading, "load_tokenizer", fake_load_tokenizer)
-    monkeypatch.delenv("DISTFT_PROBE_TOKEN", raising=False)
-    cfg = build_config({**STREAMED, "model": {"name_or_path": str(tiny_base)},
-                        "data": {"train": "t.jsonl", "eval": "e.jsonl", "streaming": True, "format": "text"}})
-    ref = ray_cluster.put({"DISTFT_PROBE_TOKEN": "hf_probe"})
-    assert streaming._tokenizer(cfg.model_dump_json(), 0, str(tmp_path / "a"), ref) == "tokenizer"
-    assert seen["token"] == "hf_probe"
-
+    monkeypatch.setattr(loading, "load_tokenizer", recording_load)
+    monkeypatch.setenv("DISTFT_PROBE_TOKEN", "unset")  # registers the restore of the variable's absence
+    monkeypatch.delenv("DISTFT_PROBE_TOKEN")
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(8)))
     cfg = build_config({**STREAMED, "model": {"name_or_path": str(tiny_base)},
                         "data": {"train": str(tmp_path / "t.jsonl"), "eval": "e.jsonl", "streaming": True,
                                  "format": "text"}})
-    rows = streaming.token_rows(cfg, 0, tmp_path / "b", env={"TOKENIZERS_PARALLELISM": "false"},
-                                secrets=ray_cluster.put({"DISTFT_PROBE_TOKEN": "hf_probe"})).take_all()
-    assert len(rows) == 8 and all(r["input_ids"] for r in rows)  # the ref inside the task's function resolves
+    secrets = ray_cluster.put({"DISTFT_PROBE_TOKEN": "hf_probe"})
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+
+    # The function Ray Data runs, called here: it loads the tokenizer with the secrets in the environment,
+    # and the runtime env it is given carries none of them.
+    class Rows:
+        def flat_map(self, fn, runtime_env=None):
+            self.fn, self.runtime_env = fn, runtime_env
+            return self
+
+    rows = Rows()
+    monkeypatch.setattr(streaming, "read_rows", lambda files: rows)
+    streaming.token_rows(cfg, 0, tmp_path / "a", env=env, secrets=secrets)
+    encoded = rows.fn({"text": "row 1"})
+    assert seen == ["hf_probe"] and encoded[0]["input_ids"]
+    assert rows.runtime_env == {"env_vars": env}
+
+    # In Ray Data's own tasks, the ref inside the function resolves.
+    monkeypatch.undo()
+    got = streaming.token_rows(cfg, 0, tmp_path / "b", env=env, secrets=secrets).take_all()
+    assert len(got) == 8 and all(r["input_ids"] for r in got)

@@ -127,7 +127,8 @@ def test_concurrency_places_whole_workers_on_nodes_not_cluster_totals():
     # each trial's actor takes a sliver too: 2 trials.
     assert concurrency(cfg, tune, [{"CPU": 9.0}, {"CPU": 9.0}]) == 2
     assert concurrency(cfg, tune, [{"CPU": 9.0}, {"CPU": 9.0}, {"CPU": 0.5}]) == 3  # the actors go on the small node
-    with pytest.raises(ClusterError, match=r"do not fit on the cluster's nodes, .*\(the largest node has 2 CPU\)"):
+    with pytest.raises(ClusterError, match=r"a worker needs 3 CPU and the largest node has 2 .* Fix: "
+                                           r"scaling.cpus_per_worker=2 or less"):
         concurrency(cfg, tune, [{"CPU": 2.0}] * 4)
 
 
@@ -156,7 +157,7 @@ def test_concurrency_follows_the_strict_placement_strategies():
                                            r"2 nodes .* Fix: scaling.placement_strategy=SPREAD"):
         concurrency(cfg, tune, [{"CPU": 8.0}, {"CPU": 8.0}])
     _, tune, cfg = load_search(str(QUICKSTART), [*args, "scaling.placement_strategy=STRICT_PACK"])
-    with pytest.raises(ClusterError, match=r"STRICT_PACK puts all 3 workers .* on one node .* Fix: "
+    with pytest.raises(ClusterError, match=r"STRICT_PACK puts all 3 workers \(1 CPU each\) on one node, .* Fix: "
                                            r"scaling.placement_strategy=PACK"):
         concurrency(cfg, tune, [{"CPU": 2.0}, {"CPU": 2.0}])
 
@@ -442,6 +443,22 @@ def test_a_run_whose_workers_fit_the_totals_but_no_node_is_refused(monkeypatch):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=2"])
     check_cluster_resources(cfg)  # fits one node
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["scaling.num_workers=1", "scaling.cpus_per_worker=3"])
-    with pytest.raises(ClusterError, match=r"1 worker of 3 CPU each do not fit on the cluster's nodes.*"
-                                           r"\(the largest node has 2 CPU\)"):
+    with pytest.raises(ClusterError, match=r"a worker needs 3 CPU and the largest node has 2 \(a worker cannot span "
+                                           r"nodes\). Fix: scaling.cpus_per_worker=2 or less"):
+        check_cluster_resources(cfg)
+    # The totals fit, each worker fits a node, but not all of them together.
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["scaling.num_workers=2", "scaling.cpus_per_worker=1.5",
+                                                              "train.global_batch_size=32"])
+    nodes[:] = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 1.0}}]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 3.0})
+    with pytest.raises(ClusterError, match=r"2 workers \(1.5 CPU each\) fit the cluster's totals but not its nodes "
+                                           r"together: .* the nodes have 2, 1 CPU. Fix: fewer scaling.num_workers"):
+        check_cluster_resources(cfg)
+    # A GPU bundle names the GPU field.
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["scaling.num_workers=1", "scaling.use_gpu=true",
+                                                              "scaling.gpus_per_worker=2"])
+    nodes[:] = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}}] * 2
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    with pytest.raises(ClusterError, match=r"a worker needs 2 GPU and the largest node has 1 .* Fix: "
+                                           r"scaling.gpus_per_worker=1 or less, or larger nodes"):
         check_cluster_resources(cfg)

@@ -166,7 +166,7 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
             shutil.copytree(top, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(top, target)
-        shipped.append((str(top.relative_to(cwd)), _size(top)))
+        shipped.append((str(top.relative_to(cwd.resolve())), _size(target)))
     total = sum(size for _, size in shipped)
     if total > PACKAGE_LIMIT:
         biggest = max(shipped, key=lambda item: item[1])
@@ -199,16 +199,21 @@ def code_names(cfg: DistftConfig) -> list[str]:
 
 
 def local_modules(cfg: DistftConfig, cwd: Path) -> list[Path]:
-    """The top-level modules (a .py file or a package directory) of `code_names` that live under `cwd`."""
+    """The top-level modules (a .py file or a package directory) of `code_names` that live under `cwd`:
+    looked up in `cwd` itself first (the `distft` command does not put it on sys.path), then on sys.path
+    (PYTHONPATH=src, say), and kept only where they are under `cwd` and not an installed package."""
+    import importlib.machinery
     import importlib.util
+    import sys
 
+    here = cwd.resolve()
     found: dict[str, Path] = {}
     for name in code_names(cfg):
         top = name.partition(":")[0].split(".")[0]
-        if top == "distft":  # the cluster runs its own install; a checkout's copy would shadow it
+        if top == "distft" or top in found:  # the cluster runs its own distft; a checkout's copy would shadow it
             continue
         try:
-            spec = importlib.util.find_spec(top)
+            spec = importlib.machinery.PathFinder.find_spec(top, [str(here), *sys.path])
         except (ImportError, ValueError):
             spec = None
         origins = list(spec.submodule_search_locations or []) if spec else []
@@ -216,7 +221,7 @@ def local_modules(cfg: DistftConfig, cwd: Path) -> list[Path]:
             origins = [spec.origin]
         for origin in (Path(o).resolve() for o in origins):
             installed = ".venv" in origin.parts or "site-packages" in origin.parts
-            if origin.is_relative_to(cwd.resolve()) and not installed:
+            if origin.is_relative_to(here) and not installed:
                 found[top] = origin
     return list(found.values())
 

@@ -187,21 +187,29 @@ def placement_problem(cfg: DistftConfig, workers: int, nodes: list[dict]) -> str
     """Why `workers` workers fit the cluster's totals but not its nodes, and the fix."""
     s = cfg.scaling
     per = {k: v for k, v in s.resources_per_worker().items() if v > 0}
-    largest = ", ".join(f"{max((n.get(k, 0) for n in nodes), default=0):g} {k}" for k in per)
+    field = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
+    largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in per}
     each = ", ".join(f"{v:g} {k}" for k, v in per.items())
+    hosts = sum(all(n.get(k, 0) + 1e-9 >= v for k, v in per.items()) for n in nodes)
+    too_big = [k for k, v in per.items() if v > largest[k] + 1e-9]
+    if too_big:
+        k = too_big[0]
+        return (f"a worker needs {per[k]:g} {k} and the largest node has {largest[k]:g} (a worker cannot span "
+                f"nodes). Fix: {field.get(k, 'scaling.resources_per_worker')}={largest[k]:g} or less"
+                + (" (e.g. 0.5, with scaling.torch_threads=1)" if k == "CPU" else "") + ", or larger nodes.")
     if s.placement_strategy == "STRICT_PACK":
-        why = f"scaling.placement_strategy=STRICT_PACK puts all {workers} workers of {each} on one node"
-        fix = "scaling.placement_strategy=PACK (workers may then span nodes), fewer workers, or a larger node"
-    elif s.placement_strategy == "STRICT_SPREAD":
-        why = (f"scaling.placement_strategy=STRICT_SPREAD puts each of the {workers} workers of {each} on its "
-               f"own node, and only {sum(all(n.get(k, 0) + 1e-9 >= v for k, v in per.items()) for n in nodes)} "
-               f"of the cluster's {len(nodes)} nodes can host one")
-        fix = "scaling.placement_strategy=SPREAD (a preference, not a rule), fewer workers, or more nodes"
-    else:
-        why = (f"{workers} worker{'s' if workers != 1 else ''} of {each} each do not fit on the cluster's nodes, "
-               "and a worker cannot span nodes")
-        fix = "a smaller scaling.cpus_per_worker (e.g. 0.5, with scaling.torch_threads=1), or larger nodes"
-    return f"{why} (the largest node has {largest}). Fix: {fix}."
+        return (f"scaling.placement_strategy=STRICT_PACK puts all {workers} workers ({each} each) on one node, and "
+                f"no node holds them all. Fix: scaling.placement_strategy=PACK (workers may then span nodes), "
+                "fewer scaling.num_workers, or a larger node.")
+    if s.placement_strategy == "STRICT_SPREAD":
+        return (f"scaling.placement_strategy=STRICT_SPREAD puts each of the {workers} workers ({each} each) on its "
+                f"own node, and only {hosts} of the cluster's {len(nodes)} nodes can host one. Fix: "
+                "scaling.placement_strategy=SPREAD (a preference, not a rule), fewer scaling.num_workers, "
+                "or more nodes.")
+    free = ", ".join("/".join(f"{n.get(k, 0):g}" for k in per) for n in nodes[:8]) + (", ..." if len(nodes) > 8 else "")
+    return (f"{workers} workers ({each} each) fit the cluster's totals but not its nodes together: a worker cannot "
+            f"span nodes, and the nodes have {free} {'/'.join(per)}. Fix: fewer scaling.num_workers, or smaller "
+            f"per-worker resources that divide the nodes evenly.")
 
 
 def check_storage(cfg: DistftConfig, run_dir: Path) -> None:
