@@ -173,9 +173,9 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
                 f"scaling asks for {need:g} {key} ({workers} workers x {per:g}), but the cluster has {have:g}. "
                 "Fix: fewer scaling.num_workers, smaller per-worker resources, or add nodes."
             )
-    nodes = [dict(n["Resources"]) for n in ray.nodes() if n["Alive"]]
-    if not place_workers(nodes, s.resources_per_worker(), workers, s.placement_strategy):
-        raise ClusterError(placement_problem(cfg, workers, [n["Resources"] for n in ray.nodes() if n["Alive"]]))
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if not place_workers([dict(n) for n in nodes], s.resources_per_worker(), workers, s.placement_strategy):
+        raise ClusterError(placement_problem(cfg, workers, nodes))
     from distft.launch.streaming import spare_cpu_problem
 
     problem = spare_cpu_problem(cfg, total.get("CPU", 0))
@@ -190,7 +190,6 @@ def placement_problem(cfg: DistftConfig, workers: int, nodes: list[dict]) -> str
     field = {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}
     largest = {k: max((n.get(k, 0) for n in nodes), default=0) for k in per}
     each = ", ".join(f"{v:g} {k}" for k, v in per.items())
-    hosts = sum(all(n.get(k, 0) + 1e-9 >= v for k, v in per.items()) for n in nodes)
     too_big = [k for k, v in per.items() if v > largest[k] + 1e-9]
     if too_big:
         k = too_big[0]
@@ -202,6 +201,7 @@ def placement_problem(cfg: DistftConfig, workers: int, nodes: list[dict]) -> str
                 f"no node holds them all. Fix: scaling.placement_strategy=PACK (workers may then span nodes), "
                 "fewer scaling.num_workers, or a larger node.")
     if s.placement_strategy == "STRICT_SPREAD":
+        hosts = sum(all(n.get(k, 0) + 1e-9 >= v for k, v in per.items()) for n in nodes)
         return (f"scaling.placement_strategy=STRICT_SPREAD puts each of the {workers} workers ({each} each) on its "
                 f"own node, and only {hosts} of the cluster's {len(nodes)} nodes can host one. Fix: "
                 "scaling.placement_strategy=SPREAD (a preference, not a rule), fewer scaling.num_workers, "
