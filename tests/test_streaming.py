@@ -66,17 +66,20 @@ def write_corpus(path, rows: int, words_per_row: int, seed: int = 0) -> int:
 
 @pytest.mark.slow
 def test_streamed_data_larger_than_the_memory_cap_trains_with_flat_memory(ray_cluster, tiny_base, tmp_path):
-    """Text larger than the cap, read and tokenized by Ray Data tasks, one full epoch over 2 workers: what
-    training adds to a worker's own memory (RssAnon, sampled every step after the first 5) stays under the
-    cap. The Trainer alone adds about 15 MiB over these steps (measured without Ray); the rows never pile up."""
+    """Text far larger than the cap, read and tokenized by Ray Data tasks, one full epoch over 2 workers: once
+    training has warmed up, a worker's own memory (RssAnon, in every log line) stays flat while it reads the
+    rest of its shard, so the rows never pile up. Measured: +25 MiB over the first 25 steps (allocator and
+    Trainer warm-up, as without Ray), then within 7 MiB from step 100 to the end; a worker's share of the
+    remaining text alone is about 22 MiB."""
     from distft.launch.train import launch
 
-    cap_mib = 40
+    cap_mib = 12
     size = write_corpus(tmp_path / "t.jsonl", rows=24_000, words_per_row=400)
     write_corpus(tmp_path / "e.jsonl", rows=64, words_per_row=400, seed=1)
-    assert size > cap_mib * 2**20
     micro, workers = 32, 2
     steps = 24_000 // (micro * workers)  # one epoch: every row once, over both shards
+    # What one worker reads after the first quarter, as raw text: rows piling up would hold at least that.
+    assert size * 3 / 4 / workers > cap_mib * 2**20
     cfg = build_config({
         "model": {"name_or_path": str(tiny_base), "max_seq_len": 32},
         # Half a CPU each: Ray Data's tasks need one of the 2 (refused otherwise, see the test above).
@@ -90,10 +93,12 @@ def test_streamed_data_larger_than_the_memory_cap_trains_with_flat_memory(ray_cl
     (summary,) = launch(cfg, tmp_path / "run", log=lambda m: None)
 
     assert summary["steps"] == steps and summary["train_rows"] is None  # no worker ever held the rows to count
-    assert summary["train_rss_growth_mib"] is not None and summary["train_rss_growth_mib"] < cap_mib, summary
+    assert summary["train_rss_growth_mib"] is not None  # reported in every summary
     lines = [json.loads(x) for x in (tmp_path / "run" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    losses = [x["loss"] for x in lines if "loss" in x]
-    assert losses[-1] < losses[0]
+    logs = [x for x in lines if "loss" in x and "rss_mib" in x]
+    warm = [x["rss_mib"] for x in logs if x["step"] >= steps // 4]
+    assert len(warm) >= 10 and max(warm) - warm[0] < cap_mib, [(x["step"], x["rss_mib"]) for x in logs]
+    assert logs[-1]["loss"] < logs[0]["loss"]
 
 
 def test_a_shard_streams_pass_after_pass_and_an_empty_one_is_an_error():
