@@ -115,6 +115,10 @@ def test_concurrency_is_what_the_cluster_hosts_and_a_trial_that_never_fits_is_an
     cfg.scaling.num_workers = 4
     with pytest.raises(ClusterError, match=r"one trial needs 4.01 CPU .* the cluster has 3"):
         concurrency(cfg, tune, [{"CPU": 3.0}])
+    cfg.scaling.num_workers, cfg.scaling.use_gpu = 2, True
+    with pytest.raises(ClusterError, match=r"one trial needs 2 GPU \(2 workers x 1\), but the cluster has 1. "
+                                           r"Fix: fewer scaling.num_workers or a smaller scaling.gpus_per_worker"):
+        concurrency(cfg, tune, [{"CPU": 8.0, "GPU": 1.0}])
 
 
 def test_concurrency_places_whole_workers_on_nodes_not_cluster_totals():

@@ -209,11 +209,13 @@ def concurrency(cfg: DistftConfig, tune_cfg: TuneSettings, nodes: list[dict]) ->
         short = [k for k, v in per.items() if v * s.num_workers + (TRIAL_ACTOR_CPU if k == "CPU" else 0) > total[k]]
         if short:
             k = short[0]
+            smaller = ("a smaller scaling.cpus_per_worker (e.g. 0.5, with scaling.torch_threads=1)" if k == "CPU"
+                       else f"a smaller scaling.{k.lower()}s_per_worker")
+            actor = f", plus {TRIAL_ACTOR_CPU} for Tune's trial actor" if k == "CPU" else ""
             raise ClusterError(
                 f"one trial needs {per[k] * s.num_workers + (TRIAL_ACTOR_CPU if k == 'CPU' else 0):g} {k} "
-                f"({s.num_workers} workers x {per[k]:g}, plus {TRIAL_ACTOR_CPU} for Tune's trial actor), but the "
-                f"cluster has {total[k]:g}. Fix: fewer scaling.num_workers or a smaller scaling.cpus_per_worker "
-                "(e.g. 0.5, with scaling.torch_threads=1), or a larger cluster.")
+                f"({s.num_workers} workers x {per[k]:g}{actor}), but the cluster has {total[k]:g}. "
+                f"Fix: fewer scaling.num_workers or {smaller}, or a larger cluster.")
         raise ClusterError(f"one trial cannot be placed: {placement_problem(cfg, s.num_workers, nodes)}")
     return hosted
 
