@@ -201,7 +201,7 @@ def placement_problem(cfg: DistftConfig, workers: int, nodes: list[dict]) -> str
                 f"no node holds them all. Fix: scaling.placement_strategy=PACK (workers may then span nodes), "
                 "fewer scaling.num_workers, or a larger node.")
     if s.placement_strategy == "STRICT_SPREAD":
-        hosts = sum(all(n.get(k, 0) + 1e-9 >= v for k, v in per.items()) for n in nodes)
+        hosts = sum(place_workers([dict(n)], per, 1, "PACK") for n in nodes)
         return (f"scaling.placement_strategy=STRICT_SPREAD puts each of the {workers} workers ({each} each) on its "
                 f"own node, and only {hosts} of the cluster's {len(nodes)} nodes can host one. Fix: "
                 "scaling.placement_strategy=SPREAD (a preference, not a rule), fewer scaling.num_workers, "
@@ -594,27 +594,10 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     from distft.launch.provenance import finish_provenance, start_provenance
 
     started = time.time()
-    if resume and force_from is None:
-        finished = []
-        for i in range(len(cfg.stages)):
-            done = stage_done(cfg, run_dir, i)
-            if done is None:
-                break
-            finished.append(done)
-        if len(finished) == len(cfg.stages):  # nothing to run: no cluster to start or reach
-            for i, stage in enumerate(cfg.stages):
-                log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier with these settings; skipped")
-            log("every stage finished earlier with these settings: nothing to run")
-            return [{**done, "skipped": True} for done in finished]
     address = cluster_address(cfg, address)
     owns_ray = not ray.is_initialized()  # a caller's (or a test fixture's) cluster stays up
-    init_ray(cfg, address)
+    cluster_taken = False  # the cluster is started (or reached) for the first stage that runs, never for none
     try:
-        if address or not owns_ray:
-            check_cluster_resources(cfg)
-            check_storage(cfg, run_dir)
-        # Only once the cluster took the run: a run refused before this leaves nothing to clean up.
-        start_provenance(run_dir)
         summaries = []
         rerun_rest = False
         for i, stage in enumerate(cfg.stages):
@@ -625,6 +608,14 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
                 log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier with these settings; skipped")
                 summaries.append({**done, "skipped": True})
                 continue
+            if not cluster_taken:
+                init_ray(cfg, address)
+                cluster_taken = True
+                if address or not owns_ray:
+                    check_cluster_resources(cfg)
+                    check_storage(cfg, run_dir)
+                # Only once the cluster took the run: a run refused before this leaves nothing to clean up.
+                start_provenance(run_dir)
             if resume_from is None:
                 moved = set_aside(run_dir / stage.label())
                 if moved:
@@ -635,9 +626,12 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
             workers = f"{s.min_workers}-{s.num_workers} (elastic)" if s.elastic() else s.num_workers
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {workers} Ray Train worker(s){where}")
             summaries.append(train_stage(cfg, i, run_dir, resume_from))
+        if not cluster_taken:
+            log("every stage finished earlier with these settings: nothing to run")
+            return summaries
         finish_provenance(run_dir, summaries)
         log(f"all stages done in {time.time() - started:.0f}s")
         return summaries
     finally:
-        if owns_ray:
+        if owns_ray and cluster_taken:
             ray.shutdown()
