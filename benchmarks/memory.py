@@ -101,6 +101,7 @@ def _worker(rank: int, world: int, port: int, raw_json: str, run_dir: str) -> No
     import distft.stages.sft as sft
     from distft.distributed.memory import (full_param_count, model_state_bytes, optimizer_chain, peak_rss_bytes,
                                            reset_peak_rss, rss_bytes, trim_allocator)
+    from distft.distributed.process_group import leave_process_group
     from distft.stages.context import context_from_env
 
     gc.collect()
@@ -157,6 +158,7 @@ def _worker(rank: int, world: int, port: int, raw_json: str, run_dir: str) -> No
     seen.pop("wrapped", None)
     seen.update(rank=rank, strategy=cfg.stages[0].strategy.label(), baseline=baseline)
     Path(run_dir, f"memory-rank{rank}.json").write_text(json.dumps(seen))
+    leave_process_group()
 
 
 def run_strategy(name: str, model_dir: Path, data: Path, world: int, work: Path,

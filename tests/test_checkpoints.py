@@ -310,6 +310,7 @@ def _resume_worker(rank: int, world: int, port: int, raw_json: str, run_dir: str
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from distft.config import build_config
+    from distft.distributed.process_group import leave_process_group
     from distft.stages import stage_runner
     from distft.stages.context import context_from_env
 
@@ -317,6 +318,7 @@ def _resume_worker(rank: int, world: int, port: int, raw_json: str, run_dir: str
     stage_runner("sft")(build_config(json.loads(raw_json)), ctx)
     losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
     Path(run_dir, f"rank{rank}.json").write_text(json.dumps({str(k): v for k, v in losses.items()}))
+    leave_process_group()
 
 
 def run_stage(raw: dict, run_dir: Path, world: int, resume_from: Path | None = None) -> dict[int, float]:

@@ -77,6 +77,7 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
     import distft.stages.sft as sft
     from distft.distributed.memory import (live_tensor_bytes, model_state_bytes, peak_rss_bytes, reset_peak_rss,
                                            rss_bytes, touch_local_parameters, trim_allocator)
+    from distft.distributed.process_group import leave_process_group
     from distft.stages.context import context_from_env
 
     seen: dict = {"rank": rank}
@@ -126,6 +127,7 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
     except _Done:
         pass
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
+    leave_process_group()
 
 
 def _run(model_dir: Path, warmup_dir: Path, data: Path, out: Path, world: int, strategy: dict) -> list[dict]:

@@ -305,6 +305,7 @@ def _ppo_rank(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from distft.config import DistftConfig
+    from distft.distributed.process_group import leave_process_group
     from distft.stages.context import context_from_env
 
     cfg = DistftConfig.model_validate_json(cfg_json)
@@ -312,6 +313,7 @@ def _ppo_rank(rank: int, world: int, port: int, cfg_json: str, run_dir: str) -> 
     summary = stage_runner("ppo")(cfg, ctx)
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"summary": summary, "reported": [m for m in ctx.reported if "stage_done" not in m]}, f)
+    leave_process_group()
 
 
 @pytest.mark.slow

@@ -275,11 +275,13 @@ def _rank_worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str) 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from distft.config import DistftConfig
+    from distft.distributed.process_group import leave_process_group
     from distft.stages.context import context_from_env
 
     summary = stage_runner("reward")(DistftConfig.model_validate_json(cfg_json), context_from_env(run_dir))
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
         json.dump(summary, f)
+    leave_process_group()
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from distft.config import TINY_BASE, ConfigError, load_config
+    from distft.distributed.process_group import leave_process_group
     from distft.stages import stage_runner
     from distft.stages.context import context_from_env
     from distft.models.loading import tiny_base_path
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for i, stage in enumerate(cfg.stages):
         stage_runner(stage.stage)(cfg, context_from_env(Path(a.run_dir), stage_index=i))
+    leave_process_group()
     return 0
 
 
