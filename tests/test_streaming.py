@@ -99,7 +99,7 @@ def test_streamed_data_larger_than_the_memory_cap_trains_with_flat_memory(ray_cl
     # The second half: Ray Data's buffers and the allocator still grew in steps (+18 to +47 MiB) as late as
     # steps 100-150 in some runs, then stayed flat; rows piling up would grow on to the end.
     warm = [x["rss_mib"] for x in logs if x["step"] >= steps // 2]
-    assert len(warm) >= 10 and max(warm) - warm[0] < cap_mib, [(x["step"], x["rss_mib"]) for x in logs]
+    assert len(warm) >= 7 and max(warm) - warm[0] < cap_mib, [(x["step"], x["rss_mib"]) for x in logs]
     assert logs[-1]["loss"] < logs[0]["loss"]
 
 
