@@ -12,6 +12,7 @@ from pathlib import Path
 
 from distft.config import TINY_BASE, ConfigError, DistftConfig, dump_config, load_config
 from distft.data.formats import DataError
+from distft.errors import UserError
 
 EPILOG = """examples:
   distft train configs/quickstart.yaml
@@ -28,7 +29,7 @@ EPILOG = """examples:
 """
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A problem the user can fix; printed without a traceback."""
 
 

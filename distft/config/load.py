@@ -35,6 +35,7 @@ from distft.config.schema import (
     StrategyConfig,
     TrainConfig,
 )
+from distft.errors import UserError
 
 # Sections that may appear at top level as defaults for every stage.
 STAGE_SECTIONS: dict[str, type[BaseModel]] = {
@@ -55,7 +56,7 @@ STAGE_ONLY_KEYS = ("name", "init_from", "reward", "ppo", "dpo", "grpo")
 TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages", *STAGE_ONLY_KEYS, "tune"]
 
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """A config that cannot run. `problems` holds one actionable line each."""
 
     def __init__(self, source: str, problems: list[str]):

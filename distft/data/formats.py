@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distft.errors import UserError
+
 IGNORE = -100
 
 REQUIRED = {
@@ -30,7 +32,7 @@ REQUIRED = {
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem, with the file, row and field it concerns."""
 
 

@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from distft.errors import UserError
+
 MANIFEST = "distft_manifest.json"
 STAGING = ".partial"
 FORMAT_VERSION = 1
@@ -49,7 +51,7 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _CHUNK = 8 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used (damaged, incomplete or incompatible); the message names the file and the fix."""
 
 

@@ -15,9 +15,10 @@ from distft.config import TINY_BASE, DistftConfig
 from distft.config.schema import MINILM, PREFERENCE_STAGES
 from distft.data.formats import DataError
 from distft.data.loading import looks_local, load_checked
+from distft.errors import UserError
 
 
-class PreflightError(Exception):
+class PreflightError(UserError):
     """The config is valid but cannot run here (missing files, impossible resources)."""
 
 

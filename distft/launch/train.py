@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from distft.config import DistftConfig
+from distft.errors import UserError
 
 # Workers inherit these so per-process thread pools match the CPUs Ray reserved.
 SYNC_UPLOAD_ENV = "DISTFT_SYNC_UPLOAD"
@@ -23,7 +24,7 @@ WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSION
                    "DISTFT_SYNC_HASH_MAX_BYTES", SYNC_UPLOAD_ENV)
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot be reached or cannot host the request; the message says how to fix it."""
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from distft.distributed.checkpoint import (CheckpointError, build_manifest, read_manifest, verify_checkpoint,
                                           write_manifest)
+from distft.errors import UserError
 from distft.models.loading import final_model_dir
 from distft.models.methods import torch_dtype
 
 UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The model cannot be exported as asked; the message says why and what works instead."""
 
 
