@@ -69,17 +69,74 @@ class ConfigError(UserError):
         return f"invalid config {self.source}:\n{lines}"
 
 
+def _yaml_text(path: Path) -> str:
+    """The file as text, or one line naming the line of the first byte that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read {path}: {e.strerror}. Fix: check its permissions "
+                                      "and that it is a regular file."]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(str(path), [
+            f"line {line}, column {column}: byte 0x{data[e.start]:02x} is not UTF-8 text. Fix: save the file "
+            f"as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path} > fixed.yaml`), or remove that character."]) from None
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _duplicate_keys(node: yaml.Node, path: str = "", seen_nodes: set | None = None) -> list[str]:
+    """Keys set twice in one mapping, with both lines. PyYAML keeps the last silently, so a second
+    `train:` section would drop everything the first one set."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias: the anchored node was checked where it was defined
+        return []
+    seen_nodes.add(id(node))
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, value in node.value:
+            if key.tag == _MERGE_TAG:  # `<<: *defaults`: overriding merged keys is what merges are for
+                problems += _duplicate_keys(value, path, seen_nodes)
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else "<complex key>"
+            where = f"{path}.{name}" if path else str(name)
+            ident = (key.tag, name)
+            if isinstance(key, yaml.ScalarNode) and ident in first:
+                problems.append(f"{where}: set twice, at line {first[ident].start_mark.line + 1} and line "
+                                f"{key.start_mark.line + 1}; YAML would keep only the second. Fix: keep one "
+                                f"`{name}:`, merging what both set.")
+            else:
+                first[ident] = key
+            problems += _duplicate_keys(value, where, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, f"{path}.{i}" if path else str(i), seen_nodes)
+    return problems
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [f"config file not found: {path}. Fix: check the path (try `ls configs/`)."])
+    loader = yaml.SafeLoader(_yaml_text(path))
     try:
-        raw = yaml.safe_load(path.read_text())
+        node = loader.get_single_node()
+        duplicates = _duplicate_keys(node) if node is not None else []
+        if duplicates:
+            raise ConfigError(str(path), duplicates)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(str(path), [f"malformed YAML{where}: {problem}. Fix: check indentation and quoting."]) from None
+    finally:
+        loader.dispose()
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -146,35 +203,84 @@ def _unwrap_model(annotation) -> type[BaseModel] | None:
     return None
 
 
-# Names users bring from other tools (HF TrainingArguments, peft, Axolotl) that spelling distance misses.
-ALIASES = {
+# Names users bring from other tools (HF TrainingArguments, peft, Axolotl, LLaMA-Factory) that
+# spelling distance misses. A tuple when the other tool's name covers more than one of ours.
+ALIASES: dict[str, str | tuple[str, ...]] = {
     "rank": "r",
     "lora_r": "r",
+    "lora_rank": "r",
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
+    "lora_target_modules": "target_modules",
     "learning_rate": "lr",
     "num_epochs": "epochs",
     "num_train_epochs": "epochs",
-    "batch_size": "global_batch_size",
+    "batch_size": ("micro_batch_size", "global_batch_size"),
+    "train_batch_size": ("micro_batch_size", "global_batch_size"),
     "per_device_train_batch_size": "micro_batch_size",
+    "total_batch_size": "global_batch_size",
+    "effective_batch_size": "global_batch_size",
     "gradient_accumulation_steps": "global_batch_size",
+    "warmup_steps": "warmup_ratio",
+    "num_steps": "max_steps",
+    "total_steps": "max_steps",
+    "eval_steps": "eval_every",
+    "save_steps": "save_every",
+    "logging_steps": "log_every",
+    "max_norm": "max_grad_norm",
+    "grad_clip": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
     "lr_scheduler_type": "scheduler",
+    "lr_scheduler": "scheduler",
     "optim": "optimizer",
+    "random_seed": "seed",
+    "save_total_limit": "keep_checkpoints",
     "model_name_or_path": "name_or_path",
+    "model_name": "name_or_path",
     "base_model": "name_or_path",
+    "torch_dtype": "dtype",
     "sequence_len": "max_seq_len",
     "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len",
+    "cutoff_len": "max_seq_len",
+    "context_length": "max_seq_len",
     "workers": "num_workers",
+    "mixed_precision": "precision",
+    "dataset": "train",
+    "train_file": "train",
+    "eval_file": "eval",
+    "validation_file": "eval",
+    "val_set_size": "eval_fraction",
+    "test_size": "eval_fraction",
+    "output": "output_dir",
+    "run_name": "name",
 }
 
 
+def _similarity(a: str, b: str) -> float:
+    """Spelling closeness of two snake_case names: of the whole names, or word by word, so a
+    misspelt word (`learnig_rate`) matches the name it misspells rather than one sharing letters."""
+    whole = difflib.SequenceMatcher(None, a, b).ratio()
+    wa, wb = [w for w in a.split("_") if w], [w for w in b.split("_") if w]
+    if not wa or not wb:
+        return whole
+    best = [max(difflib.SequenceMatcher(None, w, v).ratio() for v in wb) for w in wa]
+    words = sum(r for r in best if r >= 0.75) / max(len(wa), len(wb))
+    return max(whole, words)
+
+
 def _suggest(key: str, valid: list[str]) -> str:
-    alias = ALIASES.get(key)
-    if alias in valid:
-        return f"did you mean `{alias}`?"
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if close:
-        return f"did you mean `{close[0]}`?"
+    """`did you mean X?` from the valid keys and the other tools' names for them; else the valid keys."""
+    candidates: dict[str, tuple[str, ...]] = {v: (v,) for v in valid}
+    for alias, targets in ALIASES.items():
+        targets = tuple(t for t in ((targets,) if isinstance(targets, str) else targets) if t in valid)
+        if targets and alias not in candidates:
+            candidates[alias] = targets
+    # On a tie the alias wins: a name from another tool says what the user meant more surely than letters.
+    scored = sorted(((_similarity(key.lower(), name), name not in valid, name) for name in candidates), reverse=True)
+    score, _, name = scored[0] if scored else (0.0, False, "")
+    if score >= 0.6:
+        return "did you mean " + " or ".join(f"`{t}`" for t in candidates[name]) + "?"
     return f"valid keys: {', '.join(sorted(valid))}"
 
 
@@ -302,15 +408,56 @@ def _describe(err: dict, stage_dicts: list, shorthand: bool) -> str:
         return f"{path}: each stage needs `stage: <{'|'.join(STAGE_KINDS)}>`."
     if kind == "extra_forbidden":
         return f"{path}: unknown key."
+    if kind == "finite_number":
+        return f"{path}: {err.get('input')} is not a finite number. Fix: set a finite value."
     got = err.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
     return f"{path}: {msg}{got_text}."
 
 
+def override_paths(raw: dict, overrides: list[str] | tuple[str, ...]) -> set[str]:
+    """The dotted paths whose whole value comes from the command line: each override's key, or the
+    part of it the file did not have (`trian` for `trian.lr=1`). Call before applying them."""
+    paths = set()
+    for item in overrides:
+        try:
+            parts, _ = parse_override(item)
+        except ValueError:
+            continue  # apply_overrides reports it
+        depth = next((d for d in range(1, len(parts)) if not _exists(raw, parts[:d])), len(parts))
+        paths.add(".".join(parts[:depth]))
+    return paths
+
+
+def _exists(node: Any, parts: list[str]) -> bool:
+    for p in parts:
+        if isinstance(node, dict) and p in node:
+            node = node[p]
+        elif isinstance(node, list) and p.isdigit() and int(p) < len(node):
+            node = node[int(p)]
+        else:
+            return False
+    return True
+
+
+def mark_overrides(problems: list[str], paths: set[str]) -> list[str]:
+    """`override train.lr: ...` for a problem in a value from the command line: the error's header
+    names the config file, which never held that value."""
+    def from_cli(problem: str) -> bool:
+        where = problem.split(":", 1)[0]
+        return any(where == p or where.startswith(p + ".") for p in paths)
+
+    return [f"override {p}" if from_cli(p) else p for p in problems]
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DistftConfig:
     raw = read_yaml(path)
+    from_cli = override_paths(raw, overrides)
     apply_overrides(raw, overrides, source=str(path))
-    return build_config(raw, source=str(path))
+    try:
+        return build_config(raw, source=str(path))
+    except ConfigError as e:
+        raise ConfigError(e.source, mark_overrides(e.problems, from_cli)) from None
 
 
 def dump_config(cfg: DistftConfig, path: str | Path) -> None:

@@ -23,7 +23,8 @@ MINILM = "distft://minilm-l6"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan in any float field: `train.lr=.inf` would otherwise train on garbage.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):

@@ -31,8 +31,8 @@ def load_rows(source: str, split: str = "train", field: str = "data.train"):
             raise DataError(f"{field}: {path} has an unsupported extension. Fix: use .json, .jsonl, .parquet or .csv.")
         if path.stat().st_size == 0:
             raise DataError(f"{field}: {path} is empty. Fix: point it at a file with rows.")
-        if path.suffix == ".jsonl":
-            _check_jsonl(path, field)
+        if path.suffix in (".json", ".jsonl", ".csv"):
+            _check_text(path, field, jsonl=path.suffix == ".jsonl")
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as e:  # datasets wraps parser errors several layers deep
@@ -58,10 +58,18 @@ def load_rows(source: str, split: str = "train", field: str = "data.train"):
     return ds
 
 
-def _check_jsonl(path: Path, field: str) -> None:
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+def _check_text(path: Path, field: str, jsonl: bool) -> None:
+    """UTF-8 throughout (what the json and csv builders read), and for JSON Lines one object per line.
+    datasets reports a bad byte as a bare DatasetGenerationError; this names the line."""
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{field}: {path} line {lineno}, column {e.start + 1}: byte 0x{raw[e.start]:02x} is "
+                                f"not UTF-8 text. Fix: save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+                                f"{path.name} > fixed{path.suffix}`), or remove that character.") from None
+            if not jsonl or not line.strip():
                 continue
             try:
                 row = json.loads(line)
@@ -134,7 +142,8 @@ def _cache_key(ds, *inputs) -> str:
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:32]
 
 
-def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text"):
+def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text",
+                     field: str = "data.train"):
     """Returns (dataset with input_ids/labels, TokenStats).
 
     Tokenized once: a rerun with the same rows, tokenizer and settings loads the result from the
@@ -160,9 +169,19 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_f
         mean_tokens=sum(lengths) / len(lengths),
         cached=encoded == 0,
     )
+    if stats.dropped == stats.rows:
+        # Left to the Trainer, an empty dataset ends in a bare StopIteration deep inside TRL.
+        where = "the completion is cut away" if loss_on == "completion" else "nothing is left"
+        raise DataError(f"{field}: every one of its {stats.rows} rows is dropped: truncated to model.max_seq_len="
+                        f"{max_len} tokens, {where} (the longest row has {stats.max_tokens}). "
+                        f"Fix: model.max_seq_len={_next_power_of_two(stats.max_tokens)} or more.")
     if stats.dropped:
         out = out.select([i for i, k in enumerate(keep) if k])
     return out.remove_columns(["_truncated", "_len"]), stats
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
 
 
 @dataclass

@@ -16,7 +16,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from distft.config import ConfigError, load_config
+from distft.config import ConfigError, build_config, read_yaml
+from distft.errors import UserError
 from distft.distributed.checkpoint import complete_checkpoints, read_manifest
 from distft.launch.provenance import PACKAGES, read_provenance
 
@@ -52,9 +53,11 @@ def last_logged_step(metrics_jsonl: Path) -> int | None:
 
 def _stages_of(run_dir: Path) -> list[dict]:
     """The stages the run's config names, in order; from the stage directories when the config no
-    longer loads (written by another distft version)."""
+    longer validates (written by another distft version). A config that is not readable YAML (a bad
+    byte, an edit gone wrong) raises ConfigError: that is damage, not age, and the user should see it."""
+    raw = read_yaml(run_dir / "config.yaml")
     try:
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = build_config(raw, source=str(run_dir / "config.yaml"))
     except ConfigError:
         dirs = [d for d in run_dir.iterdir() if d.is_dir() and d.name not in NOT_STAGES and "." not in d.name
                 and any((d / f).exists() for f in ("summary.json", "metrics.jsonl", "checkpoints"))]
@@ -265,8 +268,28 @@ def list_runs(root: str | Path) -> list[dict]:
                                 "(run.output_dir), e.g. distft runs list /data/runs.")
     if (root / "config.yaml").is_file():
         raise FileNotFoundError(f"{root} is a run directory, not a directory of runs. Fix: distft runs show {root}")
-    runs = [read_run(d) for d in root.iterdir() if d.is_dir() and (d / "config.yaml").is_file()]
+    runs = []
+    for d in root.iterdir():
+        if d.is_dir() and (d / "config.yaml").is_file():
+            try:
+                runs.append(read_run(d))
+            except (UserError, OSError, ValueError) as e:
+                # One damaged run must not hide the others: it gets a row saying why it is unreadable.
+                runs.append(_unreadable(d, e))
     return sorted(runs, key=lambda r: (_started(r), r["run_dir"]))
+
+
+def _unreadable(run_dir: Path, error: Exception) -> dict:
+    reason = error.problems[0] if isinstance(error, ConfigError) and error.problems else str(error).splitlines()[0]
+    try:
+        mtime = (run_dir / "config.yaml").stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    reason = reason.split(" Fix:")[0].rstrip(".")
+    run_dir = run_dir.resolve()
+    return {"run_dir": str(run_dir), "unreadable": f"config.yaml {reason}; `distft runs show {run_dir}` says how to fix it",
+            "finished": False,
+            "stages": [], "provenance": read_provenance(run_dir), "config_mtime": mtime}
 
 
 def render_run_list(root: str | Path, runs: list[dict]) -> str:
@@ -274,8 +297,15 @@ def render_run_list(root: str | Path, runs: list[dict]) -> str:
     if not runs:
         return f"no runs in {Path(root).resolve()} (a run directory holds a config.yaml)"
     rows = [("run", "stages", "status", "last step", "started")]
+    notes = [""]
     for r in runs:
+        if r.get("unreadable"):
+            rows.append((Path(r["run_dir"]).name, "?", "unreadable", "-", _started(r)))
+            notes.append(f"  ({r['unreadable']})")
+            continue
         rows.append((Path(r["run_dir"]).name, ",".join(st["label"] for st in r["stages"]),
                      "finished" if r["finished"] else "unfinished", _last_step(r), _started(r)))
+        notes.append("")
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join(("  ".join(v.ljust(w) for v, w in zip(row, widths)) + note).rstrip()
+                     for row, note in zip(rows, notes))
