@@ -232,3 +232,13 @@ def test_every_float_field_refuses_non_finite_values():
             TrainConfig(lr=bad)
         with pytest.raises(ValidationError, match="finite"):
             RewardSpec(functions={"exact_match": bad})
+
+
+def test_tune_says_override_too():
+    from distft.config import ConfigError
+    from distft.config.search import load_search
+    from faults import REPO
+
+    with pytest.raises(ConfigError) as e:
+        load_search(str(REPO / "configs" / "tune_quickstart.yaml"), ["train.learnig_rate=1e-3"])
+    assert e.value.problems == ["override train.learnig_rate: unknown key; did you mean `lr`?"]

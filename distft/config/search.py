@@ -17,7 +17,16 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from distft.config.load import ConfigError, _suggest, apply_overrides, build_config, read_yaml, unknown_keys
+from distft.config.load import (
+    ConfigError,
+    _suggest,
+    apply_overrides,
+    build_config,
+    mark_overrides,
+    override_paths,
+    read_yaml,
+    unknown_keys,
+)
 from distft.config.schema import DistftConfig, Section
 
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -233,10 +242,14 @@ def tune_problems(cfg: DistftConfig, tune: TuneSettings) -> list[str]:
 def load_search(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, TuneSettings, DistftConfig]:
     """(base raw config with its `tune:` section, the tune settings, the base config), or ConfigError."""
     raw = read_yaml(path)
+    from_cli = override_paths(raw, overrides)
     apply_overrides(raw, overrides, source=str(path))
-    tune = parse_tune(raw, str(path))
-    cfg = build_config({k: v for k, v in raw.items() if k != "tune"}, source=str(path))
-    problems = space_problems(raw, tune) + tune_problems(cfg, tune)
-    if problems:
-        raise ConfigError(str(path), problems)
+    try:
+        tune = parse_tune(raw, str(path))
+        cfg = build_config({k: v for k, v in raw.items() if k != "tune"}, source=str(path))
+        problems = space_problems(raw, tune) + tune_problems(cfg, tune)
+        if problems:
+            raise ConfigError(str(path), problems)
+    except ConfigError as e:
+        raise ConfigError(e.source, mark_overrides(e.problems, from_cli)) from None
     return raw, tune, cfg
