@@ -6,6 +6,7 @@ fails with one clear message instead of a worker traceback.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 from distft.config import TINY_BASE, DistftConfig
 from distft.config.schema import MINILM, PREFERENCE_STAGES
 from distft.data.formats import DataError
-from distft.data.loading import looks_local, load_checked
+from distft.data.loading import load_checked, looks_local
 from distft.errors import UserError
 
 
@@ -59,29 +60,66 @@ def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfi
     return map_local_paths(cfg, fix, fix_model)
 
 
-def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
-    name = cfg.model.name_or_path
-    if name == MINILM:
-        from distft.models.loading import minilm_path
+def model_problems(cfg: DistftConfig, ref: str, field: str, tokenizer: bool = True) -> list[str]:
+    """What would make the workers fail to load `ref` (a model directory, a bundled model or a hub id), read
+    cheaply here: config.json, the safetensors headers against the files' sizes, the tokenizer, and the
+    architecture's support for model.attn_implementation. At most one problem per model."""
+    from distft.models.hub import cached_snapshot, hub_model_problem, is_hub_model
+    from distft.models.loading import final_model_dir, minilm_path, tiny_base_path
+    from distft.models.verify import attention_problem, model_dir_problem, tokenizer_problem
 
+    m = cfg.model
+    if ref == MINILM:
         try:
-            minilm_path()
+            path = minilm_path()
         except FileNotFoundError as e:
-            return [f"model.name_or_path: {e}"]
-    if name in (TINY_BASE, MINILM) or name in elsewhere:
-        return []
-    path = Path(name).expanduser()
-    if path.is_absolute() or name.startswith("."):
-        if not path.exists():
-            return [f"model.name_or_path: {name} does not exist. Fix: pass a local HF directory or a hub id."]
+            return [f"{field}: {e}"]
+    elif ref == TINY_BASE:
+        path = tiny_base_path()
         if not (path / "config.json").exists():
-            return [f"model.name_or_path: {name} has no config.json; it is not a Hugging Face model directory."]
+            return []  # `distft train` builds it before launching
+    elif is_hub_model(ref):
+        if problem := hub_model_problem(ref, m.revision if field == "model.name_or_path" else None):
+            return [f"{field}: {problem}"]
+        import huggingface_hub
+
+        path = cached_snapshot(ref, m.revision if field == "model.name_or_path" else None)
+        if path is None or not huggingface_hub.is_offline_mode():
+            return []  # online, from_pretrained downloads what the cache lacks
+    else:
+        path = Path(ref).expanduser()
+        if not path.exists():
+            return [f"{field}: {ref} does not exist. Fix: pass a local HF directory or a hub id."]
+        path = final_model_dir(path) if field != "model.name_or_path" else path  # a source may be a run
+        adapter = (path / "adapter_config.json").is_file()
+        if not adapter and not (path / "config.json").exists():
+            return [f"{field}: {ref} has no config.json; it is not a Hugging Face model directory."]
         pickled = sorted(p.name for p in path.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
-        if pickled and not any(path.glob("*.safetensors")) and not cfg.model.allow_pickle_weights:
-            return [f"model.name_or_path: {name} has its weights only as pickle ({pickled[0]}), which can run code "
+        if pickled and not any(path.glob("*.safetensors")) and not m.allow_pickle_weights:
+            return [f"{field}: {ref} has its weights only as pickle ({pickled[0]}), which can run code "
                     "when loaded. Fix: convert them to safetensors, or set model.allow_pickle_weights=true if you "
                     "trust where they came from."]
+    if problem := model_dir_problem(path):
+        return [f"{field}: {problem}"]
+    # What distft built or ships loads with its own tokenizer and sdpa: no need to pay for importing
+    # transformers to say so. Remote code is never run on the driver.
+    bundled = ref in (TINY_BASE, MINILM) or path == tiny_base_path()
+    if not (path / "config.json").is_file():
+        return []  # an adapter: its base was checked above; attention follows the base's config
+    config = json.loads((path / "config.json").read_bytes())
+    if problem := attention_problem(config, m.attn_implementation, cfg.scaling.use_gpu, m.trust_remote_code):
+        return [problem if field == "model.name_or_path" else f"{field}: {problem}"]
+    if (tokenizer and not bundled and not m.trust_remote_code
+            and (problem := tokenizer_problem(path, m.revision if is_hub_model(ref) else None))):
+        return [f"{field}: {problem}"]
     return []
+
+
+def check_model(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
+    name = cfg.model.name_or_path
+    if name in elsewhere:
+        return []
+    return model_problems(cfg, name, "model.name_or_path")
 
 
 def check_methods(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
@@ -104,6 +142,8 @@ def check_methods(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list
         except MethodError as e:
             prefix = "" if len(cfg.stages) == 1 else f"stages.{i}."
             problems.append(f"{prefix}{e}")
+        except (OSError, ValueError):
+            continue  # a config.json that does not parse: check_model names it
     return problems
 
 
@@ -193,10 +233,15 @@ def check_sources(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list
             if not ref or cfg.stage_named(ref) is not None or ref == TINY_BASE or ref in elsewhere:
                 continue
             path = Path(ref).expanduser()
+            names = ", ".join(s.label() for s in cfg.stages[:i]) or "none"
             if (path.is_absolute() or ref.startswith(".")) and not path.exists():
-                names = ", ".join(s.label() for s in cfg.stages[:i]) or "none"
                 problems.append(f"{where}{field}: {ref} is neither an earlier stage ({names}) nor an existing "
                                 "directory. Fix: a stage name, a model directory or a hub id.")
+                continue
+            for problem in model_problems(cfg, ref, f"{where}{field}", tokenizer=False):
+                if f"{ref!r} is not a local directory" in problem:  # perhaps a mistyped stage name
+                    problem = problem.replace(f"{ref!r} is", f"{ref!r} is not an earlier stage ({names}),", 1)
+                problems.append(problem)
     return problems
 
 
@@ -254,7 +299,12 @@ def check_forwarded_env(cfg: DistftConfig) -> list[str]:
 
 
 def cluster_only_paths(cfg: DistftConfig) -> frozenset:
-    """Absolute paths the config names that do not exist here: for a submitted job, paths on the cluster."""
+    """Absolute paths the config names that do not exist here: for a submitted job, paths on the cluster.
+    Offline, hub models this machine's cache lacks too: the cluster may have them, or reach the hub."""
+    import huggingface_hub
+
+    from distft.models.hub import cached_snapshot, is_hub_model
+
     found = set()
 
     def note(value):
@@ -262,7 +312,13 @@ def cluster_only_paths(cfg: DistftConfig) -> frozenset:
             found.add(value)
         return value
 
-    map_local_paths(cfg, note, note)
+    def note_model(value):
+        revision = cfg.model.revision if value == cfg.model.name_or_path else None
+        if is_hub_model(value) and huggingface_hub.is_offline_mode() and cached_snapshot(value, revision) is None:
+            found.add(value)
+        return note(value)
+
+    map_local_paths(cfg, note, note_model)
     return frozenset(found)
 
 
@@ -270,10 +326,11 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
     """Problems that make the run impossible, found before anything starts. Returns notes worth printing.
     Paths in `elsewhere` exist only where the run goes (a submitted job's cluster) and are not checked."""
     local_cluster = not address
-    problems = (check_address(address) + check_forwarded_env(cfg) + check_model(cfg, elsewhere)
-                + check_sources(cfg, elsewhere))
-    if not problems:
-        problems += check_methods(cfg, elsewhere)
+    first = check_address(address) + check_forwarded_env(cfg)
+    sources = check_sources(cfg, elsewhere)
+    # The methods' check needs only config.json: it still runs when the weights are damaged.
+    methods = [] if first or sources else check_methods(cfg, elsewhere)
+    problems = first + check_model(cfg, elsewhere) + sources + methods
     data_problems, notes = check_data(cfg, elsewhere)
     problems += data_problems
     if local_cluster:

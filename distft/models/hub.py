@@ -51,6 +51,54 @@ def hub_sources(cfg: DistftConfig, stage_index: int) -> list[tuple[str, str, str
     return found
 
 
+# The hub answers in well under a second; a check must not hang validate on a dead network.
+REACH_TIMEOUT_S = 5.0
+
+
+def cached_snapshot(name: str, revision: str | None = None) -> Path | None:
+    """The local snapshot directory of a hub model whose config.json is in the Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except (HFValidationError, ValueError, OSError):
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def hub_model_problem(name: str, revision: str | None = None, timeout_s: float = REACH_TIMEOUT_S) -> str | None:
+    """Why `from_pretrained(name)` cannot find this hub model from here, or None: it is in the local cache,
+    or the hub is reachable and has it. Offline (HF_HUB_OFFLINE=1) the cache is all there is."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if cached_snapshot(name, revision):
+        return None
+    at = f" at revision {revision}" if revision else ""
+    fix_reach = "Fix: a local path, or a hub id that exists, with network access"
+    if huggingface_hub.is_offline_mode():
+        return (f"{name!r}{at} is not a local directory, not in the Hugging Face cache, and the hub is unreachable "
+                f"(offline: HF_HUB_OFFLINE is set). {fix_reach} (unset HF_HUB_OFFLINE), or download it first.")
+    try:
+        huggingface_hub.HfApi().model_info(name, revision=revision, timeout=timeout_s)
+    except HFValidationError:
+        return (f"{name!r} is not a local directory and not a valid hub id (owner/name). "
+                "Fix: the path of a model directory, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct.")
+    except RevisionNotFoundError:
+        return f"{name!r} has no revision {revision!r} on the hub. Fix: model.revision=<a branch, tag or commit>."
+    except GatedRepoError:
+        return (f"{name!r} is gated on the hub: your token may not read it. Fix: accept its license on the hub, "
+                "then export HF_TOKEN=... (and run.forward_env=[HF_TOKEN] for the workers).")
+    except RepositoryNotFoundError:
+        return (f"{name!r} is not a local directory, not in the Hugging Face cache, and not a model on the hub "
+                "(or a private one your token cannot read). Fix: check the spelling, or a local model directory.")
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeouts, 5xx: the hub is unreachable
+        return (f"{name!r}{at} is not a local directory, not in the Hugging Face cache, and the hub is unreachable "
+                f"({type(e).__name__}). {fix_reach}.")
+    return None
+
+
 def leads_download(rank: int, local_rank: int, shared_cache: bool) -> bool:
     return rank == 0 if shared_cache else local_rank == 0
 

@@ -10,7 +10,14 @@ import os
 from pathlib import Path
 
 from distft.config.schema import MINILM, TINY_BASE, MethodConfig, ModelConfig
-from distft.models.methods import apply_partial, build_bnb_config, build_peft_config, count_params, torch_dtype
+from distft.models.methods import (
+    apply_partial,
+    build_bnb_config,
+    build_peft_config,
+    check_quantized,
+    count_params,
+    torch_dtype,
+)
 
 TINY_BASE_VERSION = "v1"
 
@@ -88,6 +95,8 @@ def _pretrained_kwargs(model: ModelConfig, method: MethodConfig, use_gpu: bool) 
 
 
 def attach_method(net, method: MethodConfig, task_type: str, tokenizer_path: str | None = None, log=print):
+    if method.name == "qlora" and not _on_meta(net):  # the planner applies methods to meta models: nothing loaded
+        check_quantized(net, method, log)
     if method.uses_adapter():
         from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -97,6 +106,10 @@ def attach_method(net, method: MethodConfig, task_type: str, tokenizer_path: str
     elif method.name in ("freeze", "bitfit"):
         apply_partial(net, method, log)
     return net
+
+
+def _on_meta(net) -> bool:
+    return all(p.is_meta for p in net.parameters())
 
 
 def load_model(model: ModelConfig, method: MethodConfig, use_gpu: bool = False, log=print):
@@ -182,8 +195,28 @@ def final_model_dir(path: str | Path) -> Path:
     return path
 
 
+def _inference_tokenizer(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    from distft.models.verify import ModelFilesError, tokenizer_failure
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # a damaged tokenizer file is the user's to fix, in one line
+        raise ModelFilesError(tokenizer_failure(path, e)) from e
+
+
 def inference_source(path: str | Path, what: str = "model") -> str:
-    """A model directory (a run's export, a full model or an adapter) or a hub id, checked before loading."""
+    """A model directory (a run's export, a full model or an adapter) or a hub id, checked before loading:
+    its files must be whole (see models/verify.py), a hub id must be cached or reachable."""
+    from distft.models.verify import check_inference_source
+
+    source = _inference_source(path, what)
+    check_inference_source(source)
+    return source
+
+
+def _inference_source(path: str | Path, what: str) -> str:
     local = final_model_dir(Path(path).expanduser())
     if local.is_dir():
         if not any((local / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -203,10 +236,10 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False,
     """
     import json
 
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     path = Path(inference_source(path, "reward model"))
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer = _inference_tokenizer(path, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     adapter = path / "adapter_config.json"
@@ -235,7 +268,7 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False,
 
 def load_for_inference(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False):
     """(model, tokenizer) from a model directory, a LoRA adapter directory, or a run directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = Path(inference_source(path))
     if trust_remote_code:
@@ -243,7 +276,7 @@ def load_for_inference(path: str | Path, trust_remote_code: bool = False, allow_
 
         print(f"warning: --trust-remote-code: Python code shipped with {path} runs in this process.",
               file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    tokenizer = _inference_tokenizer(path, trust_remote_code)
     if (path / "adapter_config.json").exists():
         from peft import AutoPeftModelForCausalLM
 

@@ -168,6 +168,39 @@ def build_bnb_config(method: MethodConfig, model: ModelConfig, use_gpu: bool):
     )
 
 
+def quantized_linears(model) -> tuple[int, int]:
+    """(linear layers bitsandbytes stores in 4 or 8 bits, all linear layers) of a loaded model."""
+    import bitsandbytes as bnb
+    import torch
+
+    quantized = total = 0
+    for module in model.modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            quantized += 1
+            total += 1
+        elif isinstance(module, torch.nn.Linear):
+            total += 1
+    return quantized, total
+
+
+def check_quantized(model, method: MethodConfig, log=print) -> None:
+    """QLoRA quantizes or refuses. transformers replaces only `nn.Linear` modules; an architecture that
+    keeps its weights elsewhere (fused or custom layers) loads unquantized and without a word, and would
+    train plain LoRA while calling it QLoRA."""
+    quantized, total = quantized_linears(model)
+    bits = method.quantization.bits
+    arch = type(model).__name__
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type:
+        arch += f" (model type {model_type})"
+    if not quantized:
+        raise MethodError(
+            f"method.name=qlora: no layer of {arch} was quantized to {bits} bits (0 of its {total} nn.Linear "
+            "layers were replaced by bitsandbytes), so this would train plain LoRA on full-precision weights. "
+            "Fix: method.name=lora for this architecture, or a model whose linear layers bitsandbytes replaces.")
+    log(f"qlora: {quantized} of {total} linear layers stored in {bits} bits")
+
+
 @dataclass(frozen=True)
 class ParamCount:
     trainable: int
