@@ -111,7 +111,11 @@ def cmd_train(args) -> int:
         if args.config and "=" not in args.config:
             raise UsageError("give a config (distft train CONFIG) or --resume RUN_DIR, not both.")
         args.run_dir_hint = Path(args.resume).resolve()  # for the hint if this is interrupted too
-        return cmd_resume(argparse.Namespace(run_dir=args.resume, overrides=overrides, address=args.address))
+        return cmd_resume(argparse.Namespace(run_dir=args.resume, overrides=overrides, address=args.address,
+                                             start_from=args.start_from))
+    if args.start_from:
+        raise UsageError(f"--from {args.start_from} picks the checkpoint of a run to resume. Fix: distft train "
+                         f"--resume RUN_DIR --from {args.start_from}, or distft resume RUN_DIR --from {args.start_from}.")
     if not args.config:
         raise UsageError("distft train needs a config. Fix: distft train CONFIG [a.b=c ...], or "
                          "distft train --resume RUN_DIR.")
@@ -138,7 +142,7 @@ def cmd_train(args) -> int:
 def cmd_resume(args) -> int:
     """Continue an interrupted run in place: finished stages are skipped, the current one resumes."""
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import cluster_address
+    from distft.launch.train import cluster_address, start_point
 
     run_dir = Path(args.run_dir).resolve()
     saved = run_dir / "config.yaml"
@@ -148,12 +152,14 @@ def cmd_resume(args) -> int:
         raise UsageError(f"{run_dir} already finished (summary.json exists); nothing to resume.")
     cfg = load_config(saved, args.overrides)
     preflight(cfg, cluster_address(cfg, args.address))
+    # `--from checkpoint-N`: found and verified before anything is written or any cluster is taken.
+    start = start_point(cfg, run_dir, args.start_from) if getattr(args, "start_from", None) else None
     print(describe_plan(cfg, run_dir), flush=True)
     args.run_dir_hint = run_dir
     if args.overrides:  # keep what the run started with; the new resolved config is the current one
         saved.rename(run_dir / f"config.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
         dump_config(cfg, saved)
-    return _launch(cfg, run_dir, args.address, resume=True)
+    return _launch(cfg, run_dir, args.address, resume=True, start_from=start)
 
 
 def cmd_pipeline(args) -> int:
@@ -185,11 +191,12 @@ def cmd_pipeline(args) -> int:
     return _launch(cfg, run_dir, args.address, resume=True, force_from=force_from)
 
 
-def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool, force_from: int | None = None) -> int:
+def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool, force_from: int | None = None,
+            start_from: tuple[int, str] | None = None) -> int:
     from distft.launch.train import launch
 
     started = time.time()
-    summaries = launch(cfg, run_dir, address, resume=resume, force_from=force_from)
+    summaries = launch(cfg, run_dir, address, resume=resume, force_from=force_from, start_from=start_from)
     final = run_dir / cfg.stages[-1].label() / "final"
     link = run_dir / "final"
     if not link.is_symlink():
@@ -495,11 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config("train", "Fine-tune with Ray Train (every stage in the config)")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run instead (as `distft resume`)")
+    sp.add_argument("--from", dest="start_from", metavar="CHECKPOINT",
+                    help="with --resume: continue from this checkpoint (checkpoint-N), as `distft resume --from`")
     sp.set_defaults(func=cmd_train)
     sp = sub.add_parser("resume", help="Continue an interrupted run from its latest verified checkpoint",
                         description="Continue an interrupted run in place: finished stages are skipped, the "
-                                    "unfinished one resumes from its latest checkpoint that verifies.")
+                                    "unfinished one resumes from its latest checkpoint that verifies (local, or "
+                                    "Ray's copy of it); damaged ones are reported and skipped.")
     sp.add_argument("run_dir", help="the run directory (runs/<run>)")
+    sp.add_argument("--from", dest="start_from", metavar="CHECKPOINT",
+                    help="continue the unfinished stage from this checkpoint (checkpoint-N) instead of the latest")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. scaling.num_workers=4 (DDP/FSDP only)")
     sp.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a private local cluster)")
     sp.set_defaults(func=cmd_resume)

@@ -138,12 +138,15 @@ def test_a_stage_finished_with_other_settings_restarts_instead_of_resuming_its_c
     assert resume_point(cfg, run_dir, 0) == (None, None)
 
 
-def test_a_stage_started_afresh_gets_a_new_ray_train_run_and_a_resumed_one_keeps_its_own(tmp_path):
-    """Ray Train restores a run of the same name from its own checkpoints, whatever distft asks."""
-    from distft.launch.train import ray_run_name, set_aside
+def test_every_launch_attempt_gets_a_new_ray_train_run_and_the_earlier_ones_are_recorded(tmp_path):
+    """Ray Train restores a run of the same name from its own checkpoints, whatever distft asks, and without
+    verifying them: so a resumed stage gets a new name, and the driver picks the checkpoint (earlier
+    attempts' copies included) and passes it explicitly."""
+    from distft.launch.train import earlier_ray_runs, ray_run_name, set_aside
 
     stage_dir = tmp_path / "run" / "ppo"
     first = ray_run_name(stage_dir)
-    assert ray_run_name(stage_dir) == first  # resumed (driver restarted): the same run, its checkpoints
-    set_aside(stage_dir)  # the stage reruns with other settings
-    assert ray_run_name(stage_dir) != first
+    second = ray_run_name(stage_dir)  # resumed (driver restarted): a new run, the first one's copies recorded
+    assert second != first and earlier_ray_runs(stage_dir) == [first, second]
+    set_aside(stage_dir)  # the stage reruns with other settings: its attempts' copies are that one's
+    assert earlier_ray_runs(stage_dir) == [] and ray_run_name(stage_dir) not in (first, second)

@@ -295,16 +295,69 @@ def previous_good(ckpt_dir: str | Path, search: list[str | Path] = ()) -> Path |
     return None
 
 
+def run_of(search: list[str | Path]) -> Path | None:
+    """The run directory of a stage's `<run>/<stage>/checkpoints` among `search`, if one is there."""
+    for d in map(Path, search):
+        if d.name == "checkpoints":
+            return d.parent.parent
+    return None
+
+
+def summarize_problems(problems: list[str], most: int = 3) -> str:
+    more = f"; and {len(problems) - most} more" if len(problems) > most else ""
+    return "; ".join(problems[:most]) + more
+
+
+def sealed_copies(local_dir: str | Path, copy_dirs: list[str | Path] = ()) -> list[tuple[int, str, Path]]:
+    """Every sealed copy of a stage's checkpoints, newest step first: (step, where, path), `where` being
+    "local" for `<stage>/checkpoints/checkpoint-N` and "Ray's copy" for those under `copy_dirs` (the
+    directories of Ray Train runs, whose `checkpoint_<time>` copies carry the same manifest). At one
+    step, the local copy comes first. Not hashed: `first_verified` verifies, newest first."""
+    found = [(int(read_manifest(d).get("step", -1)), 0, "local", d) for d in complete_checkpoints(local_dir)]
+    for parent in copy_dirs:
+        found += [(int(read_manifest(d).get("step", -1)), 1, "Ray's copy", d) for d in complete_checkpoints(parent)]
+    return [(step, where, d) for step, _, where, d in sorted(found, key=lambda f: (-f[0], f[1], str(f[3])))]
+
+
+def copy_label(step: int, where: str, path: Path, run_dir: Path | None = None) -> str:
+    """`checkpoint-30 (local)`, `checkpoint-30 (Ray's copy ray/sft-.../checkpoint_...)`: what damage and choice lines say."""
+    if where == "local":
+        return f"checkpoint-{step} (local)"
+    shown = path
+    if run_dir is not None and path.is_relative_to(run_dir):
+        shown = path.relative_to(run_dir)
+    return f"checkpoint-{step} ({where} {shown})"
+
+
+def first_verified(copies: list[tuple[int, str, Path]], log: Callable[[str], None] = print,
+                   run_dir: Path | None = None) -> tuple[int, str, Path] | None:
+    """The first copy that verifies, in the given order; each damaged one before it is reported on one line."""
+    for step, where, path in copies:
+        problems = verify_checkpoint(path)
+        if not problems:
+            return step, where, path
+        log(f"{copy_label(step, where, path, run_dir)} is damaged: {summarize_problems(problems, 1)}; skipped")
+    return None
+
+
 def check_resume(ckpt_dir: str | Path, *, world_size: int, strategy: str, search: list[str | Path] = ()) -> dict:
     """Verify a checkpoint before resuming from it; returns its manifest or raises CheckpointError."""
     ckpt_dir = Path(ckpt_dir)
     problems = verify_checkpoint(ckpt_dir)
     if problems:
         prev = previous_good(ckpt_dir, search)
-        fix = (f"Fix: resume from {prev} instead (the latest earlier checkpoint that verifies)." if prev else
-               f"No earlier checkpoint in {ckpt_dir.parent} verifies. Fix: start the stage again without resuming.")
-        raise CheckpointError(f"refusing to resume from {ckpt_dir}: it does not match its {MANIFEST}:\n  - "
-                              + "\n  - ".join(problems) + f"\n{fix}")
+        run = run_of(search)
+        command = f"distft resume {run}" if run else None
+        if prev is not None:
+            step = (read_manifest(prev) or {}).get("step", checkpoint_step(prev))
+            fix = (f"Fix: resume from {prev} instead (the latest earlier checkpoint that verifies)"
+                   + (f": {command} --from checkpoint-{step}." if command else "."))
+        else:
+            fix = (f"No earlier checkpoint in {ckpt_dir.parent} verifies. Fix: start the stage again without resuming"
+                   + (f" ({command} does, keeping this attempt aside)." if command else "."))
+        # One line: the CLI shows a worker's error by its last `...Error: ...` line.
+        raise CheckpointError(f"refusing to resume from {ckpt_dir}: it does not match its {MANIFEST}: "
+                              f"{summarize_problems(problems)}. {fix}")
     manifest = read_manifest(ckpt_dir)
     saved_strategy, saved_world = manifest.get("strategy"), manifest.get("world_size")
     if saved_strategy != strategy:

@@ -263,20 +263,33 @@ def ray_storage_path(cfg: DistftConfig, run_dir: Path) -> str:
     return str(Path(local).expanduser().resolve() / run_dir.name)
 
 
-def ray_run_name(stage_dir: Path) -> str:
-    """Ray Train's name for this attempt at the stage, kept in the stage directory.
+RAY_RUN_NAMES = "ray_run_name"  # in the stage directory: one Ray Train run name per launch attempt, oldest first
 
-    Train restores a run of the same name and storage from its own latest checkpoint, whatever
-    we ask. A stage that starts afresh (its earlier attempt set aside: other settings) gets a new
-    name, so Train cannot hand it the old attempt's weights; a resumed one keeps its name.
+
+def ray_run_name(stage_dir: Path) -> str:
+    """A new Ray Train run name for this launch attempt of the stage, recorded in the stage directory.
+
+    Train restores a run of the same name and storage from its own latest registered copy, whatever
+    distft passes and without verifying it. So every attempt gets a name of its own: within one
+    attempt, a worker group restarted after a failure continues from this attempt's copy
+    (`ray.train.get_checkpoint()`); across `distft` invocations the driver chooses the checkpoint
+    (`resume_point`: local ones and the earlier attempts' copies, the newest that verifies) and
+    passes it to the workers explicitly.
     """
-    path = stage_dir / "ray_run_name"
-    if path.is_file():
-        return path.read_text().strip()
     name = f"{stage_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(name + "\n")
+    with (stage_dir / RAY_RUN_NAMES).open("a") as f:
+        f.write(name + "\n")
     return name
+
+
+def earlier_ray_runs(stage_dir: Path) -> list[str]:
+    """The Ray Train run names of the stage's launch attempts so far, oldest first."""
+    try:
+        names = (stage_dir / RAY_RUN_NAMES).read_text(errors="replace").split()
+    except OSError:
+        return []
+    return [n for n in names if re.fullmatch(r"[\w.-]+", n) and n not in (".", "..")]  # a name, never a path
 
 
 def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from: str | None = None,
@@ -529,14 +542,32 @@ def _worker_entry(config: dict) -> None:
     # written). The stage verifies it against that manifest before building anything, as for every
     # other launcher, and refuses a damaged one (CheckpointError) naming the file and the latest
     # earlier checkpoint that verifies.
-    # A checkpoint Ray registered (a restarted worker group) wins; else the one `distft resume` found.
+    # Each launch attempt has its own Ray run name (ray_run_name), so Ray holds a checkpoint only when
+    # this attempt's worker group restarted: that one is newer than the driver's choice and wins.
+    # Else the one the driver chose and verified (`distft resume`, `--from`), passed explicitly.
     checkpoint = ray.train.get_checkpoint()
+    stage_dir = Path(config["run_dir"]) / cfg.stages[stage_index].label()
     if checkpoint is None:
+        if config.get("resume_from"):
+            _mark_resume(stage_dir, config["resume_from"], "distft resume", tctx.get_world_rank())
         run(config.get("resume_from"))
     else:
         with checkpoint.as_directory() as path:
+            _mark_resume(stage_dir, path, "worker group restart", tctx.get_world_rank())
             run(path)
     uploads.drain()
+
+
+def _mark_resume(stage_dir: Path, checkpoint: str, source: str, rank: int) -> None:
+    """On rank 0, the restart marker in metrics.jsonl: the steps logged after it from the checkpoint's on redo
+    earlier ones, and a reader can tell them apart."""
+    from distft.distributed.checkpoint import checkpoint_step, read_manifest
+    from distft.stages.reporting import MetricsLog
+
+    if rank != 0:
+        return
+    step = (read_manifest(checkpoint) or {}).get("step", checkpoint_step(checkpoint))
+    MetricsLog(stage_dir).mark_resume(checkpoint, step if isinstance(step, int) else None, source)
 
 
 def stage_done(cfg: DistftConfig, run_dir: Path, stage_index: int) -> dict | None:
@@ -555,21 +586,96 @@ def stage_done(cfg: DistftConfig, run_dir: Path, stage_index: int) -> dict | Non
     return summary if summary.get("fingerprint") == cfg.stage_fingerprint(stage_index) else None
 
 
-def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int) -> tuple[dict | None, str | None]:
-    """(summary if the stage finished, else the latest checkpoint that verifies, or None for a fresh start)."""
-    from distft.distributed.checkpoint import complete_checkpoints, verify_checkpoint
+def checkpoint_copies(cfg: DistftConfig, run_dir: Path, stage_index: int, log=print) -> list[tuple[int, str, Path]]:
+    """Every sealed copy of the stage's checkpoints, newest step first (local before Ray's at one step):
+    `<stage>/checkpoints/checkpoint-N`, and the copies Ray Train registered for the stage's earlier
+    launch attempts in their storage (`<run>/ray/<run name>/checkpoint_*`, or run.storage_path).
+    Copies in remote storage (s3://, ...) are not read from here: local checkpoints only, said once."""
+    from distft.distributed.checkpoint import sealed_copies
+    from distft.launch.cluster import is_remote_uri
+
+    stage_dir = run_dir / cfg.stages[stage_index].label()
+    names = earlier_ray_runs(stage_dir)
+    storage = ray_storage_path(cfg, run_dir)
+    if names and is_remote_uri(storage):
+        log(f"stage {stage_dir.name}: Ray's checkpoint copies in {storage} are not checked (remote storage); "
+            "choosing among the local checkpoints only")
+        names = []
+    return sealed_copies(stage_dir / "checkpoints", [Path(storage) / n for n in names])
+
+
+def checkpoint_label(path: str | Path, run_dir: Path) -> str:
+    """`checkpoint-20` for a local checkpoint, `checkpoint-20 (Ray's copy ray/...)` for one of Ray's copies."""
+    from distft.distributed.checkpoint import copy_label, read_manifest
+
+    path = Path(path)
+    if path.parent.name == "checkpoints":
+        return path.name
+    return copy_label((read_manifest(path) or {}).get("step", "?"), "Ray's copy", path, run_dir)
+
+
+def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int, log=print) -> tuple[dict | None, str | None]:
+    """(summary if the stage finished, else the newest checkpoint copy that verifies, or None for a fresh start).
+
+    Local checkpoints and Ray's copies from earlier attempts are candidates alike; each damaged one
+    newer than the choice is reported (`log`) on one line and skipped, never deleted."""
+    from distft.distributed.checkpoint import first_verified
 
     done = stage_done(cfg, run_dir, stage_index)
     if done is not None:
         return done, None
-    if (run_dir / cfg.stages[stage_index].label() / "summary.json").is_file():
+    label = cfg.stages[stage_index].label()
+    if (run_dir / label / "summary.json").is_file():
         # It finished, but with other settings (or its export is damaged): its checkpoints belong to
         # that run, and continuing from them would mix two configs. It reruns from the start.
         return None, None
-    for ckpt in reversed(complete_checkpoints(run_dir / cfg.stages[stage_index].label() / "checkpoints")):
-        if not verify_checkpoint(ckpt):
-            return None, str(ckpt)
-    return None, None
+    copies = checkpoint_copies(cfg, run_dir, stage_index, log)
+    chosen = first_verified(copies, log, run_dir)
+    if chosen is None:
+        if copies:
+            log(f"stage {label}: no checkpoint verifies; it starts again from step 0")
+        return None, None
+    return None, str(chosen[2])
+
+
+def start_point(cfg: DistftConfig, run_dir: Path, start_from: str, log=print) -> tuple[int, str]:
+    """`--from checkpoint-N`: (the first unfinished stage, its copy of step N that verifies), or CheckpointError
+    (exit 2, before any cluster is taken) naming what is wrong and the checkpoints that verify."""
+    from distft.distributed.checkpoint import CheckpointError, copy_label, summarize_problems, verify_checkpoint
+
+    m = re.fullmatch(r"(?:checkpoint-)?(\d+)", start_from.strip())
+    if not m:
+        raise CheckpointError(f"--from {start_from}: not a checkpoint name. Fix: --from checkpoint-N, N a step "
+                              f"that has a checkpoint (`distft runs show {run_dir}` shows the latest).")
+    step = int(m[1])
+    index = next((i for i in range(len(cfg.stages)) if stage_done(cfg, run_dir, i) is None), None)
+    if index is None:
+        raise CheckpointError(f"--from checkpoint-{step}: every stage of {run_dir} finished; nothing to resume.")
+    label = cfg.stages[index].label()
+    if (run_dir / label / "summary.json").is_file():
+        raise CheckpointError(
+            f"--from checkpoint-{step}: stage {label} finished with other settings, so its checkpoints belong to "
+            f"those. Fix: drop --from (the stage then starts again), or resume with the settings it ran with.")
+    copies = checkpoint_copies(cfg, run_dir, index, log)
+    damaged = []
+    for s, where, path in copies:
+        if s == step:
+            problems = verify_checkpoint(path)
+            if not problems:
+                for line in damaged:
+                    log(f"{line}; skipped")
+                return index, str(path)
+            damaged.append(f"{copy_label(s, where, path, run_dir)} is damaged: {summarize_problems(problems, 1)}")
+    good = []
+    for s, _, path in copies:
+        if s != step and (not good or good[-1] != s) and not verify_checkpoint(path):
+            good.append(s)
+    what = "; ".join(damaged) if damaged else f"stage {label} has no checkpoint-{step}"
+    listed = ", ".join(f"checkpoint-{s}" for s in good)
+    fix = (f"the checkpoints of stage {label} that verify: {listed}. Fix: distft resume {run_dir} "
+           f"--from checkpoint-{good[0]}." if good else
+           f"no checkpoint of stage {label} verifies. Fix: distft resume {run_dir} without --from starts it again.")
+    raise CheckpointError(f"--from checkpoint-{step}: {what}; {fix}")
 
 
 def set_aside(stage_dir: Path) -> Path | None:
@@ -582,13 +688,14 @@ def set_aside(stage_dir: Path) -> Path | None:
 
 
 def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print, resume: bool = False,
-           force_from: int | None = None) -> list[dict]:
+           force_from: int | None = None, start_from: tuple[int, str] | None = None) -> list[dict]:
     """Run every stage in order on one Ray cluster; returns each stage's summary.
 
     With `resume` (`distft resume`, `distft pipeline`), a stage that finished in `run_dir` with the same
     settings is skipped and an unfinished one continues from its latest verified checkpoint (a damaged
     newer one is passed over, never deleted). Once a stage runs, every later stage runs afresh (its
     inputs changed); `force_from` reruns from that stage on. Earlier attempts are set aside, not deleted.
+    `start_from` (`--from`): (stage index, checkpoint) from `start_point`, used as it is for that stage.
     """
     import ray
 
@@ -603,8 +710,10 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
         rerun_rest = False
         for i, stage in enumerate(cfg.stages):
             done, resume_from = None, None
-            if resume and not rerun_rest and (force_from is None or i < force_from):
-                done, resume_from = resume_point(cfg, run_dir, i)
+            if start_from is not None and i == start_from[0]:  # `--from`: chosen and verified by start_point
+                resume_from = start_from[1]
+            elif resume and not rerun_rest and (force_from is None or i < force_from):
+                done, resume_from = resume_point(cfg, run_dir, i, log=log)
             if done is not None:
                 log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier with these settings; skipped")
                 summaries.append({**done, "skipped": True})
@@ -622,7 +731,7 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
                 if moved:
                     log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()}: the earlier attempt moved to {moved.name}")
             rerun_rest = True
-            where = f", resuming from {Path(resume_from).name}" if resume_from else ""
+            where = f", resuming from {checkpoint_label(resume_from, run_dir)}" if resume_from else ""
             s = cfg.scaling
             workers = f"{s.min_workers}-{s.num_workers} (elastic)" if s.elastic() else s.num_workers
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {workers} Ray Train worker(s){where}")

@@ -40,6 +40,11 @@ class MetricsLog:
     logged. `close()` ends the event file; a write after it starts a new one in the same
     directory. TensorBoard reads them all; when a resumed run logs a step again, it drops the
     earlier attempt's points from that step on.
+
+    A stage that starts from a checkpoint first writes an event line (`mark_resume`):
+    `{"time": ..., "event": "resume", "from_step": 20, "last_step": 35, ...}`. The rows after it with
+    a step above `from_step` redo (and replace) the rows before it up to `last_step`. Event lines have
+    no `step`: readers that want metrics skip lines with an `event` key.
     """
 
     def __init__(self, stage_dir: Path):
@@ -60,10 +65,39 @@ class MetricsLog:
                 self._writer.add_scalar(tensorboard_tag(key), value, global_step=metrics["step"], walltime=now)
         self._writer.flush()
 
+    def mark_resume(self, checkpoint: str | Path, from_step: int | None, source: str) -> dict:
+        """The event line of a restart from `checkpoint` (at `from_step`), before the stage logs anything."""
+        row = {"time": round(time.time(), 3), "event": "resume", "from_step": from_step,
+               "last_step": last_step(self.path), "source": source, "checkpoint": str(checkpoint)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def last_step(metrics_jsonl: Path, window: int = 1 << 16) -> int | None:
+    """The highest step logged in the last `window` bytes of a metrics.jsonl (None: nothing logged yet)."""
+    try:
+        with open(metrics_jsonl, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - window))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    steps = []
+    for line in tail.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # the first line, cut by the window
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            steps.append(row["step"])
+    return max(steps, default=None)
 
 
 class RssWatch:
