@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import signal
 import sys
 import time
@@ -39,15 +38,21 @@ def _load(args) -> DistftConfig:
     return absolutize_paths(load_config(args.config, args.overrides))
 
 
-def _run_dir(cfg: DistftConfig, config_path: str) -> Path:
-    name = cfg.run.name or f"{Path(config_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = (Path(cfg.run.output_dir) / name).resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(
-            f"run directory {run_dir} already exists and is not empty; nothing was changed. "
-            "Fix: choose another run.name=..., or delete it yourself."
-        )
-    return run_dir
+def _check_paths(cfg: DistftConfig, address: str | None) -> list[str]:
+    """Where the run writes, checked before any cluster is taken (`validate` prints the notes)."""
+    from distft.launch.rundir import check_run_paths
+
+    return check_run_paths(cfg.run.output_dir, cfg.model.name_or_path == TINY_BASE, private_cluster=address is None)
+
+
+def _run_dir(cfg: DistftConfig, config_path: str, address: str | None, reuse: bool = False):
+    """Check the paths, then claim the run directory (mkdir is the claim: concurrent runs never share one).
+    `reuse`: the stable directory of `pipeline`, which may hold earlier attempts."""
+    from distft.launch.rundir import claim_run_dir
+
+    _check_paths(cfg, address)
+    stem = Path(config_path).stem
+    return claim_run_dir(cfg.run.output_dir, cfg.run.name or (stem if reuse else None), stem, reuse=reuse)
 
 
 def cmd_validate(args) -> int:
@@ -66,6 +71,7 @@ def cmd_validate(args) -> int:
         if not warnings:
             print(f"check   memory: every stage fits {cfg.scaling.gpu_memory_gib:g} GiB per GPU (see `distft plan`)")
     notes = preflight(cfg, cluster_address(cfg, args.address))
+    notes += _check_paths(cfg, cluster_address(cfg, args.address))
     print(describe_plan(cfg))
     for note in notes:
         print(f"check   {note}")
@@ -103,7 +109,7 @@ def cmd_plan(args) -> int:
 
 def cmd_train(args) -> int:
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import ClusterError, cluster_address
+    from distft.launch.train import cluster_address
     from distft.stages.tiny_base import ensure_tiny_base
 
     if args.resume:  # `distft train --resume RUN_DIR [overrides]`: the same as `distft resume`
@@ -120,22 +126,23 @@ def cmd_train(args) -> int:
         raise UsageError("distft train needs a config. Fix: distft train CONFIG [a.b=c ...], or "
                          "distft train --resume RUN_DIR.")
     cfg = _load(args)
-    preflight(cfg, cluster_address(cfg, args.address))
-    run_dir = _run_dir(cfg, args.config)
-    cfg.run.name = run_dir.name
-    print(describe_plan(cfg, run_dir), flush=True)
-    if cfg.model.name_or_path == TINY_BASE:
-        cfg.model.name_or_path = str(ensure_tiny_base())
-    run_dir.mkdir(parents=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    args.run_dir_hint = run_dir
+    address = cluster_address(cfg, args.address)
+    preflight(cfg, address)
+    claim = _run_dir(cfg, args.config, address)
+    run_dir = claim.path
     try:
+        cfg.run.name = run_dir.name
+        print(describe_plan(cfg, run_dir), flush=True)
+        if cfg.model.name_or_path == TINY_BASE:
+            cfg.model.name_or_path = str(ensure_tiny_base())
+        claim.write("config.yaml", lambda path: dump_config(cfg, path))
+        args.run_dir_hint = run_dir
         return _launch(cfg, run_dir, args.address, resume=False)
-    except ClusterError:
-        # Refused before any worker started (resources, storage): leave no half-made run behind,
-        # so the same run.name works once the cause is fixed.
-        if {p.name for p in run_dir.iterdir()} <= {"config.yaml"}:
-            shutil.rmtree(run_dir)
+    except BaseException as e:
+        # Failed before the first stage started (Ray, the cluster, a write): no half-made run may block
+        # the name. Only what this invocation made goes; an interrupted run with its config stays resumable.
+        if claim.release_after(e, resumable=getattr(args, "run_dir_hint", None) is not None):
+            args.run_dir_hint = None
         raise
 
 
@@ -175,20 +182,26 @@ def cmd_pipeline(args) -> int:
         if force_from is None:
             names = ", ".join(st.label() for st in cfg.stages)
             raise UsageError(f"--force {args.force}: no such stage; this config has {names} (or --force all).")
-    preflight(cfg, cluster_address(cfg, args.address))
-    run_dir = (Path(cfg.run.output_dir) / (cfg.run.name or Path(args.config).stem)).resolve()
-    cfg.run.name = run_dir.name
-    print(describe_plan(cfg, run_dir), flush=True)
-    if cfg.model.name_or_path == TINY_BASE:
-        cfg.model.name_or_path = str(ensure_tiny_base())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved = run_dir / "config.yaml"
-    if saved.is_file() and load_config(saved) != cfg:  # keep what earlier attempts ran with
-        saved.rename(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    dump_config(cfg, saved)
-    (run_dir / "summary.json").unlink(missing_ok=True)  # rewritten when every stage has finished
-    args.run_dir_hint = run_dir
-    return _launch(cfg, run_dir, args.address, resume=True, force_from=force_from)
+    address = cluster_address(cfg, args.address)
+    preflight(cfg, address)
+    claim = _run_dir(cfg, args.config, address, reuse=True)
+    run_dir = claim.path
+    try:
+        cfg.run.name = run_dir.name
+        print(describe_plan(cfg, run_dir), flush=True)
+        if cfg.model.name_or_path == TINY_BASE:
+            cfg.model.name_or_path = str(ensure_tiny_base())
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and load_config(saved) != cfg:  # keep what earlier attempts ran with
+            saved.rename(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        claim.write("config.yaml", lambda path: dump_config(cfg, path))
+        (run_dir / "summary.json").unlink(missing_ok=True)  # rewritten when every stage has finished
+        args.run_dir_hint = run_dir
+        return _launch(cfg, run_dir, args.address, resume=True, force_from=force_from)
+    except BaseException as e:  # a first attempt that never started leaves nothing (earlier attempts stay)
+        if claim.release_after(e, resumable=getattr(args, "run_dir_hint", None) is not None):
+            args.run_dir_hint = None
+        raise
 
 
 def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool, force_from: int | None = None,
@@ -297,25 +310,31 @@ def cmd_tune(args) -> int:
         config_path, cwd = args.config, str(Path.cwd())
     raw, tune_cfg, cfg = load_search(config_path, args.overrides if not args.resume else [])
     preflight(absolutize_paths(cfg, Path(cwd)), cluster_address(cfg, args.address))
+    claim = None
     if args.resume:
         print(f"[tune] resuming {run_dir}: finished trials are kept, unfinished ones continue", flush=True)
     else:
-        run_dir = _run_dir(cfg, args.config)
-        run_dir.mkdir(parents=True)
-        (run_dir / "search.yaml").write_text(Path(args.config).read_text() if not args.overrides else
-                                             yaml_dump(raw))
-        (run_dir / "search.json").write_text(json.dumps({"cwd": cwd, "config": str(Path(args.config).resolve()),
-                                                         "overrides": args.overrides}, indent=1))
-    print(f"search  {run_dir}", flush=True)
-    for path, d in tune_cfg.space.items():
-        print(f"  {path}: {d.kind} {d.values}")
-    base = {k: v for k, v in raw.items() if k != "tune"}
-    if cfg.model.name_or_path == TINY_BASE:
-        ensure_tiny_base()  # trials keep `distft://tiny-base` (so does best.yaml); workers find it in the cache
-    from distft.launch.tune import markdown_table, search
+        claim = _run_dir(cfg, args.config, cluster_address(cfg, args.address))
+        run_dir = claim.path
+    try:
+        if claim is not None:
+            claim.write_text("search.yaml", Path(args.config).read_text() if not args.overrides else yaml_dump(raw))
+            claim.write_text("search.json", json.dumps({"cwd": cwd, "config": str(Path(args.config).resolve()),
+                                                        "overrides": args.overrides}, indent=1))
+        print(f"search  {run_dir}", flush=True)
+        for path, d in tune_cfg.space.items():
+            print(f"  {path}: {d.kind} {d.values}")
+        base = {k: v for k, v in raw.items() if k != "tune"}
+        if cfg.model.name_or_path == TINY_BASE:
+            ensure_tiny_base()  # trials keep `distft://tiny-base` (so does best.yaml); workers find it in the cache
+        from distft.launch.tune import markdown_table, search
 
-    args.resume_hint = f"distft tune --resume {run_dir}"
-    out = search(base, tune_cfg, cfg, run_dir, cwd, args.address, restore=args.resume)
+        args.resume_hint = f"distft tune --resume {run_dir}"
+        out = search(base, tune_cfg, cfg, run_dir, cwd, args.address, restore=args.resume)
+    except BaseException:
+        if claim is not None and claim.release():  # a search that never started leaves nothing (tune/ keeps it)
+            args.resume_hint = None
+        raise
     print(markdown_table(out["rows"], tune_cfg.metric, out["best"]))
     if out["interrupted"]:
         print(f"search interrupted; continue it with: distft tune --resume {run_dir}", file=sys.stderr)

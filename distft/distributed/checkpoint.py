@@ -48,6 +48,7 @@ FORMAT_VERSION = 1
 SYNC_HASH_ENV = "DISTFT_SYNC_HASH_MAX_BYTES"
 DEFAULT_SYNC_HASH_MAX_BYTES = 1 << 30
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_REPLACED_NAME = re.compile(r"^replaced-checkpoint-\d+-\d+$")  # seal()'s set-aside copy of a redone step
 _CHUNK = 8 << 20
 
 
@@ -413,7 +414,12 @@ class CheckpointPublisher:
         if not self.staging.is_dir():
             return
         for d in sorted(self.staging.iterdir()):
-            if not d.is_dir():
+            if not d.is_dir() or d.is_symlink():
+                continue
+            # Only names this staging scheme writes (the Trainer's `checkpoint-N`, seal's `replaced-...`)
+            # are distft's to remove; anything else found here is someone else's and stays.
+            if checkpoint_step(d) is None and not _REPLACED_NAME.match(d.name):
+                self.log(f"left {d} alone: not a checkpoint distft staged")
                 continue
             final = self.dir / d.name
             if checkpoint_step(d) is not None and not final.exists() and not verify_checkpoint(d):

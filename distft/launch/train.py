@@ -115,7 +115,15 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
                 "--address/run.address/RAY_ADDRESS to use a private local cluster."
             ) from None
     else:
-        start_private_ray(num_cpus or os.cpu_count(), log_to_driver=True)
+        try:
+            start_private_ray(num_cpus or os.cpu_count(), log_to_driver=True)
+        except Exception as e:  # its temp dir, a full disk, a daemon that died at start: Ray's error says which
+            ray.shutdown()  # whatever part of it did start
+            raise ClusterError(
+                f"could not start a private Ray cluster: {error_line(e)}. Fix: check that Ray's temp dir "
+                "(RAY_TMPDIR, default /tmp/ray) is writable and has free space (its logs say more), or use an "
+                "existing cluster (--address)."
+            ) from None
         from distft.launch.reaper import start_reaper
 
         start_reaper(os.getpid())  # if this process is killed outright, its cluster goes too

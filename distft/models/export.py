@@ -5,7 +5,8 @@ The source (a run's `final/`) is verified against its manifest first. LoRA-famil
 adapters merge (`merge_and_unload`); a QLoRA adapter merges into its base loaded in full
 precision (the 4-bit base dequantized), the usual way to ship QLoRA results. Prompt and prefix
 tuning have nothing to merge into: they export as adapters. The output is written under a
-temporary name and renamed into place, with the tokenizer, the generation config, and a
+temporary name of its own (`distft.owned.building`: nothing that exists is replaced or deleted) and
+renamed into place, with the tokenizer, the generation config, and a
 manifest of its own.
 """
 
@@ -15,11 +16,12 @@ import json
 import shutil
 from pathlib import Path
 
-from distft.distributed.checkpoint import (CheckpointError, build_manifest, read_manifest, verify_checkpoint,
-                                          write_manifest)
+from distft.distributed.checkpoint import (CheckpointError, build_manifest, is_disk_error, read_manifest,
+                                          verify_checkpoint, write_manifest)
 from distft.errors import UserError
 from distft.models.loading import final_model_dir
 from distft.models.methods import torch_dtype
+from distft.owned import MARKER, WRITE_ERRNOS, building, publish, unmark, write_error
 
 UNMERGEABLE = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 
@@ -52,28 +54,50 @@ def export_model(path: str | Path, out: str | Path, merge: bool = False, dtype: 
         raise ExportError(f"{src} is a {adapter['peft_type'].lower()} adapter: its virtual tokens are an input, "
                           "not a weight change, so there is nothing to merge. Fix: export without --merge (the "
                           "adapter loads with peft on its base).")
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    if adapter and not merge:
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("distft_manifest.json"))
-        what = "adapter (unmerged)"
-    else:
-        model = _load_merged(src, adapter, trust_remote_code)
-        model = model.to(torch_dtype(dtype))
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code).save_pretrained(str(tmp))
-        what = f"{'merged ' if adapter else ''}model in {dtype}"
-    (tmp / "distft_export.json").write_text(json.dumps(
-        {"source": str(src), "merged": bool(adapter and merge), "dtype": None if adapter and not merge else dtype,
-         "peft_type": adapter.get("peft_type") if adapter else None}, indent=2))
-    write_manifest(tmp, build_manifest(tmp, step=(read_manifest(src) or {}).get("step", 0), world_size=1,
-                                       strategy="export"))
-    tmp.rename(out)
+    # Built under a fresh name of its own (an existing `<out>.partial`, or anything else, is never touched),
+    # removed again if the export fails, and renamed into place once complete.
+    try:
+        _write_export(src, out, adapter, merge, dtype, trust_remote_code)
+    except OSError as e:  # a full disk, a file-size limit, a read-only place: the partial export is gone
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(out, e, "--out") from None
+    except Exception as e:
+        if not is_disk_error(e):
+            raise
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ExportError(f"--out: writing {out} failed ({cause}); nothing was left there. Fix: free disk space, "
+                          "or raise the quota or file-size limit (ulimit -f), or choose --out on another disk.") from None
+    what = ("adapter (unmerged)" if adapter and not merge else f"{'merged ' if adapter else ''}model in {dtype}")
     log(f"exported {what}: {out}")
     return out
+
+
+def _write_export(src: Path, out: Path, adapter: dict | None, merge: bool, dtype: str, trust_remote_code: bool):
+    with building(out, "export", "--out") as tmp:
+        if adapter and not merge:
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("distft_manifest.json", MARKER),
+                            dirs_exist_ok=True)
+        else:
+            model = _load_merged(src, adapter, trust_remote_code)
+            model = model.to(torch_dtype(dtype))
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(str(src), trust_remote_code=trust_remote_code).save_pretrained(str(tmp))
+        (tmp / "distft_export.json").write_text(json.dumps(
+            {"source": str(src), "merged": bool(adapter and merge), "dtype": None if adapter and not merge else dtype,
+             "peft_type": adapter.get("peft_type") if adapter else None}, indent=2))
+        unmark(tmp)  # the manifest covers the export's own files only
+        write_manifest(tmp, build_manifest(tmp, step=(read_manifest(src) or {}).get("step", 0), world_size=1,
+                                           strategy="export"))
+        try:
+            publish(tmp, out)
+        except OSError:
+            if out.exists():  # made meanwhile by someone else: theirs stays, ours goes
+                raise ExportError(f"{out} appeared while exporting; it was left as it is. Fix: --out <a new "
+                                  "directory>.") from None
+            raise
 
 
 def _load_merged(src: Path, adapter: dict | None, trust_remote_code: bool):

@@ -12,13 +12,13 @@ and under ZeRO-3 or FSDP2 every loader sees ordinary weights.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from distft.config import DistftConfig
 from distft.config.schema import ModelConfig
 from distft.distributed.checkpoint import barrier
 from distft.models.loading import final_model_dir, resolve_model_path
+from distft.owned import building, publish
 from distft.stages.context import StageContext
 
 
@@ -56,11 +56,12 @@ def merge_adapter(adapter_dir: str, out_dir: Path, trust_remote_code: bool = Fal
 
         merged = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
         merged = merged.merge_and_unload()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(str(tmp))
-    (tmp / "distft_merged_from.json").write_text(json.dumps({"adapter": adapter_dir}))
-    tmp.rename(out_dir)
+    # A fresh, marked name of its own: an interrupted merge's leftover is swept only if distft made it.
+    with building(out_dir, "merge", "run.output_dir") as tmp:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(str(tmp))
+        (tmp / "distft_merged_from.json").write_text(json.dumps({"adapter": adapter_dir}))
+        publish(tmp, out_dir)
 
 
 def plain_model_dir(path: str, stage_dir: Path, ctx: StageContext, model: ModelConfig, name: str = "init",
@@ -71,8 +72,6 @@ def plain_model_dir(path: str, stage_dir: Path, ctx: StageContext, model: ModelC
     out = stage_dir / name
     if ctx.is_main and not (out / "config.json").exists():
         ctx.log(f"merging the LoRA adapter {path} into its base -> {out}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # left by an interrupted merge
         merge_adapter(path, out, model.trust_remote_code, reward=reward)
     barrier()
     return str(out)

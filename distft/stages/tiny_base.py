@@ -4,22 +4,25 @@ The quickstart then fine-tunes a base that has already learned something,
 through the same `from_pretrained` path as a real model. The result is cached
 (`$DISTFT_CACHE`, default ~/.cache/distft) and reused; it is built in a
 temporary directory and renamed into place, so an interrupted build leaves
-nothing half-written behind.
+nothing half-written behind. It carries distft's marker (`distft.owned`): a
+rebuild replaces only a directory that an earlier build made.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from distft.config import build_config
 from distft.models.loading import tiny_base_path
 from distft.models.tiny import generic_corpus, save_random_init
+from distft.owned import (ForeignDirectoryError, building, is_empty_dir, is_owned, mark, refuse_file_in_path,
+                          remove_owned)
 from distft.stages.context import StageContext
+
+KIND = "tiny-base"
 
 PRETRAIN = {
     "model": {"max_seq_len": 128},
@@ -42,14 +45,25 @@ PRETRAIN = {
 
 
 def ensure_tiny_base(out_dir: str | Path | None = None, force: bool = False, log=print) -> Path:
+    """The tiny base in `out_dir` (default: the cache), built unless one is there already (`force`: rebuilt).
+
+    Only a directory that is new, empty, or an earlier build of this function (it carries
+    distft's marker) is written; any other directory is refused by name, untouched.
+    """
+    field = "tiny-model DIR" if out_dir else "DISTFT_CACHE"
     out = Path(out_dir) if out_dir else tiny_base_path()
+    refuse_file_in_path(out, field)
     if (out / "config.json").exists() and not force:
         return out
+    if out.exists() and not is_empty_dir(out) and not is_owned(out, KIND):
+        fix = "pass a new or empty directory, or delete it yourself" if out_dir else \
+            "set DISTFT_CACHE to another directory, or delete it yourself"
+        why = "was not built by distft, so --force does not replace it" if (out / "config.json").exists() else \
+            "is not empty and was not made by distft"
+        raise ForeignDirectoryError(f"{field}: {out} {why}; nothing was changed. Fix: {fix}.")
     log(f"building the tiny base model in {out} (one-time, about 90 s on 2 cores)...")
     started = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".tiny-base-build-") as tmp:
-        tmp = Path(tmp)
+    with building(out, KIND, field) as tmp:
         corpus = generic_corpus()
         save_random_init(tmp / "init", corpus=corpus)
         (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
@@ -63,8 +77,21 @@ def ensure_tiny_base(out_dir: str | Path | None = None, force: bool = False, log
         summary = run(cfg, StageContext(run_dir=tmp / "run"))
         final = tmp / "run" / "pretrain" / "final"
         (final / "distft_pretrain_summary.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        final.rename(out)
+        mark(final, KIND)  # so that a later --force may replace it
+        replaced = None
+        if out.exists() and not is_empty_dir(out):  # an earlier build of ours (checked above)
+            replaced = out.with_name(f".{out.name}.partial-replaced-{os.getpid()}")
+            os.rename(out, replaced)
+        try:
+            os.rename(final, out)  # onto nothing, or onto an empty directory
+        except OSError:
+            if not (out / "config.json").exists():
+                if replaced is not None:
+                    os.rename(replaced, out)  # the earlier build stays where it was
+                raise
+            log(f"another process finished a tiny base in {out} first; using it")
+        if replaced is not None:
+            remove_owned(replaced)
+    remove_owned(tmp)  # the build's scratch (corpus, init, run logs): made by `building`
     log(f"tiny base ready in {time.time() - started:.0f}s: {out} (eval loss {summary['eval_loss']:.3f})")
     return out
