@@ -14,6 +14,10 @@ it (`use_cluster_auth`), so nobody pastes it anywhere.
 
 `down` stops exactly the processes `up` started, by pid. It never runs `ray stop`,
 which kills every Ray process of the user: other clusters and test runs included.
+
+Every Ray process distft starts (this cluster's, and the private cluster of a plain
+`distft train`) gets the environment of `worker_environ`: an allowlist, not the user's
+whole shell, and listens on the loopback interface only (`loopback_node_ip`).
 """
 
 from __future__ import annotations
@@ -26,12 +30,66 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from distft.launch.train import ClusterError
 
 DEFAULT_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265
+# `ray start`'s default --min-worker-port/--max-worker-port: every raylet hands these out to its
+# workers, so a head or dashboard port inside them passes a bind test now and clashes later.
+RAY_WORKER_PORTS = (10002, 19999)
+
+# What the Ray processes distft starts (and so every Ray worker) inherit from the user's shell.
+# Anything else, cloud keys and tokens included, stays out; a worker gets a secret only through
+# run.forward_env (the object store, launch/train.py). RAY_* is Ray's own configuration
+# (RAY_AUTH_TOKEN included: the cluster's processes need it to talk to each other).
+WORKER_ENV_ALLOW = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR",
+    "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH",
+    "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
+    "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME",
+})
+WORKER_ENV_ALLOW_PREFIXES = ("LC_", "NCCL_", "OMP_", "MKL_", "DISTFT_", "RAY_")
+
+
+def worker_environ(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The allowlisted part of `env` (default os.environ): what Ray's processes are started with."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items() if k in WORKER_ENV_ALLOW or k.startswith(WORKER_ENV_ALLOW_PREFIXES)}
+
+
+# Ray 2.60 turns a loopback node IP given to `ray.init` or `ray start --node-ip-address` into the
+# machine's outward address, and every gRPC server, agent and metrics port then listens on all
+# interfaces. Only with this switch off does it keep 127.0.0.1, and with a loopback node IP it
+# binds each of them to loopback. Its name is historic: with it off, `ray start` refuses to
+# start a worker node, so it is set for a head only; worker raylets joining 127.0.0.1 take
+# 127.0.0.1 as their IP by themselves (the address they reach the head from).
+LOOPBACK_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextmanager
+def private_ray_environ():
+    """For the `ray.init(address="local")` inside: Ray's processes start with `worker_environ` and a
+    loopback node IP. This process's own environment is restored afterwards."""
+    from ray._private import ray_constants
+
+    saved = dict(os.environ)
+    switch = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ.clear()
+    os.environ.update({**worker_environ(saved), **LOOPBACK_NODE_ENV})
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node IP; the env var only at import
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        if switch is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = switch
 # Ray's smallest object store is 75 MiB; each raylet otherwise claims 30% of RAM for its own.
 MIN_OBJECT_STORE = 100 * 1024**2
 
@@ -76,10 +134,23 @@ def token_source() -> tuple[str, Path | None]:
     return "~/.ray/auth_token", Path.home() / ".ray" / "auth_token"
 
 
+def secure_token_file(path: Path | None = None) -> None:
+    """Mode 600 for the token file Ray reads (default: where it would look), whoever wrote it: Ray
+    writes ~/.ray/auth_token at 644 when it generates the token itself (a private cluster does)."""
+    if path is None:
+        _, path = token_source()
+    try:
+        if path is not None and path.is_file() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except OSError:
+        pass  # not ours to change (another owner, a read-only mount): Ray still reads it
+
+
 def ensure_token() -> tuple[str, Path | None, bool]:
     """(source, path, generated): reuse the token Ray would read, or write a new one (mode 600)."""
     source, path = token_source()
     if path is None or (path.is_file() and path.read_text().strip()):
+        secure_token_file(path)
         return source, path, False
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -140,6 +211,7 @@ def use_job_server_auth(url: str) -> None:
 
 
 def _use_token(is_recorded) -> None:
+    secure_token_file()
     changed = False
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -150,6 +222,7 @@ def _use_token(is_recorded) -> None:
         # Only an existing file: Ray aborts the process when RAY_AUTH_TOKEN_PATH is unreadable.
         if token_path and is_recorded(state) and Path(token_path).is_file():
             os.environ["RAY_AUTH_TOKEN_PATH"] = token_path
+            secure_token_file(Path(token_path))
             changed = True
     if changed:
         _refresh_ray_auth()
@@ -409,7 +482,14 @@ def up(
             )
         log(f"forgetting the record of a cluster that is no longer running ({state['address']})")
         state_path().unlink()
+    low, high = RAY_WORKER_PORTS
     for flag, p in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if low <= p <= high:
+            raise ClusterError(
+                f"{flag} {p} is inside Ray's worker-port range ({low}-{high}), where every raylet hands out "
+                f"ports to its workers; nothing was started. Fix: distft cluster up {flag} <a port outside "
+                f"{low}-{high}> (defaults: --port {DEFAULT_PORT}, --dashboard-port {DEFAULT_DASHBOARD_PORT})."
+            )
         if _port_in_use(p):
             raise ClusterError(
                 f"port {p} is already in use (another Ray head?); nothing was started. "
@@ -420,7 +500,8 @@ def up(
     nodes = workers + 1
     object_store = max(MIN_OBJECT_STORE, int(0.3 * psutil.virtual_memory().total / nodes))
     source, token_path, generated = ensure_token()
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # The raylets' environment is every worker's: the allowlist, not this shell (worker_environ).
+    env = {**worker_environ(), "RAY_AUTH_MODE": "token"}
     # A job's entrypoint runs `python` from the raylet's PATH. Put this interpreter first, so jobs
     # find distft even when it was started as .venv/bin/distft without activating the venv.
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
@@ -461,7 +542,7 @@ def up(
             # Fixed defaults (10001, 52365) would clash with any other Ray on this machine.
             "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
         ]
-        procs["head"] = _spawn("head", head_args + common, env, logs)
+        procs["head"] = _spawn("head", head_args + common, {**env, **LOOPBACK_NODE_ENV}, logs)
         state["processes"].append(procs["head"][0])
         _write_state(state)  # from here on, `distft cluster down` can clean up even if this process dies
         _wait_for_port(port, procs, deadline)
@@ -470,7 +551,11 @@ def up(
             _wait_for_nodes(1, procs, deadline)
             for i in range(1, workers + 1):
                 args = ["--address", address, "--num-cpus", str(cpus),
-                        "--dashboard-agent-listen-port", str(free_port())]
+                        "--dashboard-agent-listen-port", str(free_port()),
+                        # Every node here shares the head's session directory, and a log monitor
+                        # forwards every worker's log file in it: one per node printed each line
+                        # once per node. Ray's own rule: one log monitor per host (the head's).
+                        "--include-log-monitor", "false"]
                 procs[f"worker-{i}"] = _spawn(f"worker-{i}", args + common, env, logs)
                 state["processes"].append(procs[f"worker-{i}"][0])
                 _write_state(state)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -77,6 +78,9 @@ def connect(address: str | None):
 
     url = job_server_url(address)
     use_job_server_auth(url)
+    missing = _missing_token_file()
+    if missing:  # Ray aborts the whole process on a RAY_AUTH_TOKEN_PATH it cannot read
+        raise ClusterError(explain(RuntimeError("couldn't find an authentication token"), url))
     # Ray lets RAY_API_SERVER_ADDRESS override the address a client is given; the URL resolved above
     # (from --address first) is the one meant, so the variable is set aside while the client is made.
     saved = os.environ.pop("RAY_API_SERVER_ADDRESS", None)
@@ -89,11 +93,45 @@ def connect(address: str | None):
             os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
+def _missing_token_file() -> str | None:
+    """RAY_AUTH_TOKEN_PATH when it names no file (the user's setting, so it is checked)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN") and not Path(path).expanduser().is_file():
+        return path
+    return None
+
+
+def _reachable(url: str) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        socket.create_connection((parsed.hostname or "127.0.0.1", port), timeout=3).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def explain(error: Exception, url: str) -> str:
     """One line on what went wrong talking to the job server at `url`, and the fix."""
     text = str(error)
     lowered = text.lower()
-    if "authentication" in lowered or "401" in text or "403" in text or "unauthenticated" in lowered:
+    if "couldn't find an authentication token" in lowered or "could not find an authentication token" in lowered:
+        # Ray looks for the token before it connects: say first whether there is a server at all.
+        if not _reachable(url):
+            return (f"cannot reach a Ray job server at {url} (and no auth token was found here either). Fix: "
+                    "start one (distft cluster up), or pass its dashboard address: --address http://HOST:8265.")
+        from distft.launch.cluster import token_source
+
+        where = _missing_token_file() or token_source()[1]
+        return (f"the job server at {url} needs the cluster's auth token, and the token file {where} does not exist "
+                "(nor is RAY_AUTH_TOKEN set). Fix: export RAY_AUTH_TOKEN_PATH=<the cluster's token file> (distft "
+                "cluster up prints it; on another machine, copy it there with mode 600), or RAY_AUTH_TOKEN.")
+    # The URL's own digits are no HTTP status: port 44013 once read as a 401.
+    status = re.search(r"\b40[13]\b", text.replace(url, "").replace(url.rstrip("/"), ""))
+    if "authentication" in lowered or status or "unauthenticated" in lowered:
         where = os.environ.get("RAY_AUTH_TOKEN_PATH") or ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN")
                                                            else "~/.ray/auth_token")
         why = "no token was sent" if "required" in lowered or "missing" in lowered else "the token was refused"
@@ -290,7 +328,9 @@ def _status(client, job_id: str) -> str:
 
 def list_jobs(address: str | None, log=print) -> int:
     client = connect(address)
-    jobs = _call(client, "listing jobs", client.list_jobs)
+    # Ray lists every driver that connected too (`cluster up`, `cluster status`, `distft train --address`):
+    # only what was submitted is a job here.
+    jobs = [j for j in _call(client, "listing jobs", client.list_jobs) if _submitted(j)]
     if not jobs:
         log(f"no jobs on {client.get_address()}")
         return 0
@@ -300,6 +340,11 @@ def list_jobs(address: str | None, log=print) -> int:
         run = (job.metadata or {}).get("distft_run", job.entrypoint[:40])
         log(f"{job.submission_id or job.job_id:<44} {job.status.value:<10} {started:<20} {run}")
     return 0
+
+
+def _submitted(job) -> bool:
+    kind = getattr(job, "type", None)
+    return str(getattr(kind, "value", kind)).upper() == "SUBMISSION" if kind is not None else bool(job.submission_id)
 
 
 def job_status(job_id: str, address: str | None, log=print) -> int:
