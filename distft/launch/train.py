@@ -73,27 +73,26 @@ def start_private_ray(num_cpus: int, **init_kwargs) -> None:
     which only `ray start` writes: after any earlier `ray start` on this machine, it names that
     (usually dead) cluster. The cleaner then hung on it until Train gave up stopping it, 12-19 s
     lost at the end of every run ("Failed to stop PlacementGroupCleaner gracefully"). Workers
-    inherit the environment the raylet is started with, so setting RAY_API_SERVER_ADDRESS here
+    inherit the environment the raylet is started with, so setting RAY_API_SERVER_ADDRESS there
     reaches them.
+
+    Ray's processes start with the allowlisted environment only (cluster.worker_environ: a planted
+    X_SECRET in this shell never reaches a worker) and a loopback node IP, so every port Ray opens
+    listens on 127.0.0.1. This process's own environment is left as it was.
     """
     import ray
 
-    from distft.launch.cluster import free_port
+    from distft.launch.cluster import free_port, private_ray_environ, secure_token_file
 
     port = free_port()
-    before = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     init_kwargs.setdefault("logging_level", "warning")
-    try:
+    # Left set in this process, RAY_API_SERVER_ADDRESS would override the address of any job server it
+    # (or a child, e.g. `distft submit` from a test) talks to later: it lives in the scrubbed copy only.
+    with private_ray_environ():
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port,
                  include_dashboard=True, **init_kwargs)
-    finally:
-        # The raylet has its environment now. Left set here, it would override the address of any job
-        # server this process (or a child, e.g. `distft submit` from a test) talks to later.
-        if before is None:
-            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = before
+    secure_token_file()  # Ray writes the token it generates at mode 644
 
 
 def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None):
