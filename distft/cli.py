@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from distft.config import TINY_BASE, ConfigError, DistftConfig, dump_config, load_config
-from distft.data.formats import DataError
+from distft.config import TINY_BASE, DistftConfig, dump_config, load_config
 from distft.errors import UserError
 
 EPILOG = """examples:
@@ -337,8 +336,9 @@ def cmd_tune(args) -> int:
         raise
     print(markdown_table(out["rows"], tune_cfg.metric, out["best"]))
     if out["interrupted"]:
-        print(f"search interrupted; continue it with: distft tune --resume {run_dir}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if out.get("terminated") else "interrupted"
+        print(f"search {what}; continue it with: distft tune --resume {run_dir}", file=sys.stderr)
+        return 143 if out.get("terminated") else 130
     best = out["best"]
     if best is None:
         failed = [r for r in out["rows"] if r["status"] == "failed"]
@@ -498,8 +498,20 @@ def cmd_jobs(args) -> int:
     return stop_job(args.job_id, args.address)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`): stopped like Ctrl-C, with its own exit status, 143 (128 + 15)."""
+
+
+_STOPPING: list[int] = []
+
+
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    """The first SIGINT or SIGTERM stops the run; later ones are ignored while it stops (the workers, the
+    private cluster and the checkpoints are being put away: a second Ctrl-C must not cut that short)."""
+    if _STOPPING:
+        return
+    _STOPPING.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -640,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["show", "list"])
     sp.add_argument("path", nargs="?", help="show: the run directory; list: the directory of runs (default runs/)")
     sp.set_defaults(func=cmd_runs)
+    for command in sub.choices.values():
+        command.add_argument("-v", "--verbose", action="store_true",
+                             help="on a failure, print the full tracebacks too (they are always in the run's "
+                                  "<stage>/error.log)")
     return p
 
 
@@ -653,35 +669,57 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from distft.errors import DistftError, StageFailed
     from distft.launch.preflight import PreflightError
-    from distft.distributed.checkpoint import CheckpointError
-    from distft.launch.train import ClusterError, StageError
-    from distft.models.export import ExportError
 
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: workers stopped, checkpoints kept.
-    signal.signal(signal.SIGTERM, _interrupt)
+    _STOPPING.clear()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
     except PreflightError as e:
         print(f"error: cannot run {getattr(args, 'config', '')}:\n{e}", file=sys.stderr)
+        return e.exit_code
+    except DistftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if isinstance(e, StageFailed):
+            _explain_failure(args, e)
+        return e.exit_code
     except FileNotFoundError as e:
         if e.errno is not None and not e.filename:
             raise  # an OS error that names no file is a bug of ours: the traceback says where
         print(f"error: {e}", file=sys.stderr)
-    except (DataError, UsageError, ClusterError, ExportError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-    except StageError as e:  # the run itself failed (not its input): exit 1, as a crash would
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        hint = getattr(args, "resume_hint", None) or (
-            f"distft resume {args.run_dir_hint}" if getattr(args, "run_dir_hint", None) else None)
+        return 2
+    except KeyboardInterrupt as e:
+        hint = _resume_hint(args)
         resume = f" (resume with: {hint})" if hint else ""
-        print(f"interrupted{resume}", file=sys.stderr)
-        return 130
-    return 2
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"{what}{resume}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        for sig, handler in previous.items():  # in-process callers (tests) get their own handlers back
+            signal.signal(sig, handler)
+
+
+def _resume_hint(args) -> str | None:
+    return getattr(args, "resume_hint", None) or (
+        f"distft resume {args.run_dir_hint}" if getattr(args, "run_dir_hint", None) else None)
+
+
+def _explain_failure(args, e) -> None:
+    """Below the one-line cause: where the tracebacks are (printed too with --verbose), and how to go on."""
+    log = getattr(e, "log_path", None)
+    if log:
+        if getattr(args, "verbose", False):
+            try:
+                print(Path(log).read_text(errors="replace"), file=sys.stderr)
+            except OSError:
+                pass
+        print(f"  details  {log} (every rank's traceback{'' if args.verbose else '; or rerun with --verbose'})",
+              file=sys.stderr)
+    hint = _resume_hint(args)
+    if hint:
+        print(f"  resume   {hint}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -191,3 +191,51 @@ def test_a_worker_group_that_cannot_start_in_time_says_what_to_check():
     e = stage_failed("sft", WorkerGroupStartupTimeoutError(num_workers=4))
     assert str(e).startswith("stage sft failed: WorkerGroupStartupTimeoutError")
     assert "raise run.worker_start_timeout_s" in str(e) and "distft cluster status" in str(e)
+
+
+@pytest.mark.parametrize("text", [
+    # Ray 2.60's raylet
+    "OutOfMemoryError: Task was killed due to the node running low on memory.\nMemory on the node (IP: 127.0.0.1, "
+    "ID: ab12) was 22.31GB used / 23.47GB limit (0.950612), which exceeds the memory usage threshold of 0.95.",
+    # earlier Ray versions
+    "Task was killed due to the node running low on memory.\nMemory on the node (IP: 10.0.0.2, ID: ab12) where the "
+    "task (actor ID: 9f, name=RayTrainWorker.__init__, pid=4331, memory used=2.22GB) was running was 22.31GB / "
+    "23.47GB (0.950612), which exceeds the memory usage threshold of 0.95.",
+])
+def test_a_worker_killed_by_the_memory_monitor_is_named_with_the_nodes_figures(text):
+    from ray.train import WorkerGroupError
+
+    from distft.launch.train import stage_failed
+
+    e = stage_failed("sft", WorkerGroupError("rank 1 failed", {1: RuntimeError(text)}))
+    assert str(e).startswith("stage sft failed on rank 1: the worker was killed by Ray's memory monitor")
+    assert "(the node used 22.31 of 23.47 GB, 95%)" in str(e) and "distft plan CONFIG" in str(e)
+
+
+def test_a_worker_process_that_died_says_how_and_what_to_do():
+    from ray.train import WorkerGroupError
+
+    from distft.launch.train import stage_failed
+
+    died = RuntimeError("ActorDiedError: The actor died unexpectedly before finishing this task.\n\tclass_name: "
+                        "RayTrainWorker\nThe actor is dead because its worker process has died. Worker exit type: "
+                        "UNEXPECTED_SYSTEM_EXIT Worker exit detail: Worker unexpectedly exits with a connection error "
+                        "code 2. End of file. There are some potential root causes.")
+    e = stage_failed("sft", WorkerGroupError("rank 0 died", {0: died}))
+    assert str(e).startswith("stage sft failed on rank 0: the worker process died unexpectedly (Worker unexpectedly "
+                             "exits with a connection error code 2.)")
+    assert "run.max_failures=N" in str(e)
+
+
+def test_stage_failed_writes_every_traceback_to_the_log_and_appends(tmp_path):
+    from ray.train import WorkerGroupError
+
+    from distft.launch.train import stage_failed
+
+    log = tmp_path / "sft" / "error.log"
+    cause = RuntimeError("Traceback (most recent call last):\n  File \"w.py\", line 3\nValueError: deep reason")
+    e = stage_failed("sft", WorkerGroupError("rank 0 failed", {0: cause}), log)
+    assert e.log_path == str(log) and e.exit_code == 1
+    stage_failed("sft", WorkerGroupError("again", {0: cause}), log)
+    text = log.read_text()
+    assert text.count("stage sft failed") == 2 and 'File "w.py", line 3' in text

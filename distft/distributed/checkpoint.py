@@ -249,6 +249,15 @@ def is_disk_error(error: BaseException) -> bool:
     return False
 
 
+def is_permission_error(error: BaseException) -> bool:
+    """EPERM or EACCES anywhere in the chain: the fix is the directory's permissions, not disk space."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (1, 13):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def write_failure(checkpoints_dir: str | Path, error: BaseException, resume_hint: str,
                   since: float = 0.0) -> str | None:
     """The account of a stage that failed writing (a checkpoint, or any file on a full disk), else None.
@@ -260,8 +269,8 @@ def write_failure(checkpoints_dir: str | Path, error: BaseException, resume_hint
     staged = sorted((d for d in staging_dir(checkpoints_dir).glob("checkpoint-*")
                      if d.is_dir() and d.stat().st_mtime >= since),
                     key=lambda d: checkpoint_step(d) or -1)
-    disk = is_disk_error(error)
-    if not staged and not disk:
+    disk, denied = is_disk_error(error), is_permission_error(error)
+    if not staged and not disk and not denied:
         return None
     what = f"writing checkpoint {staged[-1].name}" if staged else "writing to disk"
     cause = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
@@ -272,8 +281,12 @@ def write_failure(checkpoints_dir: str | Path, error: BaseException, resume_hint
         kept = f"the latest sealed checkpoint, {sealed[-1]}, does not verify either"
     else:
         kept = "no checkpoint had been completed yet"
-    fix = ("free disk space, or raise the quota or file-size limit (ulimit -f), for " if disk
-           else "fix the cause above for ")
+    if disk:
+        fix = "free disk space, or raise the quota or file-size limit (ulimit -f), for "
+    elif denied:
+        fix = "make it writable again (owner and mode, `lsattr`/`chattr -i`, a read-only mount) for "
+    else:
+        fix = "fix the cause above for "
     return (f"{what} failed ({type(error).__name__}: {cause}); the stage stopped and {kept}. "
             f"Fix: {fix}{Path(checkpoints_dir).parent.parent}, then {resume_hint}.")
 

@@ -13,10 +13,11 @@ import os
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from distft.config import DistftConfig
-from distft.errors import UserError
+from distft.errors import DistftError, StageFailed, UserError
 
 # Workers inherit these so per-process thread pools match the CPUs Ray reserved.
 SYNC_UPLOAD_ENV = "DISTFT_SYNC_UPLOAD"
@@ -28,12 +29,16 @@ class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot be reached or cannot host the request; the message says how to fix it."""
 
 
-class StageError(RuntimeError):
-    """A stage's workers failed; the message names the rank and the cause (the tracebacks are in the log above)."""
+class StageError(StageFailed):
+    """A stage's workers failed; the message names the rank and the cause, `log_path` holds the tracebacks."""
 
 
-def stage_failed(label: str, error: BaseException) -> StageError:
-    """Ray Train's error, reduced to what failed where: the first failed rank's own message."""
+def stage_failed(label: str, error: BaseException, log_path: Path | None = None) -> StageError:
+    """Ray Train's error, reduced to what failed where: the first failed rank's own message.
+
+    Ray 2.60 raises it from `TorchTrainer.fit()` with every rank's traceback inside (60-160 lines);
+    those go to `log_path` (appended: a resumed run keeps its earlier failures), not to the terminal.
+    """
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
         rank, cause = min(failures.items(), key=lambda kv: kv[0])
@@ -41,8 +46,50 @@ def stage_failed(label: str, error: BaseException) -> StageError:
         where = f" on rank {rank}" if len(failures) < 2 else f" on {len(failures)} ranks (rank {rank} first)"
     else:
         cause, where = getattr(error, "controller_failure", None) or error, ""
-    hint = STARTUP_HINT if "WorkerGroupStartup" in f"{type(cause).__name__} {error_line(cause)}" else ""
-    return StageError(f"stage {label} failed{where}: {error_line(cause)}{hint}")
+    line = describe_cause(cause)
+    hint = STARTUP_HINT if "WorkerGroupStartup" in f"{type(cause).__name__} {line}" else ""
+    written = _write_error_log(log_path, label, error) if log_path is not None else None
+    return StageError(f"stage {label} failed{where}: {line}{hint}", log_path=written)
+
+
+def describe_cause(cause: BaseException) -> str:
+    """One line for what ended a worker: its own error, or why Ray ended its process."""
+    text = str(cause)
+    if "running low on memory" in text or "OutOfMemoryError" in f"{type(cause).__name__} {text[:300]}":
+        # Ray's memory monitor kills the newest worker when the node passes its threshold (95% by default).
+        # Ray 2.60: "... was 21.9GB used / 23.4GB limit (0.95)"; earlier: "... was running was 21.9GB / 23.4GB (0.95)".
+        figures = re.search(r"Memory on the node \(IP: [^)]*\).*? was (?:running was )?([\d.]+) ?GB(?: used)? / "
+                            r"([\d.]+) ?GB(?: limit)? \(([\d.]+)\)", text)
+        used = f" (the node used {figures[1]} of {figures[2]} GB, {float(figures[3]):.0%})" if figures else ""
+        return (f"the worker was killed by Ray's memory monitor: its node ran low on memory{used}. Fix: size the run "
+                "with `distft plan CONFIG` and give each worker more memory (fewer workers per node, a smaller "
+                "train.micro_batch_size or model.max_seq_len, or a sharded strategy).")
+    if re.search(r"ActorDiedError|actor died|worker process has died|process .* (was )?killed", text, re.I):
+        exit_detail = re.search(r"Worker exit detail: ([^.]*\.)", text)
+        detail = f" ({exit_detail[1].strip()})" if exit_detail else ""
+        return (f"the worker process died unexpectedly{detail}: killed from outside (SIGKILL: the OOM killer, "
+                "a preempted node, `kill -9`) or crashed. Fix: check the node's memory (`distft plan CONFIG`, dmesg); "
+                "run.max_failures=N lets Ray Train restart the workers from the latest checkpoint.")
+    return error_line(cause)
+
+
+def _write_error_log(path: Path, label: str, error: BaseException) -> str | None:
+    """Every rank's traceback, as Ray gave it, plus the driver's own; None when the log cannot be written."""
+    import traceback
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} stage {label} failed\n")
+            f.write(f"{type(error).__name__}: {error}\n\n")
+            for rank, cause in sorted((getattr(error, "worker_failures", None) or {}).items()):
+                # A worker's traceback is in the text of what Ray hands back for it.
+                f.write(f"--- rank {rank}: {type(cause).__name__}\n{cause}\n\n")
+            f.write("".join(traceback.format_exception(error)))
+            f.write("\n")
+    except OSError:  # a full or read-only disk must not hide the failure itself
+        return None
+    return str(path)
 
 
 STARTUP_HINT = (" Fix: check that the cluster has room for every worker (distft cluster status, ray status), or "
@@ -127,6 +174,30 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
 
         start_reaper(os.getpid())  # if this process is killed outright, its cluster goes too
     return ray
+
+
+@contextmanager
+def caller_signal_handlers():
+    """Keep this process's SIGINT and SIGTERM handlers across `ray.init`.
+
+    Ray's core worker installs absl's failure-signal handler when it connects: a SIGTERM then
+    prints a crash dump (`*** SIGTERM received ... PC: @ ...`) and exits 134, so the CLI's own
+    handler (stop the workers, keep the checkpoints, print the resume command, exit 143) never runs.
+    Python still lists its handler; setting it again reinstalls it below absl's.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def place_workers(free: list[dict], per: dict, workers: int, strategy: str) -> bool:
@@ -361,9 +432,15 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             callbacks=callbacks,
         ),
     )
-    result = _fit_interruptibly(trainer)
-    if result.error:
-        raise stage_failed(stage.label(), result.error) from result.error
+    error_log = run_dir / stage.label() / "error.log"
+    try:
+        result = _fit_interruptibly(trainer)
+    except (KeyboardInterrupt, DistftError):
+        raise
+    except Exception as e:  # Ray 2.60 raises the workers' error from fit(); its tracebacks go to error_log
+        raise stage_failed(stage.label(), e, error_log) from None
+    if result.error:  # the Ray versions that return it instead
+        raise stage_failed(stage.label(), result.error, error_log) from None
     summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
     placement = run_dir / stage.label() / "placement"
     # Files of an earlier, larger worker group (an elastic run that shrank) are not this one's.
@@ -428,6 +505,9 @@ def _quiet_report_logger() -> None:
     """
     import logging
 
+    # Train V2 also logs a failing training function's whole traceback from the worker, which Ray streams
+    # to the driver's console; the driver writes it to <stage>/error.log and prints one line instead.
+    logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     try:
         from ray.train.v2._internal.execution import context as train_context
     except ImportError:  # another Ray layout: nothing to quiet
@@ -726,7 +806,8 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
                 summaries.append({**done, "skipped": True})
                 continue
             if not cluster_taken:
-                init_ray(cfg, address)
+                with caller_signal_handlers():
+                    init_ray(cfg, address)
                 cluster_taken = True
                 if address or not owns_ray:
                     check_cluster_resources(cfg)

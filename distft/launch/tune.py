@@ -40,9 +40,9 @@ from ray.tune.search.optuna import OptunaSearch  # imports without optuna instal
 
 from distft.config import DistftConfig, dump_config
 from distft.config.search import TuneSettings, trial_config
-from distft.launch.train import (ClusterError, check_storage, cluster_address, error_line, forwarded_env,
-                                 forwarded_secrets, init_ray, place_workers, placement_problem, resume_point,
-                                 train_stage)
+from distft.launch.train import (ClusterError, caller_signal_handlers, check_storage, cluster_address, error_line,
+                                 forwarded_env, forwarded_secrets, init_ray, place_workers, placement_problem,
+                                 resume_point, train_stage)
 
 TRIAL_ACTOR_CPU = 0.01  # a trial's Tune actor only waits on `fit`
 SEARCH_FILE = "search.yaml"  # the config with its tune section, as the search ran it (for --resume)
@@ -370,7 +370,8 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
     owns_ray = not ray.is_initialized()
     # A private cluster gets one logical CPU more than the machine has, for the trials' Tune actors
     # (0.01 each), so the worker groups still get every core.
-    init_ray(cfg, address, num_cpus=(os.cpu_count() or 1) + 1)
+    with caller_signal_handlers():
+        init_ray(cfg, address, num_cpus=(os.cpu_count() or 1) + 1)
     try:
         if address or not owns_ray:
             check_storage(cfg, run_dir)
@@ -399,7 +400,13 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
         log(f"[tune] {total} trial(s), {at_once} at a time, scheduler {tune_cfg.scheduler}, "
             f"metric {tune_cfg.metric} ({tune_cfg.mode})")
         # SIGTERM ends the search like Ctrl-C: Tune saves its state, so `distft tune --resume` continues.
-        previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        terminated = []
+
+        def on_sigterm(*_):
+            terminated.append(True)  # the CLI exits 143 for it, 130 for Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             grid = tuner.fit()
         finally:
@@ -410,7 +417,7 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
         interrupted = len(rows) < total or any(r["status"] == "unfinished" for r in rows)
         best = write_outputs(rows, raw, cwd, tune_cfg, run_dir) if not interrupted else None
         log(f"[tune] {'interrupted' if interrupted else 'done'} after {time.time() - started:.0f}s")
-        return {"rows": rows, "best": best, "interrupted": interrupted}
+        return {"rows": rows, "best": best, "interrupted": interrupted, "terminated": bool(terminated)}
     finally:
         if owns_ray:
             ray.shutdown()

@@ -56,7 +56,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
             train_ds, train_stats = tokenize_dataset(train_rows, fmt, tokenizer, max_len, stage.loss_on(),
                                                      data_cfg.text_field)
-        eval_ds, _ = tokenize_dataset(eval_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field)
+        eval_ds, _ = tokenize_dataset(eval_rows, fmt, tokenizer, max_len, stage.loss_on(), data_cfg.text_field,
+                                      field="data.eval" if data_cfg.eval else "data.train (its eval_fraction split)")
     described = "streamed from Ray Data, tokenized by its tasks" if data_cfg.streaming else train_stats.describe(max_len)
     ctx.log(f"[{stage.label()}] data ({fmt}, loss on {stage.loss_on()}): {described}")
 
