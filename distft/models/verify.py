@@ -9,9 +9,9 @@ problem is one message naming the file and the fix; callers add the config field
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 from distft.errors import UserError
@@ -180,15 +180,34 @@ def _modeling_file(model_type: str) -> Path | None:
     return found if found.is_file() else None
 
 
-def _declares(model_type: str, attr: str) -> bool:
-    """Whether the architecture's modeling file sets `attr = True`: read as text, without importing it
-    (importing transformers and a modeling module costs seconds; this is milliseconds)."""
+def _declares(model_type: str, attr: str, arch: str | None = None) -> bool:
+    """Whether the architecture's class (`arch`, else its causal LM) sets `attr = True`, itself or through a
+    base class in the same file: read from the modeling file's syntax tree, without importing it (importing
+    transformers and a modeling module costs seconds; this is milliseconds). False means "not known"."""
     path = _modeling_file(model_type)
     try:
-        text = path.read_text(encoding="utf-8") if path else ""
-    except OSError:
+        tree = ast.parse(path.read_text(encoding="utf-8")) if path else None
+    except (OSError, SyntaxError, ValueError):
         return False
-    return re.search(rf"^\s+{attr}\s*=\s*True\b", text, re.MULTILINE) is not None
+    classes = {c.name: c for c in (tree.body if tree else []) if isinstance(c, ast.ClassDef)}
+
+    def value(name: str, seen: set) -> bool | None:
+        c = classes.get(name)
+        if c is None or name in seen:
+            return None
+        seen.add(name)
+        for stmt in c.body:
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(
+                stmt, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id == attr for t in targets):
+                return stmt.value.value if isinstance(stmt.value, ast.Constant) else None
+        for base in c.bases:
+            if isinstance(base, ast.Name) and (found := value(base.id, seen)) is not None:
+                return found
+        return None
+
+    name = arch if arch in classes else next((n for n in classes if n.endswith("ForCausalLM")), None)
+    return bool(name) and value(name, set()) is True
 
 
 def _model_class(model_type: str):
@@ -209,9 +228,9 @@ def _model_class(model_type: str):
     return None
 
 
-def supports(model_type: str, attr: str) -> tuple[bool | None, str]:
+def supports(model_type: str, attr: str, arch: str | None = None) -> tuple[bool | None, str]:
     """(does the architecture set `attr` (e.g. `_supports_sdpa`), its class name); None when unknown."""
-    if _declares(model_type, attr):
+    if _declares(model_type, attr, arch):
         return True, model_type
     cls = _model_class(model_type)  # the exact answer, only on the rare path: it imports the modeling code
     if cls is None:
@@ -234,11 +253,13 @@ def attention_problem(config: dict, attn: str | None, use_gpu: bool, trust_remot
     if not isinstance(model_type, str) or (trust_remote_code and config.get("auto_map")):
         return None
     attr = "_supports_sdpa" if attn == "sdpa" else "_supports_flash_attn"
-    ok, name = supports(model_type, attr)
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    ok, name = supports(model_type, attr, arch)
     if ok is not False:
         return None
     works = "eager"
-    if attn != "sdpa" and supports(model_type, "_supports_sdpa")[0]:
+    if attn != "sdpa" and supports(model_type, "_supports_sdpa", arch)[0]:
         works = "sdpa"
     from importlib.metadata import version
 
