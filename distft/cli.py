@@ -660,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distft.stages.quiet import quiet_notices
+
+    quiet_notices(driver=True)  # before any command imports the libraries that log them
     parser = build_parser()
     # Overrides may come after options too (`train c.yaml --address X train.lr=1`), which
     # plain argparse rejects once an option has ended the positional list.

@@ -137,6 +137,10 @@ def start_private_ray(num_cpus: int, **init_kwargs) -> None:
     # (or a child, e.g. `distft submit` from a test) talks to later: it lives in the scrubbed copy only.
     with private_ray_environ():
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # Train's PreemptionWatcher (an actor per worker group) watches for node drains, which a private
+        # one-machine cluster never has; Ray core logs an error-level line for every one it creates
+        # (constructor arguments in the object store with max_restarts > 0, ray-project/ray#53727).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port,
                  include_dashboard=True, **init_kwargs)
     secure_token_file()  # Ray writes the token it generates at mode 644

@@ -2,9 +2,39 @@
 
 Kept apart from reporting.py, which imports transformers: the notices below are logged at import time,
 so the filters must be in place before the first transformers import.
+
+Each notice is dropped by its logger (or warning category) and its text, never by level: a warning
+the user can act on, from the same library, still shows. A successful `distft train` prints no
+WARNING- or ERROR-level line besides these (tests/test_ray_launch.py::test_quickstart_cli_meets_its_target).
 """
 
 from __future__ import annotations
+
+# (logger name, text in the message): notices that say nothing the user can act on.
+KNOWN_NOTICES = (
+    # bitsandbytes (imported by peft and transformers whenever installed) looks for an optional hub
+    # kernel for 4-bit CPU matmuls at import and falls back to its own, even for models that are not
+    # quantized; the notice says to install `kernels`, which would fetch code from the hub.
+    ("bitsandbytes.backends.cpu.ops", "from kernels-community"),
+)
+# Only in the CLI's own process, which computes nothing with DeepSpeed: accelerate imports it when
+# saving a model (export, the tiny base) just to look for a DeepSpeed wrapper, and on a machine
+# without a GPU DeepSpeed says it settled on the CPU. Workers set DS_ACCELERATOR for CPU runs, so
+# there a GPU run that finds no GPU still says so.
+DRIVER_NOTICES = (
+    ("DeepSpeed", "Setting accelerator to CPU"),
+    # Ray 2.60 turns token auth on by default for a new local cluster and says so, with how to opt out
+    # (which distft does not want: the README promises token auth). A cluster where it is off still warns.
+    ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled for this Ray cluster"),
+)
+# (message regex, category): warnings about library code calling library code.
+KNOWN_WARNINGS = (
+    # peft probes `is_gradient_checkpointing` with getattr on every model it wraps; transformers 5.23 has
+    # deprecated that name, so each wrap warns about peft's code, not the user's.
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+    # DeepSpeed 0.19.8's ZeRO-3 calls the collectives torch 2.13 renamed, 26 times in a short run.
+    (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning),
+)
 
 
 class _DropMessages:
@@ -17,27 +47,36 @@ class _DropMessages:
         return not any(part in str(record.msg) for part in self.parts)
 
 
+def _drop(logger_name: str, text: str) -> None:
+    import logging
+
+    log = logging.getLogger(logger_name)  # created now if its library is not imported yet; it keeps the filter
+    if not any(isinstance(f, _DropMessages) and text in f.parts for f in log.filters):
+        log.addFilter(_DropMessages(text))
+
+
+def quiet_notices(driver: bool = False) -> None:
+    """The known-harmless notices, dropped by logger and text. Cheap (imports no library), idempotent;
+    call before the libraries are imported. `driver`: the CLI's own process (see DRIVER_NOTICES)."""
+    import warnings
+
+    for logger_name, text in KNOWN_NOTICES + (DRIVER_NOTICES if driver else ()):
+        _drop(logger_name, text)
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def quiet_libraries() -> None:
     """Per-item progress bars from datasets/transformers drown our progress lines in worker logs, and a few
     known-harmless notices repeat in every worker of every run. Called before a stage imports transformers."""
     import logging
-    import warnings
 
-    # bitsandbytes (imported with transformers whenever installed) looks for an optional hub kernel for
-    # 4-bit CPU matmuls and falls back to its own; the notice says to install `kernels`, which would fetch
-    # code from the hub.
-    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropMessages) for f in bnb_cpu.filters):
-        bnb_cpu.addFilter(_DropMessages("from kernels-community"))
-
+    quiet_notices()
     import datasets
     import transformers
 
     # accelerate logs every FSDP shard it saves or loads at INFO ("[RANK 0] Optimizer state saved in ...").
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    # peft probes `is_gradient_checkpointing` with getattr on every model it wraps; transformers 5.23 has
-    # deprecated that name, so each wrap warns about peft's code, not the user's.
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()

@@ -150,6 +150,7 @@ class ReportCallback(TrainerCallback):
         self.checkpoint_blocked: list[float] = []
         self.rss = RssWatch()
         self._mark = time.time()
+        self._last_shown: tuple[int, dict] | None = None  # (step, values) of the last progress line
         if ctx.is_main:
             self.checkpoints = CheckpointPublisher(
                 self.stage_dir / "checkpoints", keep=cfg.run.keep_checkpoints, world_size=ctx.world_size,
@@ -188,8 +189,13 @@ class ReportCallback(TrainerCallback):
             self.metrics.write(metrics)
             if self.training_over:  # the stage's evaluate() after training: nothing else is logged after it
                 self.metrics.close()
-            if any(k in logs for k in PROGRESS_KEYS):
+            shown = (state.global_step, {k: v for k, v in logs.items() if k in PROGRESS_KEYS})
+            # The stage's evaluate() after a run whose last step was an eval scores the same weights
+            # again: the same line twice. After a best checkpoint is restored, it differs and shows.
+            if shown[1] and not (self.training_over and shown == self._last_shown):
                 self.ctx.log(self._progress_line(state, logs))
+            if shown[1]:
+                self._last_shown = shown
         self.ctx.report(metrics, progress=not any(k.startswith("eval_") for k in logs))
         # Tune's early stop ends the run from inside, at an eval, like EarlyStoppingCallback: the stage
         # exports and returns, Ray Train releases the workers, and the next trial can start.
