@@ -36,9 +36,10 @@ class RunDirError(UserError):
 class Claim:
     """A run directory this invocation holds: whether it made the directory, and which files it wrote."""
 
-    def __init__(self, path: Path, created: bool, fresh: bool | None = None):
+    def __init__(self, path: Path, created: bool, fresh: bool | None = None, made_parents: tuple[Path, ...] = ()):
         self.path, self.created = path, created
         self.fresh = created if fresh is None else fresh  # held nothing when claimed
+        self.made_parents = made_parents  # run.output_dir and the directories above it that the claim made
         self.wrote: list[Path] = []
 
     def write(self, name: str, writer: Callable[[Path], object]) -> Path:
@@ -82,6 +83,11 @@ class Claim:
             self.path.rmdir()
         except OSError:
             return False
+        for parent in self.made_parents:  # innermost first; one holding anything else stays
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         return True
 
     def release_after(self, error: BaseException, resumable: bool) -> bool:
@@ -101,6 +107,7 @@ def claim_run_dir(output_dir: str | Path, name: str | None, default_stem: str, r
     directory that may already hold earlier attempts."""
     parent = Path(output_dir).resolve()
     refuse_file_in_path(parent, FIELD)
+    made = tuple(p for p in [parent, *parent.parents] if not p.exists())
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -111,7 +118,7 @@ def claim_run_dir(output_dir: str | Path, name: str | None, default_stem: str, r
         path = parent / (base if n == 1 else f"{base}-{n}")
         try:
             path.mkdir()
-            return Claim(path, created=True)
+            return Claim(path, created=True, made_parents=made)
         except FileExistsError:
             if path.is_symlink() or not path.is_dir():
                 if explicit or reuse:
