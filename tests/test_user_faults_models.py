@@ -48,6 +48,9 @@ def world(tmp_path_factory, tiny_random) -> Path:
     weights = root / "truncated" / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
+    shutil.copytree(tiny_random, root / "bad-tokenizer")
+    tok = root / "bad-tokenizer" / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes()[: tok.stat().st_size // 2])
     (root / "config-only").mkdir()
     shutil.copy(tiny_random / "config.json", root / "config-only" / "config.json")
     _tiny_gemma2(root / "gemma2", tiny_random)
@@ -94,6 +97,13 @@ def _config_only(w: Path, env: dict) -> None:
     assert sorted(p.name for p in (w / "config-only").iterdir()) == ["config.json"]
 
 
+def _tokenizer_cut(w: Path, env: dict) -> None:
+    from tokenizers import Tokenizer
+
+    with pytest.raises(Exception):  # noqa: B017 - the tokenizers library refuses the file
+        Tokenizer.from_file(str(w / "bad-tokenizer" / "tokenizer.json"))
+
+
 def _no_sdpa(w: Path, env: dict) -> None:
     from transformers import Gemma2ForCausalLM
 
@@ -120,6 +130,8 @@ CASES = [
      ("model.name_or_path: $W/config-only has a config.json but no weights", "Fix: ")),
     ("train-config-json-only", "train $W/c.yaml model.name_or_path=$W/config-only", OFFLINE, _config_only,
      ("model.name_or_path: $W/config-only has a config.json but no weights", "Fix: ")),
+    ("validate-tokenizer-cut-short", "validate $W/c.yaml model.name_or_path=$W/bad-tokenizer", OFFLINE, _tokenizer_cut,
+     ("model.name_or_path: $W/bad-tokenizer: its tokenizer does not load (", "Fix: ")),
     ("validate-attention-unsupported", "validate $W/c.yaml model.name_or_path=$W/gemma2", OFFLINE, _no_sdpa,
      ("model.attn_implementation=sdpa: Gemma2ForCausalLM", "Fix: model.attn_implementation=eager")),
     ("train-attention-unsupported", "train $W/c.yaml model.name_or_path=$W/gemma2", OFFLINE, _no_sdpa,
