@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import REPO
 from distft.config import load_config
 from distft.launch.preflight import absolutize_paths
+from test_clean_output import noise_lines
 from test_provenance import SECRET_PROBE, assert_run_records_itself
 
 pytestmark = pytest.mark.slow
@@ -56,6 +58,11 @@ def test_quickstart_cli_meets_its_target(tmp_path):
                        env={**os.environ, **SECRET_PROBE})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out     exact match 0.0% ->" in r.stdout
+    # A clean run: no warning or error the user cannot act on (Ray's token-auth notice, Train's
+    # PreemptionWatcher line, library notices), and the last eval line once, not twice.
+    assert noise_lines(r.stdout, r.stderr) == [], r.stdout[-3000:] + r.stderr[-3000:]
+    final_evals = re.findall(r"\[sft\] step (\d+)/\1 \(100%\) eval_loss", r.stdout)
+    assert len(final_evals) == 1, r.stdout[-3000:]
     assert_run_records_itself(tmp_path / "qs", cmd)
     (summary,) = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval_items"] >= 500
@@ -66,6 +73,7 @@ def test_quickstart_cli_meets_its_target(tmp_path):
                         "--prompt", row["instruction"], "--input", row["input"], "--max-new-tokens", "8"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
+    assert noise_lines(g.stdout, g.stderr) == [], g.stderr[-2000:]
     assert g.stdout.strip().splitlines()[-1] == row["output"]
 
 
