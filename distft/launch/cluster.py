@@ -66,9 +66,9 @@ def worker_environ(env: dict[str, str] | None = None) -> dict[str, str]:
 # Ray 2.60 turns a loopback node IP given to `ray.init` or `ray start --node-ip-address` into the
 # machine's outward address, and every gRPC server, agent and metrics port then listens on all
 # interfaces. Only with this switch off does it keep 127.0.0.1, and with a loopback node IP it
-# binds each of them to loopback. Its name is historic: with it off, `ray start` refuses to
-# start a worker node, so it is set for a head only; worker raylets joining 127.0.0.1 take
-# 127.0.0.1 as their IP by themselves (the address they reach the head from).
+# binds each of them to loopback. Its name is historic: with it off, `ray start` refuses to start
+# a worker node and every client resolves 127.0.0.1 to the outward address, so it suits a private
+# cluster only (one node, one client: this process).
 LOOPBACK_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -542,7 +542,10 @@ def up(
             # Fixed defaults (10001, 52365) would clash with any other Ray on this machine.
             "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
         ]
-        procs["head"] = _spawn("head", head_args + common, {**env, **LOOPBACK_NODE_ENV}, logs)
+        # Not LOOPBACK_NODE_ENV here: Ray 2.60 rewrites the address 127.0.0.1 given to `ray start --address`
+        # and to every client's `ray.init` into the machine's outward address, so a head that keeps 127.0.0.1
+        # could be joined by no raylet and reached by no client (README, "What listens").
+        procs["head"] = _spawn("head", head_args + common, env, logs)
         state["processes"].append(procs["head"][0])
         _write_state(state)  # from here on, `distft cluster down` can clean up even if this process dies
         _wait_for_port(port, procs, deadline)
