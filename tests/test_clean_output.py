@@ -127,3 +127,44 @@ def test_generate_eval_and_export_print_no_warnings(tiny_random, tmp_path):
     assert "exact match:" in runs["eval"].stdout
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["model_type"] == "llama"
     assert_unchanged(before, snapshot(tiny_random, adapter, data))
+
+
+def test_a_new_classifier_head_is_said_once_and_a_damaged_body_still_reported(tmp_path):
+    """classify: transformers' LOAD REPORT of the new head (a WARNING from every rank) becomes part of
+    distft's own line on rank 0; body weights missing from the checkpoint still get transformers' report."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertModel
+
+    from distft.config.schema import MethodConfig, ModelConfig
+    from distft.models.loading import load_classifier
+    from distft.stages.quiet import quiet_libraries
+
+    quiet_libraries()
+    encoder = tmp_path / "encoder"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                         vocab_size=100)).save_pretrained(encoder)
+
+    class Shown(logging.Handler):  # what reaches transformers' handlers (its own stream is not pytest's)
+        def emit(self, record):
+            reports.append(record.getMessage())
+
+    reports: list[str] = []
+    said: list[str] = []
+    shown, transformers_log = Shown(), logging.getLogger("transformers.modeling_utils")
+    transformers_log.addHandler(shown)
+    try:
+        load_classifier(ModelConfig(name_or_path=str(encoder)), MethodConfig(name="full"), ["a", "b"],
+                        log=said.append)
+        assert not any("LOAD REPORT" in r for r in reports), reports
+        assert "new head classifier.bias, classifier.weight" in said[-1], said
+
+        weights = load_file(encoder / "model.safetensors")
+        del weights["encoder.layer.0.output.dense.bias"]
+        save_file(weights, encoder / "model.safetensors", metadata={"format": "pt"})
+        load_classifier(ModelConfig(name_or_path=str(encoder)), MethodConfig(name="full"), ["a", "b"],
+                        log=said.append)
+    finally:
+        transformers_log.removeHandler(shown)
+    assert any("LOAD REPORT" in r and "bert.encoder.layer.0.output.dense.bias" in r for r in reports), reports

@@ -7,6 +7,7 @@ Any hub id or local HF directory works. The bundled tiny base is addressed as
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from distft.config.schema import MINILM, TINY_BASE, MethodConfig, ModelConfig
@@ -176,15 +177,60 @@ def load_classifier(model: ModelConfig, method: MethodConfig, labels: list[str],
 
     path = resolve_model_path(model.name_or_path)
     kwargs = _pretrained_kwargs(model, method, use_gpu)
-    net = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
-        ignore_mismatched_sizes=True, **kwargs)  # a classifier with another label set gets a new head
+    with _load_report_held() as report:
+        net, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={l: i for i, l in enumerate(labels)}, output_loading_info=True,
+            ignore_mismatched_sizes=True, **kwargs)  # a classifier with another label set gets a new head
+    # transformers reports (a WARNING, from every rank) the new head's weights as missing: expected for a
+    # new classifier, so distft says it once. Weights of the body itself missing or of another shape are
+    # not: then its report shows.
+    new = info["missing_keys"] | {k[0] for k in info["mismatched_keys"]}
+    body = f"{net.base_model_prefix}."
+    if any(k.startswith(body) for k in new):
+        report.release()
+    head = sorted(k for k in new if not k.startswith(body))
+    unused = sorted(info["unexpected_keys"])  # a pretraining head (an LM's lm_head, BERT's cls.*): said, not shown
     if net.config.pad_token_id is None:
         net.config.pad_token_id = net.config.eos_token_id
     _materialize_new_weights(net)
     net = attach_method(net, method, "SEQ_CLS", path, log)
-    log(f"classifier: {len(labels)} labels {labels}; method {method.name}: {count_params(net).describe()}")
+    log(f"classifier: {len(labels)} labels {labels}" + (f", new head {', '.join(head)}" if head else "")
+        + (f", {len(unused)} checkpoint weights unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})"
+           if unused else "")
+        + f"; method {method.name}: {count_params(net).describe()}")
     return net
+
+
+class _HeldRecords:
+    def __init__(self, logger):
+        self.logger, self.records = logger, []
+
+    def filter(self, record) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Log the held reports after all."""
+        for record in self.records:
+            self.logger.handle(record)
+        self.records = []
+
+
+@contextmanager
+def _load_report_held():
+    """transformers' LOAD REPORT of a from_pretrained inside, held back until `.release()`d (or dropped)."""
+    import logging
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldRecords(logger)
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
 
 
 def final_model_dir(path: str | Path) -> Path:
