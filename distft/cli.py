@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -676,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     from distft.launch.preflight import PreflightError
 
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: workers stopped, checkpoints kept.
+    if getattr(args, "verbose", False):
+        os.environ["DISTFT_VERBOSE"] = "1"  # launch keeps every line Ray streams (launch/train.py)
     _STOPPING.clear()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -137,7 +137,12 @@ def test_ray_train_errors_are_reduced_to_the_failing_rank_and_its_message():
     e = stage_failed("sft", WorkerGroupError("rank 1 failed", {1: cause}))
     assert str(e) == "stage sft failed on rank 1: ValueError: the real reason"
     e = stage_failed("ppo", WorkerGroupError("both", {0: ValueError("a"), 1: ValueError("b")}))
-    assert str(e) == "stage ppo failed on 2 ranks (rank 0 first): ValueError: a"
+    assert str(e) == "stage ppo failed on rank 0 (and 1 more): ValueError: a"
+    # The rank whose process died is the cause; its peer only saw the connection drop.
+    reset = RuntimeError("RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    died = RuntimeError("ActorDiedError: The actor died unexpectedly before finishing this task.")
+    e = stage_failed("sft", WorkerGroupError("both", {0: reset, 1: died}))
+    assert str(e).startswith("stage sft failed on rank 1 (and 1 more): the worker process died unexpectedly")
 
 
 def test_a_checkpoint_upload_that_never_finishes_fails_the_run_with_a_hint(tmp_path):
@@ -239,3 +244,34 @@ def test_stage_failed_writes_every_traceback_to_the_log_and_appends(tmp_path):
     stage_failed("sft", WorkerGroupError("again", {0: cause}), log)
     text = log.read_text()
     assert text.count("stage sft failed") == 2 and 'File "w.py", line 3' in text
+
+
+def test_streamed_ray_lines_users_cannot_act_on_are_dropped_and_the_rest_kept(monkeypatch):
+    """The driver's console filter: the controller's cleanup traceback, PreemptionWatcher's error line and the
+    raylet's dead-worker notice go (error.log has the tracebacks); the run's own lines stay."""
+    from ray._private.ray_logging import WorkerStandardStreamDispatcher
+
+    import distft.launch.train as train
+
+    dispatcher = WorkerStandardStreamDispatcher()
+    printed: list[str] = []
+    dispatcher.add_handler("ray_print_logs", lambda data: printed.extend(data["lines"]))
+    monkeypatch.setattr("ray._private.ray_logging.global_worker_stdstream_dispatcher", dispatcher)
+    monkeypatch.delenv("DISTFT_VERBOSE", raising=False)
+    train.filter_streamed_logs()
+    train.filter_streamed_logs()  # twice: still one filter
+    controller = {"actor_name": "TrainController", "pid": 7, "is_err": True}
+    dispatcher.emit({**controller, "lines": [
+        "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
+        "Traceback (most recent call last):", '  File "config.py", line 333, in on_shutdown',
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+        "\tclass_name: RayTrainWorker", "The actor is dead because its worker process has died.",
+        "Detected ready resources for 1 workers; restart training with this worker group size"]})
+    dispatcher.emit({"actor_name": "TrainController", "pid": 7, "is_err": True, "lines": [
+        "[2026 E 1 2] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: 'ce58' has ..."]})
+    dispatcher.emit({"pid": "raylet", "is_err": False, "lines": [
+        "A worker died or was killed while executing a task by an unexpected system error. To troubleshoot ..."]})
+    dispatcher.emit({"actor_name": "RayTrainWorker", "pid": 8, "is_err": False,
+                     "lines": ["[sft] step 2/400 (0%) loss 6.5", "  indented worker output stays"]})
+    assert printed == ["Detected ready resources for 1 workers; restart training with this worker group size",
+                       "[sft] step 2/400 (0%) loss 6.5", "  indented worker output stays"]

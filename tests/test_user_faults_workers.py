@@ -192,7 +192,7 @@ def test_verbose_prints_the_tracebacks_too(cluster, tiny, tmp_path):
     r = subprocess.run([DISTFT, "train", str(REPO / "configs/quickstart.yaml"), f"model.name_or_path={tiny}",
                         "model.max_seq_len=8", "scaling.num_workers=1", "scaling.cpus_per_worker=2", "evaluate.data=null",
                         "train.max_steps=5", f"run.output_dir={tmp_path}", "run.name=v", "--verbose",
-                        "--address", cluster["address"]], cwd=tmp_path, env=cluster["env"], capture_output=True,
+                        "--address", cluster["address"]], cwd=REPO, env=cluster["env"], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" in r.stderr and "every one of its" in r.stderr and "DataError" in r.stderr
@@ -205,7 +205,7 @@ def test_sigterm_stops_the_run_keeps_its_checkpoints_and_exits_143(tiny, tmp_pat
     args = [DISTFT, "train", str(REPO / "configs/quickstart.yaml"), f"model.name_or_path={tiny}",
             "scaling.num_workers=1", "scaling.cpus_per_worker=2", "train.max_steps=400", "train.save_every=4",
             "train.log_every=2", "evaluate.data=null", f"run.output_dir={runs}", "run.name=term"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=user_env(PYTHONUNBUFFERED=1), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=REPO, env=user_env(PYTHONUNBUFFERED=1), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 240

@@ -39,11 +39,14 @@ def stage_failed(label: str, error: BaseException, log_path: Path | None = None)
     Ray 2.60 raises it from `TorchTrainer.fit()` with every rank's traceback inside (60-160 lines);
     those go to `log_path` (appended: a resumed run keeps its earlier failures), not to the terminal.
     """
-    failures = getattr(error, "worker_failures", None) or {}
+    failures = {rank: getattr(c, "cause", None) or c  # a RayTaskError wraps the worker's exception
+                for rank, c in (getattr(error, "worker_failures", None) or {}).items()}
     if failures:
-        rank, cause = min(failures.items(), key=lambda kv: kv[0])
-        cause = getattr(cause, "cause", None) or cause  # a RayTaskError wraps the worker's exception
-        where = f" on rank {rank}" if len(failures) < 2 else f" on {len(failures)} ranks (rank {rank} first)"
+        # A rank whose process died (killed, or by Ray's memory monitor) is the cause; the others then
+        # fail their collectives with "Connection reset by peer", which says nothing of why.
+        rank = min(failures, key=lambda r: (not _process_died(failures[r]), r))
+        cause = failures[rank]
+        where = f" on rank {rank}" if len(failures) < 2 else f" on rank {rank} (and {len(failures) - 1} more)"
     else:
         cause, where = getattr(error, "controller_failure", None) or error, ""
     line = describe_cause(cause)
@@ -52,10 +55,22 @@ def stage_failed(label: str, error: BaseException, log_path: Path | None = None)
     return StageError(f"stage {label} failed{where}: {line}{hint}", log_path=written)
 
 
+_DIED = re.compile(r"ActorDiedError|actor died|worker process has died|process .* (was )?killed", re.I)
+
+
+def _oom_killed(cause: BaseException) -> bool:
+    text = str(cause)
+    return "running low on memory" in text or "OutOfMemoryError" in f"{type(cause).__name__} {text[:300]}"
+
+
+def _process_died(cause: BaseException) -> bool:
+    return _oom_killed(cause) or bool(_DIED.search(str(cause)))
+
+
 def describe_cause(cause: BaseException) -> str:
     """One line for what ended a worker: its own error, or why Ray ended its process."""
     text = str(cause)
-    if "running low on memory" in text or "OutOfMemoryError" in f"{type(cause).__name__} {text[:300]}":
+    if _oom_killed(cause):
         # Ray's memory monitor kills the newest worker when the node passes its threshold (95% by default).
         # Ray 2.60: "... was 21.9GB used / 23.4GB limit (0.95)"; earlier: "... was running was 21.9GB / 23.4GB (0.95)".
         figures = re.search(r"Memory on the node \(IP: [^)]*\).*? was (?:running was )?([\d.]+) ?GB(?: used)? / "
@@ -64,7 +79,7 @@ def describe_cause(cause: BaseException) -> str:
         return (f"the worker was killed by Ray's memory monitor: its node ran low on memory{used}. Fix: size the run "
                 "with `distft plan CONFIG` and give each worker more memory (fewer workers per node, a smaller "
                 "train.micro_batch_size or model.max_seq_len, or a sharded strategy).")
-    if re.search(r"ActorDiedError|actor died|worker process has died|process .* (was )?killed", text, re.I):
+    if _DIED.search(text):
         exit_detail = re.search(r"Worker exit detail: ([^.]*\.)", text)
         detail = f" ({exit_detail[1].strip()})" if exit_detail else ""
         return (f"the worker process died unexpectedly{detail}: killed from outside (SIGKILL: the OOM killer, "
@@ -156,7 +171,8 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
 
         use_cluster_auth(address)  # token auth on; the token of a `distft cluster up` cluster found by path
         try:
-            ray.init(address=address, log_to_driver=True)
+            # logging_level: without it Ray prints two INFO lines ("Connecting to existing Ray cluster ...").
+            ray.init(address=address, log_to_driver=True, logging_level="warning")
         except Exception as e:  # ConnectionError, auth errors, timeouts: all mean "cannot use it"
             raise ClusterError(
                 f"could not connect to the Ray cluster at {address}: {type(e).__name__}: {str(e).splitlines()[0]}. "
@@ -177,7 +193,52 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
         from distft.launch.reaper import start_reaper
 
         start_reaper(os.getpid())  # if this process is killed outright, its cluster goes too
+    filter_streamed_logs()
     return ray
+
+
+# Lines Ray streams to the driver's console that a user cannot act on. Ray Train's controller logs the
+# traceback of its own failed cleanup after a worker died ("Graceful shutdown of backend failed. This
+# is expected if one of the workers has crashed."), Ray core logs an error-level line for every
+# PreemptionWatcher (ray-project/ray#53727), and the raylet announces each dead worker: the stage's
+# one-line error says what happened, and <stage>/error.log has every traceback.
+_CONTROLLER_NOISE = re.compile(r"^(Traceback \(most recent call last\):|\s|[\w.]+(Error|Exception)\b|The actor is dead|"
+                               r"Graceful shutdown of backend failed)")
+_ANY_NOISE = re.compile(r"class name: 'PreemptionWatcher'|A worker died or was killed while executing a task by an "
+                        r"unexpected system error")
+
+
+def _streamed_line_kept(data: dict, line: str) -> bool:
+    if _ANY_NOISE.search(line):
+        return False
+    return not (str(data.get("actor_name") or "").startswith("TrainController") and _CONTROLLER_NOISE.match(line))
+
+
+def filter_streamed_logs() -> None:
+    """Drop the lines above from what Ray prints here (not from Ray's log files); DISTFT_VERBOSE=1 keeps all.
+
+    Ray has no public hook for this: its console printer is a handler of a private dispatcher. With
+    another Ray layout nothing is filtered, which costs noise, never a line of the run's own output.
+    """
+    if os.environ.get("DISTFT_VERBOSE") == "1":
+        return
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def filtered(handle):
+        def emit(data):
+            lines = [ln for ln in data.get("lines", []) if _streamed_line_kept(data, ln)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        emit.distft_filtered = True
+        return emit
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, h if getattr(h, "distft_filtered", False) or name != "ray_print_logs"
+                                else filtered(h)) for name, h in dispatcher.handlers]
 
 
 @contextmanager
@@ -186,12 +247,19 @@ def caller_signal_handlers():
 
     Ray's core worker installs absl's failure-signal handler when it connects: a SIGTERM then
     prints a crash dump (`*** SIGTERM received ... PC: @ ...`) and exits 134, so the CLI's own
-    handler (stop the workers, keep the checkpoints, print the resume command, exit 143) never runs.
-    Python still lists its handler; setting it again reinstalls it below absl's.
+    handler (stop the workers, keep the checkpoints, print the resume command, exit 143) never runs;
+    and `ray.shutdown` uninstalls it by setting SIGTERM to its default, so a second SIGTERM while
+    distft stops killed it outright. Ray's own switch keeps the C++ handler out of this process
+    only (the cluster's processes keep their crash dumps); `ray.init` also sets a Python SIGTERM
+    handler of its own (sys.exit), replaced here by the caller's again.
     """
     import signal
     import threading
 
+    from ray._private import ray_constants
+
+    # Read by the core worker when it starts, from this module: this process only.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
