@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install quickstart test test-full clean
+.PHONY: install quickstart test test-full test-slow clean
 
 install: $(VENV)/.installed
 
@@ -20,11 +20,15 @@ quickstart: install
 
 # Fast tier (default, < 10 min on 2 cores): no Ray launches, no long training.
 test: install
-	$(BIN)/python -m pytest -m "not slow and not gpu"
+	$(BIN)/python -m pytest -m "not slow and not slowest and not gpu"
 
 # Full tier (what CI runs): adds the Ray Train end-to-end runs.
 test-full: install
-	$(BIN)/python -m pytest -m "not gpu" --durations=30
+	$(BIN)/python -m pytest -m "not gpu and not slowest" --durations=30
+
+# Cases beyond the full tier's time budget (more fault injections through Ray); CI does not run them.
+test-slow: install
+	$(BIN)/python -m pytest -m "slowest" --durations=30
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

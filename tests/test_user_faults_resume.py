@@ -151,9 +151,14 @@ RESUMED = [
 ]
 
 
+# Beyond the full tier's time budget (each resume is a Ray launch): `make test-slow` runs it.
+SLOWEST = {"train-resume-from-an-earlier-checkpoint"}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("argv, damaged, phrases, from_step, from_ray", [c[1:] for c in RESUMED],
-                         ids=[c[0] for c in RESUMED])
+@pytest.mark.parametrize("argv, damaged, phrases, from_step, from_ray",
+                         [pytest.param(*c[1:], id=c[0], marks=[pytest.mark.slowest] if c[0] in SLOWEST else [])
+                          for c in RESUMED])
 def test_resume_verifies_what_the_workers_load_reports_damage_and_marks_the_restart(
         trained, tiny_random, tmp_path, argv, damaged, phrases, from_step, from_ray):
     run = interrupted(trained, tmp_path)
