@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -82,6 +83,8 @@ class Case:
     # Called once training is under way (step 2 logged) with the live worker processes and the run
     # directory: injects the fault, and returns what undoes it after the run (or None).
     inject: Callable[[list[psutil.Process], Path], Callable[[], None] | None] | None = None
+    # Called with run.output_dir before the launch (e.g. to mount a small disk there); returns its undo.
+    prepare: Callable[[Path], Callable[[], None] | None] | None = None
     phrases: tuple[str, ...] = ()
     rank: str = "on rank 0"
     # Beyond the full tier's time budget: `make test-slow` runs it (CI does not).
@@ -126,6 +129,29 @@ def freeze_checkpoints(workers, run_dir):
     return lambda: subprocess.run(["chattr", "-i", str(ckpts)], check=False)
 
 
+def small_disk(runs):
+    # A disk of its own for run.output_dir (tmpfs, 16 MiB), filled up once training runs (fill_disk).
+    runs.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(runs)], check=True)
+    return lambda: subprocess.run(["umount", "-l", str(runs)], check=False)
+
+
+def fill_disk(workers, run_dir):
+    # The disk fills (another job's output): nothing the run writes next fits. Proven: the filler stopped at ENOSPC.
+    filler = run_dir.parent / "someone-elses-output.bin"
+    try:
+        with filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * (1 << 20))
+    except OSError as e:
+        assert e.errno == 28, e
+
+
+def term_one(workers, run_dir):
+    # A container runtime or node agent stops one worker process politely (SIGTERM), not the driver.
+    os.kill(workers[-1].pid, signal.SIGTERM)
+
+
 CASES = [
     # Every row is dropped by truncation: only the worker tokenizes (with the model's tokenizer).
     Case("all-rows-truncated", ["model.max_seq_len=8"],
@@ -142,6 +168,12 @@ CASES = [
     # The checkpoint directory turned read-only (immutable) mid-run: the fix is its permissions, not space.
     Case("checkpoints-read-only", ["train.save_every=10"], inject=freeze_checkpoints,
          phrases=("writing checkpoint checkpoint-", "Fix: make it writable again")),
+    # The disk under the run fills up (ENOSPC) mid-run.
+    Case("disk-full", ["train.save_every=10"], prepare=small_disk, inject=fill_disk,
+         phrases=("No space left on device", "Fix: free disk space")),
+    # One worker process is sent SIGTERM (not the driver): the run stops with that rank named.
+    Case("worker-sigterm", ["scaling.num_workers=2", "scaling.cpus_per_worker=1"], inject=term_one,
+         phrases=("the worker process died",), rank="on rank", slowest=True),
 ]
 
 
@@ -156,6 +188,7 @@ def test_a_worker_fault_ends_in_one_clear_line(case, cluster, tiny, tmp_path):
     config = data / "job.yaml"
     config.write_bytes((REPO / "configs/quickstart.yaml").read_bytes())
     runs = tmp_path / "runs"
+    unprepare = case.prepare(runs) if case.prepare else None
     before = snapshot(data, tiny)
     args = [DISTFT, "train", str(config), f"model.name_or_path={tiny}", f"data.train={train}",
             "train.max_steps=400", "train.log_every=2", f"evaluate.data={REPO / 'configs/data/facts_test.jsonl'}",
@@ -176,18 +209,25 @@ def test_a_worker_fault_ends_in_one_clear_line(case, cluster, tiny, tmp_path):
             assert workers, "no Ray Train worker found to inject the fault into"
             undo = case.inject(workers, runs / "faulty")
         out, err = proc.communicate(timeout=300)
+        r = subprocess.CompletedProcess(args, proc.returncode, out, err)
+        run_dir = runs / "faulty"
+        check_failure(r, 1, (f"error: stage sft failed {case.rank}", *case.phrases, "  details  ",
+                             f"resume   distft resume {run_dir}"))
+        log = Path(re.search(r"  details  (\S+)", err)[1])
+        # On a full disk the log goes to the temp dir instead of the run directory.
+        assert log == run_dir / "sft" / "error.log" or case.prepare is small_disk, log
+        assert "Traceback" in log.read_text(), "the log holds what the terminal does not"
+        if "scaling.num_workers=2" not in case.overrides:
+            # Each worker line once, also on a `cluster up` cluster (one log monitor per host).
+            assert out.count("[sft] global_batch_size 32 =") == 1, out[-3000:]
+        assert_unchanged(before, snapshot(data, tiny))
     finally:
         if undo is not None:
             undo()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    r = subprocess.CompletedProcess(args, proc.returncode, out, err)
-    run_dir = runs / "faulty"
-    check_failure(r, 1, (f"error: stage sft failed {case.rank}", *case.phrases,
-                         f"details  {run_dir / 'sft' / 'error.log'}", f"resume   distft resume {run_dir}"))
-    log = (run_dir / "sft" / "error.log").read_text()
-    assert "Traceback" in log, "the log must hold what the terminal does not"
-    assert_unchanged(before, snapshot(data, tiny))
+        if unprepare is not None:
+            unprepare()
 
 
 @pytest.mark.slowest

@@ -89,22 +89,30 @@ def describe_cause(cause: BaseException) -> str:
 
 
 def _write_error_log(path: Path, label: str, error: BaseException) -> str | None:
-    """Every rank's traceback, as Ray gave it, plus the driver's own; None when the log cannot be written."""
+    """Every rank's traceback, as Ray gave it, plus the driver's own. Where the run directory cannot take it
+    (the full disk that may be the failure itself), the system's temp dir does; None if neither can."""
+    import tempfile
     import traceback
 
+    text = [f"=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} stage {label} failed\n",
+            f"{type(error).__name__}: {error}\n\n"]
+    for rank, cause in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        text.append(f"--- rank {rank}: {type(cause).__name__}\n{cause}\n\n")  # a worker's traceback is in its text
+    text += [*traceback.format_exception(error), "\n"]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} stage {label} failed\n")
-            f.write(f"{type(error).__name__}: {error}\n\n")
-            for rank, cause in sorted((getattr(error, "worker_failures", None) or {}).items()):
-                # A worker's traceback is in the text of what Ray hands back for it.
-                f.write(f"--- rank {rank}: {type(cause).__name__}\n{cause}\n\n")
-            f.write("".join(traceback.format_exception(error)))
-            f.write("\n")
-    except OSError:  # a full or read-only disk must not hide the failure itself
+            f.write("".join(text))
+        return str(path)
+    except OSError:
+        pass
+    try:
+        fd, fallback = tempfile.mkstemp(prefix=f"distft-{label}-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(text))
+        return fallback
+    except OSError:
         return None
-    return str(path)
 
 
 STARTUP_HINT = (" Fix: check that the cluster has room for every worker (distft cluster status, ray status), or "
