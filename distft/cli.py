@@ -507,12 +507,16 @@ _STOPPING: list[int] = []
 
 
 def _interrupt(signum, frame):
-    """The first SIGINT or SIGTERM stops the run; later ones are ignored while it stops (the workers, the
-    private cluster and the checkpoints are being put away: a second Ctrl-C must not cut that short)."""
-    if _STOPPING:
-        return
+    """The first SIGINT or SIGTERM stops the run; the second is ignored while it stops (the workers, the
+    private cluster and the checkpoints are being put away: an impatient second Ctrl-C must not cut that
+    short); a third ends distft at once, for a stop that hangs (the reaper still stops its cluster)."""
     _STOPPING.append(signum)
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if len(_STOPPING) == 1:
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if len(_STOPPING) == 2:
+        print("stopping the workers and the cluster; send the signal once more to quit at once", file=sys.stderr)
+        return
+    os._exit(143 if signum == signal.SIGTERM else 130)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,6 +113,11 @@ def building(final: str | Path, kind: str, field: str = "the output directory"):
     sweep_leftovers(final)
     try:
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+        # mkdtemp makes it 0700, and the mode survives the rename: an export must stay as readable as
+        # any directory the user makes (a serving container, another user), so the umask decides.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         mark(tmp, kind)
     except OSError as e:
         raise write_error(final.parent, e, field) from None

@@ -275,3 +275,61 @@ def test_streamed_ray_lines_users_cannot_act_on_are_dropped_and_the_rest_kept(mo
                      "lines": ["[sft] step 2/400 (0%) loss 6.5", "  indented worker output stays"]})
     assert printed == ["Detected ready resources for 1 workers; restart training with this worker group size",
                        "[sft] step 2/400 (0%) loss 6.5", "  indented worker output stays"]
+
+
+def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
+    """ray.init first installs sys.exit(15) for SIGTERM and starts the node after: a SIGTERM then must still end
+    as the CLI's own stop (exit 143, the resume hint), not as SystemExit(15)."""
+    import signal
+
+    from distft.launch.train import caller_signal_handlers
+
+    class Stopped(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(Stopped):
+            with caller_signal_handlers():
+                signal.signal(signal.SIGTERM, lambda *a: None)  # what ray.init does
+                raise SystemExit(signal.SIGTERM)  # its handler, run by a SIGTERM during the start
+        assert signal.getsignal(signal.SIGTERM) is handler
+        with pytest.raises(SystemExit):  # any other exit goes on as it was
+            with caller_signal_handlers():
+                raise SystemExit(3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    """--from checkpoint-20 after checkpoints 30 and 40 (local and Ray's copies): those move aside, never deleted,
+    so rotation keeps the new line's checkpoints and a later plain resume cannot pick the abandoned line."""
+    from distft.config import build_config
+    from distft.distributed.checkpoint import build_manifest, complete_checkpoints, write_manifest
+    from distft.launch.train import resume_point, set_aside_newer
+
+    cfg = build_config({"stage": "sft", "data": {"train": "x.jsonl"}})
+    run = tmp_path / "run"
+    stage = run / cfg.stages[0].label()
+    (stage / "ray_run_name").parent.mkdir(parents=True)
+    (stage / "ray_run_name").write_text("sft-attempt-1\n")
+
+    def sealed(d, step):
+        d.mkdir(parents=True)
+        (d / "weights.bin").write_bytes(bytes(step))
+        write_manifest(d, build_manifest(d, step=step, world_size=1, strategy="ddp"))
+
+    for step in (20, 30, 40):
+        sealed(stage / "checkpoints" / f"checkpoint-{step}", step)
+        sealed(run / "ray" / "sft-attempt-1" / f"checkpoint_{step:04d}", step)
+    chosen = stage / "checkpoints" / "checkpoint-20"
+    said = []
+    set_aside_newer(cfg, run, 0, str(chosen), log=said.append)
+    assert [c.name for c in complete_checkpoints(stage / "checkpoints")] == ["checkpoint-20"]
+    assert [c.name for c in complete_checkpoints(run / "ray" / "sft-attempt-1")] == ["checkpoint_0020"]
+    aside = sorted(p.relative_to(run) for p in run.rglob("*.after-20-*/*") if p.is_dir())
+    assert len(aside) == 4 and said and "4 newer checkpoint copies set aside" in said[0]
+    assert resume_point(cfg, run, 0, log=said.append)[1] == str(chosen)

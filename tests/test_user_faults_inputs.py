@@ -242,3 +242,16 @@ def test_tune_says_override_too():
     with pytest.raises(ConfigError) as e:
         load_search(str(REPO / "configs" / "tune_quickstart.yaml"), ["train.learnig_rate=1e-3"])
     assert e.value.problems == ["override train.learnig_rate: unknown key; did you mean `lr`?"]
+
+
+def test_a_control_character_in_a_config_is_one_line_and_runs_list_goes_on(tmp_path):
+    """PyYAML's reader refuses control characters when the loader is built: that too is one line, naming the line."""
+    from faults import check_failure, run_distft, snapshot, assert_unchanged
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"train:\n  lr: 1\n\x07b: 2\n")
+    before = snapshot(tmp_path)
+    r = run_distft("validate", cfg)
+    check_failure(r, 2, ("malformed YAML at line 3: character #x0007 is a control character",
+                         "Fix: remove that character."))
+    assert_unchanged(before, snapshot(tmp_path))

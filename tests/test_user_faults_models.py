@@ -244,3 +244,20 @@ def test_qlora_refuses_when_transformers_replaces_no_layer(tiny_random, monkeypa
     with pytest.raises(MethodError, match=r"no layer of LlamaForCausalLM \(model type llama\) was quantized to 4 bits"
                                           r" \(0 of its 15 nn.Linear"):
         load_model(ModelConfig(name_or_path=str(tiny_random)), MethodConfig(name="qlora"))
+
+
+def test_export_of_a_model_directory_with_truncated_weights_is_one_line(tiny_random, tmp_path):
+    """A plain model directory (no manifest) is checked like preflight checks it, before anything is built."""
+    import shutil
+
+    from faults import assert_unchanged, check_failure, run_distft, snapshot
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_random, model)
+    weights = model / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    before = snapshot(tmp_path)
+    r = run_distft("export", model, "--out", tmp_path / "out")
+    check_failure(r, 2, (f"error: {weights} is truncated", "Fix: download or export the model again"))
+    assert_unchanged(before, snapshot(tmp_path))

@@ -123,8 +123,9 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), [f"config file not found: {path}. Fix: check the path (try `ls configs/`)."])
-    loader = yaml.SafeLoader(_yaml_text(path))
+    text, loader = _yaml_text(path), None
     try:
+        loader = yaml.SafeLoader(text)  # its reader already refuses control characters (ReaderError)
         node = loader.get_single_node()
         duplicates = _duplicate_keys(node) if node is not None else []
         if duplicates:
@@ -134,9 +135,14 @@ def read_yaml(path: str | Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(str(path), [f"malformed YAML{where}: {problem}. Fix: check indentation and quoting."]) from None
+        fix = "check indentation and quoting."
+        if isinstance(e, yaml.reader.ReaderError):  # a control character: its position is in characters
+            where = f" at line {text.count(chr(10), 0, e.position) + 1}"
+            problem, fix = f"character #x{e.character:04x} is a control character", "remove that character."
+        raise ConfigError(str(path), [f"malformed YAML{where}: {problem}. Fix: {fix}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -171,6 +171,10 @@ def tokenize_dataset(ds, fmt: str, tokenizer, max_len: int, loss_on: str, text_f
     )
     if stats.dropped == stats.rows:
         # Left to the Trainer, an empty dataset ends in a bare StopIteration deep inside TRL.
+        if not stats.truncated:  # nothing was cut: no row has a token to learn from in the first place
+            raise DataError(f"{field}: none of its {stats.rows} rows has a token to learn from with loss on "
+                            f"{loss_on} (e.g. no assistant turn or an empty completion). Fix: check the rows' "
+                            "answers, or data.loss_on.")
         where = "the completion is cut away" if loss_on == "completion" else "nothing is left"
         raise DataError(f"{field}: every one of its {stats.rows} rows is dropped: truncated to model.max_seq_len="
                         f"{max_len} tokens, {where} (the longest row has {stats.max_tokens}). "

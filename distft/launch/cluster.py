@@ -50,11 +50,15 @@ WORKER_ENV_ALLOW = frozenset({
     "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "LD_LIBRARY_PATH",
     "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
     "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "TOKENIZERS_PARALLELISM",
-    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
-    "CUDA_VISIBLE_DEVICES", "CUDA_HOME", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
-    "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME",
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    # Corporate TLS: without them hub downloads in workers fail where the driver's preflight succeeded.
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+    "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME",
 })
-WORKER_ENV_ALLOW_PREFIXES = ("LC_", "NCCL_", "OMP_", "MKL_", "DISTFT_", "RAY_")
+# XDG_: HF's default cache lives under XDG_CACHE_HOME; CUDA_/TORCH_/PYTORCH_/TRITON_: GPU and collective
+# settings (CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, TORCH_NCCL_*, TORCH_DISTRIBUTED_DEBUG).
+WORKER_ENV_ALLOW_PREFIXES = ("LC_", "NCCL_", "OMP_", "MKL_", "DISTFT_", "RAY_", "XDG_", "CUDA_", "TORCH_",
+                             "PYTORCH_", "TRITON_")
 
 
 def worker_environ(env: dict[str, str] | None = None) -> dict[str, str]:

@@ -244,9 +244,12 @@ def filter_streamed_logs() -> None:
         emit.distft_filtered = True
         return emit
 
-    with dispatcher._lock:
-        dispatcher.handlers = [(name, h if getattr(h, "distft_filtered", False) or name != "ray_print_logs"
-                                else filtered(h)) for name, h in dispatcher.handlers]
+    try:
+        with dispatcher._lock:
+            dispatcher.handlers = [(name, h if getattr(h, "distft_filtered", False) or name != "ray_print_logs"
+                                    else filtered(h)) for name, h in dispatcher.handlers]
+    except (AttributeError, TypeError, ValueError):  # another layout of that private dispatcher
+        return
 
 
 @contextmanager
@@ -274,6 +277,17 @@ def caller_signal_handlers():
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except SystemExit as e:
+        # A SIGTERM while Ray starts reached Ray's interim handler (sys.exit(15)). Stop what had started,
+        # then let the caller's handler take it, as it would any other SIGTERM (exit 143, the resume hint).
+        if e.code != signal.SIGTERM or not callable(saved[signal.SIGTERM]):
+            raise
+        import ray
+
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, saved[signal.SIGTERM])
+        saved[signal.SIGTERM](signal.SIGTERM, None)
+        raise
     finally:
         for sig, handler in saved.items():
             if handler is not None:
@@ -717,12 +731,24 @@ def _worker_entry(config: dict) -> None:
     if checkpoint is None:
         if config.get("resume_from"):
             _mark_resume(stage_dir, config["resume_from"], "distft resume", tctx.get_world_rank())
+        elif tctx.get_world_rank() == 0 and _logged_before(stage_dir):
+            # A worker group restarted before its first checkpoint: it starts again from step 0, and the
+            # steps it logs again must be told apart from the first attempt's.
+            from distft.stages.reporting import MetricsLog
+
+            MetricsLog(stage_dir).mark_resume("", 0, "worker group restart (no checkpoint yet)")
         run(config.get("resume_from"))
     else:
         with checkpoint.as_directory() as path:
             _mark_resume(stage_dir, path, "worker group restart", tctx.get_world_rank())
             run(path)
     uploads.drain()
+
+
+def _logged_before(stage_dir: Path) -> bool:
+    from distft.stages.reporting import last_step
+
+    return last_step(stage_dir / "metrics.jsonl") is not None
 
 
 def _mark_resume(stage_dir: Path, checkpoint: str, source: str, rank: int) -> None:
@@ -845,6 +871,29 @@ def start_point(cfg: DistftConfig, run_dir: Path, start_from: str, log=print) ->
     raise CheckpointError(f"--from checkpoint-{step}: {what}; {fix}")
 
 
+def set_aside_newer(cfg: DistftConfig, run_dir: Path, stage_index: int, chosen: str, log=print) -> None:
+    """`--from checkpoint-N` abandons what came after step N. Its checkpoints, local and Ray's copies, are
+    moved (never deleted) to `<their dir>.after-<N>-<time>` beside them: left in place, the rotation (which
+    keeps the highest steps) would delete the new line's checkpoints first, and a later plain `distft
+    resume` would silently pick the abandoned line's newest."""
+    from distft.distributed.checkpoint import read_manifest
+
+    step = (read_manifest(chosen) or {}).get("step")
+    if step is None:
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for s, _, path in checkpoint_copies(cfg, run_dir, stage_index, log=lambda *_: None):
+        if s > step and Path(path).resolve() != Path(chosen).resolve():
+            target = path.parent.with_name(f"{path.parent.name}.after-{step}-{stamp}") / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(target)
+            moved.append(target.parent)
+    if moved:
+        where = ", ".join(sorted({str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else str(d) for d in moved}))
+        log(f"--from checkpoint-{step}: {len(moved)} newer checkpoint copies set aside in {where}")
+
+
 def set_aside(stage_dir: Path) -> Path | None:
     """Move an earlier attempt's stage directory out of the way (never deleted): `<stage>.superseded-<time>`."""
     if not stage_dir.is_dir() or not any(stage_dir.iterdir()):
@@ -894,6 +943,8 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
                     check_storage(cfg, run_dir)
                 # Only once the cluster took the run: a run refused before this leaves nothing to clean up.
                 start_provenance(run_dir)
+            if start_from is not None and i == start_from[0]:
+                set_aside_newer(cfg, run_dir, i, resume_from, log=log)
             if resume_from is None:
                 moved = set_aside(run_dir / stage.label())
                 if moved:

@@ -47,6 +47,11 @@ def export_model(path: str | Path, out: str | Path, merge: bool = False, dtype: 
             raise CheckpointError(f"{src} does not match its manifest, so it is not exported:\n  - "
                                   + "\n  - ".join(problems) + "\nFix: re-export from an intact run, or resume the "
                                   "run from a checkpoint that verifies.")
+    else:  # a model directory without a manifest (and an adapter's local base): its files, cheaply, first
+        from distft.models.verify import model_dir_problem
+
+        if problem := model_dir_problem(src):
+            raise ExportError(problem)
     if out.exists():
         raise ExportError(f"{out} already exists. Fix: --out <a new directory>, or delete it yourself.")
     adapter = _adapter(src)

@@ -55,7 +55,9 @@ def ensure_tiny_base(out_dir: str | Path | None = None, force: bool = False, log
     refuse_file_in_path(out, field)
     if (out / "config.json").exists() and not force:
         return out
-    if out.exists() and not is_empty_dir(out) and not is_owned(out, KIND):
+    # A build by an earlier distft has no marker, but its own pretraining summary.
+    legacy = (out / "distft_pretrain_summary.json").is_file()
+    if out.exists() and not is_empty_dir(out) and not is_owned(out, KIND) and not legacy:
         fix = "pass a new or empty directory, or delete it yourself" if out_dir else \
             "set DISTFT_CACHE to another directory, or delete it yourself"
         why = "was not built by distft, so --force does not replace it" if (out / "config.json").exists() else \
@@ -80,6 +82,8 @@ def ensure_tiny_base(out_dir: str | Path | None = None, force: bool = False, log
         mark(final, KIND)  # so that a later --force may replace it
         replaced = None
         if out.exists() and not is_empty_dir(out):  # an earlier build of ours (checked above)
+            if legacy and not is_owned(out, KIND):
+                mark(out, KIND)  # ours by its summary: marked, so the cleanup below may remove it
             replaced = out.with_name(f".{out.name}.partial-replaced-{os.getpid()}")
             os.rename(out, replaced)
         try:
