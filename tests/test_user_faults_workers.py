@@ -30,12 +30,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from distft.models.tiny import save_random_init
-
-    out = tmp_path_factory.mktemp("tiny")
-    save_random_init(out, hidden=64, layers=2)
-    return out
+def tiny(tiny_random) -> Path:
+    """The session's random tiny Llama (conftest), under a short name."""
+    return tiny_random
 
 
 @pytest.fixture(scope="module")
