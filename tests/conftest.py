@@ -46,11 +46,28 @@ def alpaca_rows() -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One private local Ray cluster for every Ray test: each start costs seconds here."""
+def _ray_session():
     ray = pytest.importorskip("ray")
+    state = {"ray": ray, "starts": 0}
+    yield state
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """One private local Ray cluster for every Ray test: each start costs seconds here.
+
+    Started at first use and checked before each test: in one CI run the connection was gone 40 minutes
+    in (cause not seen), and Ray's auto-init then dialled the address a `distft cluster up` test had
+    left in /tmp/ray/ray_current_cluster. A lost cluster is started again, with a warning, instead."""
+    import warnings
+
     from distft.launch.train import start_private_ray
 
-    start_private_ray(os.cpu_count())
+    ray = _ray_session["ray"]
+    if not ray.is_initialized():
+        if _ray_session["starts"]:
+            warnings.warn("the shared test Ray cluster was gone; starting it again", stacklevel=1)
+        start_private_ray(os.cpu_count())
+        _ray_session["starts"] += 1
     yield ray
-    ray.shutdown()
