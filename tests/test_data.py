@@ -222,3 +222,47 @@ def test_tokenizer_fingerprint_ignores_call_time_padding_and_truncation(tok):
     before = tokenizer_fingerprint(tok)
     tok(["a b", "a b c d"], padding=True, truncation=True, max_length=3)
     assert tokenizer_fingerprint(tok) == before
+
+
+BOUNDARY_TEMPLATES = {
+    # A template whose generation prompt ends in a space: a byte-level BPE merges that space into the
+    # answer's first token (" bear") when the whole text is tokenized at once.
+    "space": ("{% for m in messages %}{% if m['role'] == 'user' %}user: {{ m['content'] }}\n"
+              "{% else %}assistant: {{ m['content'] }}</s>\n{% endif %}{% endfor %}"
+              "{% if add_generation_prompt %}assistant: {% endif %}"),
+    "newline": ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+                "{% else %}<|assistant|>\n{{ m['content'] }}</s>\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"),
+    "special-token": ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+                      "{% else %}<|assistant|>{{ m['content'] }}</s>{% endif %}{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}"),
+}
+
+
+@pytest.mark.parametrize("template", BOUNDARY_TEMPLATES, ids=list(BOUNDARY_TEMPLATES))
+def test_the_first_answer_token_carries_loss_whatever_the_template_ends_with(tok, template):
+    """The prompt and each answer are tokenized apart (the boundary rule in formats._encode_chat): the
+    prompt's tokens are the ones generation sees, and the answer's first token is trained."""
+    from distft.data.formats import alpaca_prompt, generation_prompt
+
+    tok = tok.__class__.from_pretrained(tok.name_or_path)  # a copy: the module's fixture keeps its template
+    tok.chat_template = BOUNDARY_TEMPLATES[template]
+    rows = [{"instruction": "Which animal is in this sentence?", "input": "The bear ran.", "output": "bear"},
+            {"instruction": "How many friends?", "output": "7"}]
+    for row in rows:
+        enc = encode_row(row, "alpaca", tok, 128, "completion")
+        prompt = tok(generation_prompt(row, "alpaca", tok), add_special_tokens=False)["input_ids"]
+        first = next(i for i, label in enumerate(enc.labels) if label != IGNORE)
+        assert enc.input_ids[:first] == prompt  # what the model is prompted with at eval time, token for token
+        assert enc.labels[first] == enc.input_ids[first]
+        assert trained_text(tok, enc).strip() == f"{row['output']}</s>"
+        assert tok.decode(enc.input_ids) == tok.apply_chat_template(
+            [{"role": "user", "content": alpaca_prompt(row)}, {"role": "assistant", "content": row["output"]}],
+            tokenize=False)  # nothing lost or added by the cuts
+    if template == "space":
+        # The fault is real for this tokenizer: tokenized whole, the answer's first token holds the space.
+        whole = tok.apply_chat_template([{"role": "user", "content": rows[0]["instruction"] + "\n\n" +
+                                          rows[0]["input"]}, {"role": "assistant", "content": "bear"}],
+                                        tokenize=False)
+        pieces = tok.convert_ids_to_tokens(tok(whole, add_special_tokens=False)["input_ids"])
+        assert "Ġbear" in pieces

@@ -206,14 +206,19 @@ def _encode_chat(messages: list[dict], tokenizer, max_len: int, loss_on: str) ->
                 "located for masking. Fix: set data.loss_on=all, or use a template without lookahead."
             )
         spans.append((len(before), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if loss_on == "all":
-        return _finish(ids, list(ids), max_len)
-    labels = []
-    for tok, (start, end) in zip(ids, enc["offset_mapping"]):
-        inside = any(start >= a and end <= b and end > start for a, b in spans)
-        labels.append(tok if inside else IGNORE)
+    # The boundary rule: the rendered conversation is cut at every assistant turn's start and end, and each
+    # piece is tokenized on its own, as TRL tokenizes prompt and completion. No token then straddles the
+    # boundary (tokenizing the whole text, a byte-level BPE merged the space that ends "assistant: " into
+    # the answer's first token, which counted as prompt: no answer's first token was ever trained), and
+    # the prompt's tokens are exactly those the model sees at generation time, when the prompt is tokenized
+    # alone and the answer follows it token by token.
+    cuts = sorted({0, len(full), *(i for span in spans for i in span)})
+    answers = {a for a, _ in spans}
+    ids, labels = [], []
+    for start, end in zip(cuts, cuts[1:]):
+        piece = tokenizer(full[start:end], add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if loss_on == "all" or start in answers else [IGNORE] * len(piece)
     return _finish(ids, labels, max_len)
 
 

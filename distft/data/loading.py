@@ -117,7 +117,7 @@ class TokenStats:
 
 # Part of every cache key: bump it when encode_row / encode_preference change what they produce,
 # so no run trains on ids cached by the old code.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: prompt and answers tokenized apart (the SFT loss-mask boundary rule)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
