@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install quickstart test test-full test-slow clean
+.PHONY: install quickstart test test-full test-slow figures tiny-base clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,17 @@ test-full: install
 # Cases beyond the full tier's time budget (more fault injections through Ray); CI does not run them.
 test-slow: install
 	$(BIN)/python -m pytest -m "slowest" --durations=30
+
+# The README's learning figures: every shipped recipe over 3 seeds on the shipped base (about an hour on
+# 2 cores); rewrites the README's figure tables from benchmarks/results/figures.json.
+figures: install
+	$(BIN)/python benchmarks/figures.py
+
+# Rebuild the shipped tiny base (distft/models/tiny_base) with its recipe, then `make figures`.
+tiny-base: install
+	$(BIN)/distft tiny-model .cache/tiny-base-build --force
+	cp .cache/tiny-base-build/*.json .cache/tiny-base-build/*.jsonl .cache/tiny-base-build/*.safetensors \
+		distft/models/tiny_base/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -55,12 +55,12 @@ from pathlib import Path
 from distft.config import load_config
 from distft.launch.preflight import absolutize_paths
 from distft.stages import StageContext, stage_runner
-from distft.stages.tiny_base import ensure_tiny_base
+from distft.models.bundled import tiny_base_dir
 
 config, overrides, run_dir, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 cfg = absolutize_paths(load_config(config, overrides), Path(config).resolve().parents[1])
 if cfg.model.name_or_path == "distft://tiny-base":
-    cfg.model.name_or_path = str(ensure_tiny_base())
+    cfg.model.name_or_path = str(tiny_base_dir())
 import psutil
 import peft, torch, transformers, trl  # noqa: E401,F401  (before the baseline: every method pays for them alike)
 baseline = psutil.Process().memory_info().rss

@@ -62,10 +62,10 @@ def prompt_completion_rows(dst: Path) -> None:
 def write_config(path: Path, data: Path, a) -> None:
     import yaml
 
-    from distft.stages.tiny_base import ensure_tiny_base
+    from distft.models.bundled import tiny_base_dir
 
     cfg = {
-        "model": {"name_or_path": str(ensure_tiny_base(log=lambda *_: None)), "max_seq_len": a.max_len},
+        "model": {"name_or_path": str(tiny_base_dir()), "max_seq_len": a.max_len},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "torch_threads": 1},
         "stage": "sft",
         "data": {"train": str(data), "eval_fraction": 0.05},
@@ -139,9 +139,9 @@ def main() -> None:
     p.add_argument("--json", help="also write the raw per-run figures here")
     a = p.parse_args()
 
-    from distft.stages.tiny_base import ensure_tiny_base
+    from distft.models.bundled import tiny_base_dir
 
-    model = ensure_tiny_base(log=lambda *_: None)
+    model = tiny_base_dir()
     work = Path(tempfile.mkdtemp(prefix="distft-overhead-"))
     data, config = work / "facts_pc.jsonl", work / "overhead.yaml"
     prompt_completion_rows(data)

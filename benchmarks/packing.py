@@ -262,11 +262,11 @@ def main() -> None:
 
     from distft.data.task import write_jsonl
     from distft.stages import trainer_setup as setup
-    from distft.stages.tiny_base import ensure_tiny_base
+    from distft.models.bundled import tiny_base_dir
 
     # trainer_setup.stage_callbacks looks this name up each time the stage builds its callbacks.
     setup.ReportCallback = step_timer(setup.ReportCallback)
-    model_dir = args.model or ensure_tiny_base()
+    model_dir = args.model or tiny_base_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     rows = long_tailed_rows(tokenizer, args.rows, args.median, args.sigma, args.max_len, seed=0)
     lengths = length_summary(tokenizer, rows)

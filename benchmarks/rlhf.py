@@ -107,10 +107,10 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
 
-    from distft.stages.tiny_base import ensure_tiny_base
+    from distft.models.bundled import tiny_base_dir
 
     base = quickstart()
-    base["model"]["name_or_path"] = str(ensure_tiny_base())
+    base["model"]["name_or_path"] = str(tiny_base_dir())
     shared = out / "shared"
     if not (shared / "reward" / "summary.json").is_file():
         print("training the shared SFT policy and reward model...", flush=True)

@@ -64,9 +64,9 @@ def main() -> int:
     import ray
 
     from distft.launch.train import start_private_ray
-    from distft.stages.tiny_base import ensure_tiny_base
+    from distft.models.bundled import tiny_base_dir
 
-    ensure_tiny_base()
+    tiny_base_dir()
     out = Path(args.out or tempfile.mkdtemp(prefix="tune-asha-"))
     # One cluster for every search, as `distft tune` builds it: a spare logical CPU for trial actors.
     start_private_ray((os.cpu_count() or 1) + 1, log_to_driver=False, logging_level="error")

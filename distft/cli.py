@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from distft.config import TINY_BASE, DistftConfig, dump_config, load_config
+from distft.config import DistftConfig, dump_config, load_config
 from distft.errors import UserError
 
 EPILOG = """examples:
@@ -42,7 +42,7 @@ def _check_paths(cfg: DistftConfig, address: str | None) -> list[str]:
     """Where the run writes, checked before any cluster is taken (`validate` prints the notes)."""
     from distft.launch.rundir import check_run_paths
 
-    return check_run_paths(cfg.run.output_dir, cfg.model.name_or_path == TINY_BASE, private_cluster=address is None)
+    return check_run_paths(cfg.run.output_dir, private_cluster=address is None)
 
 
 def _run_dir(cfg: DistftConfig, config_path: str, address: str | None, reuse: bool = False):
@@ -110,7 +110,6 @@ def cmd_plan(args) -> int:
 def cmd_train(args) -> int:
     from distft.launch.preflight import describe_plan, preflight
     from distft.launch.train import cluster_address
-    from distft.stages.tiny_base import ensure_tiny_base
 
     if args.resume:  # `distft train --resume RUN_DIR [overrides]`: the same as `distft resume`
         overrides = [args.config, *args.overrides] if args.config and "=" in args.config else args.overrides
@@ -133,8 +132,6 @@ def cmd_train(args) -> int:
     try:
         cfg.run.name = run_dir.name
         print(describe_plan(cfg, run_dir), flush=True)
-        if cfg.model.name_or_path == TINY_BASE:
-            cfg.model.name_or_path = str(ensure_tiny_base())
         claim.write("config.yaml", lambda path: dump_config(cfg, path))
         args.run_dir_hint = run_dir
         return _launch(cfg, run_dir, args.address, resume=False)
@@ -173,7 +170,6 @@ def cmd_pipeline(args) -> int:
     """Run a multi-stage config as one job in a stable run directory; a rerun skips finished stages."""
     from distft.launch.preflight import describe_plan, preflight
     from distft.launch.train import cluster_address
-    from distft.stages.tiny_base import ensure_tiny_base
 
     cfg = _load(args)
     force_from = None
@@ -189,8 +185,6 @@ def cmd_pipeline(args) -> int:
     try:
         cfg.run.name = run_dir.name
         print(describe_plan(cfg, run_dir), flush=True)
-        if cfg.model.name_or_path == TINY_BASE:
-            cfg.model.name_or_path = str(ensure_tiny_base())
         saved = run_dir / "config.yaml"
         if saved.is_file() and load_config(saved) != cfg:  # keep what earlier attempts ran with
             saved.rename(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
@@ -289,7 +283,6 @@ def cmd_tune(args) -> int:
     from distft.config.search import load_search
     from distft.launch.preflight import absolutize_paths, preflight
     from distft.launch.train import cluster_address
-    from distft.stages.tiny_base import ensure_tiny_base
 
     if bool(args.resume) == bool(args.config):
         raise UsageError("give a config (distft tune CONFIG) or --resume RUN_DIR, not both or neither.")
@@ -325,8 +318,6 @@ def cmd_tune(args) -> int:
         for path, d in tune_cfg.space.items():
             print(f"  {path}: {d.kind} {d.values}")
         base = {k: v for k, v in raw.items() if k != "tune"}
-        if cfg.model.name_or_path == TINY_BASE:
-            ensure_tiny_base()  # trials keep `distft://tiny-base` (so does best.yaml); workers find it in the cache
         from distft.launch.tune import markdown_table, search
 
         args.resume_hint = f"distft tune --resume {run_dir}"
@@ -361,10 +352,11 @@ def yaml_dump(raw: dict) -> str:
 
 
 def cmd_tiny_model(args) -> int:
-    from distft.stages.tiny_base import ensure_tiny_base
+    from distft.stages.tiny_base import build_tiny_base
 
-    out = ensure_tiny_base(args.out_dir, force=args.force)
-    print(f"tiny base model: {out}")
+    out = build_tiny_base(args.out_dir, force=args.force)
+    print(f"tiny base model: {out}  (use it with model.name_or_path={out}; distft://tiny-base stays the "
+          "shipped base)")
     return 0
 
 
@@ -591,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", help="the job server (dashboard) URL (default as for submit)")
     sp.set_defaults(func=cmd_jobs)
 
-    sp = sub.add_parser("tiny-model", help="Build (or reuse) the bundled pretrained tiny base model")
-    sp.add_argument("out_dir", nargs="?", help="where to put it (default: the distft cache)")
+    sp = sub.add_parser("tiny-model", help="Rebuild the tiny base with the recipe that made the shipped one "
+                        "(distft://tiny-base needs no build)")
+    sp.add_argument("out_dir", nargs="?", help="where to put it (default: $DISTFT_CACHE/tiny-base-rebuilt)")
     sp.add_argument("--force", action="store_true", help="rebuild even if it exists")
     sp.set_defaults(func=cmd_tiny_model)
 

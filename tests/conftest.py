@@ -31,10 +31,11 @@ def tiny_random(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base() -> Path:
-    """The pretrained tiny base, built once (about a minute) and cached like users get it."""
-    from distft.stages.tiny_base import ensure_tiny_base
+    """The pretrained tiny base distft ships (package data, checked against its manifest): the same weights
+    on every machine, so a learning test means the same everywhere."""
+    from distft.models.bundled import tiny_base_dir
 
-    return ensure_tiny_base()
+    return tiny_base_dir()
 
 
 @pytest.fixture()

@@ -127,13 +127,12 @@ def test_output_dir_that_cannot_be_written(cmd, world, tmp_path):
     assert_unchanged(before, snapshot(tmp_path))
 
 
-@pytest.mark.parametrize("cmd", ("train",))
-def test_distft_cache_that_is_a_file(cmd, world, tmp_path):
+def test_distft_cache_that_is_a_file(tmp_path):
+    """`distft tiny-model` rebuilds into the cache by default (training uses the shipped base: no cache)."""
     cache = tmp_path / "cache"
     cache.write_text("not a directory\n")
     before = snapshot(tmp_path)
-    r = run_distft(cmd, world / "good.yaml", "model.name_or_path=distft://tiny-base",
-                   f"run.output_dir={tmp_path / 'runs'}", env=user_env(DISTFT_CACHE=cache))
+    r = run_distft("tiny-model", env=user_env(DISTFT_CACHE=cache))
     check_failure(r, 2, (f"DISTFT_CACHE: {cache}/tiny-base-", f"is under {cache}, which is a file",
                          "Fix: point DISTFT_CACHE at a directory"))
     assert_unchanged(before, snapshot(tmp_path))
@@ -284,24 +283,33 @@ def test_building_sweeps_only_marked_leftovers_of_dead_processes(tmp_path):
 
 
 def test_tiny_model_force_rebuilds_its_own_build_in_place(tmp_path, monkeypatch):
-    """The build itself stubbed (the real one takes 90 s): what is replaced, kept and left behind."""
+    """The build itself stubbed (the real one takes 2 minutes): what is replaced, kept and left behind."""
     import distft.stages.pretrain as pretrain
+    import distft.stages.tiny_base as recipe
+    from distft.models.bundled import HELDOUT, MANIFEST, SHIPPED_FILES
     from distft.owned import is_owned
-    from distft.stages.tiny_base import ensure_tiny_base
 
     def fake_run(cfg, ctx):
         final = ctx.run_dir / "pretrain" / "final"
         final.mkdir(parents=True)
+        for name in SHIPPED_FILES:
+            (final / name).write_text("{}")
         (final / "config.json").write_text(json.dumps({"build": time.time_ns()}))
         return {"eval_loss": 1.0}
 
+    def fake_manifest(directory, *_):
+        assert (directory / HELDOUT).is_file()
+        (directory / MANIFEST).write_text(json.dumps({"heldout": {"loss": 1.0, "docs": 1}}))
+
     monkeypatch.setattr(pretrain, "run", fake_run)
+    monkeypatch.setattr(recipe, "write_manifest", fake_manifest)
+    build_tiny_base = recipe.build_tiny_base
     out = tmp_path / "base"
-    ensure_tiny_base(out, log=lambda *_: None)
+    build_tiny_base(out, log=lambda *_: None)
     first = (out / "config.json").read_text()
     assert is_owned(out, "tiny-base")
-    assert ensure_tiny_base(out, log=lambda *_: None) == out and (out / "config.json").read_text() == first
-    ensure_tiny_base(out, force=True, log=lambda *_: None)
+    assert build_tiny_base(out, log=lambda *_: None) == out and (out / "config.json").read_text() == first
+    build_tiny_base(out, force=True, log=lambda *_: None)
     assert (out / "config.json").read_text() != first and is_owned(out, "tiny-base")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no scratch, no replaced copy
 

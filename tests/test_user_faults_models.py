@@ -194,27 +194,31 @@ def test_attention_names_the_setting_that_works():
     assert attention_problem({"model_type": "custom", "auto_map": {}}, "sdpa", False, trust_remote_code=True) is None
 
 
-def test_the_bundled_tiny_base_is_checked_without_importing_transformers(tmp_path, tiny_random):
-    """The quickstart's model: its files are checked, and validate pays no import of transformers for it."""
+def test_the_bundled_tiny_base_is_checked_without_importing_transformers(tmp_path, tiny_base):
+    """The quickstart's model: the shipped files are checked against their manifest's hashes, and validate
+    pays no import of transformers for it. A copy stands in for the installed package's directory, so the
+    damage lands on the copy."""
     import subprocess
     import sys
 
-    shutil.copytree(tiny_random, tmp_path / "tiny-base-v1")
-    code = ("import sys; from distft.config import load_config; from distft.launch.preflight import check_model; "
+    shutil.copytree(tiny_base, tmp_path / "tiny_base")
+    code = ("import sys; from pathlib import Path; import distft.models.bundled as b; "
+            f"b.TINY_BASE_DIR = Path({str(tmp_path / 'tiny_base')!r}); "
+            "from distft.config import load_config; from distft.launch.preflight import check_model; "
             "print(check_model(load_config('configs/quickstart.yaml', [])), 'transformers' in sys.modules)")
 
     def check() -> list[str]:
         r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], text=True,
-                           capture_output=True, env=user_env(DISTFT_CACHE=tmp_path), timeout=120, check=False)
+                           capture_output=True, env=user_env(), timeout=120, check=False)
         assert r.returncode == 0, r.stderr[-2000:]
         return r.stdout.rsplit("]", 1)
 
     problems, imported = check()
     assert problems == "[" and imported.strip() == "False"
-    weights = tmp_path / "tiny-base-v1" / "model.safetensors"
+    weights = tmp_path / "tiny_base" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-10])
     problems, _ = check()
-    assert f"model.name_or_path: {weights} is truncated" in problems
+    assert f"model.name_or_path: distft://tiny-base: {weights} does not match the sha256 its manifest" in problems
 
 
 def test_qlora_quantizes_a_llama(tiny_random):

@@ -65,7 +65,8 @@ def model_problems(cfg: DistftConfig, ref: str, field: str, tokenizer: bool = Tr
     cheaply here: config.json, the safetensors headers against the files' sizes, the tokenizer, and the
     architecture's support for model.attn_implementation. At most one problem per model."""
     from distft.models.hub import cached_snapshot, hub_model_problem, is_hub_model
-    from distft.models.loading import final_model_dir, minilm_path, tiny_base_path
+    from distft.models.bundled import BundledModelError, tiny_base_dir
+    from distft.models.loading import final_model_dir, minilm_path
     from distft.models.verify import attention_problem, model_dir_problem, tokenizer_problem
 
     m = cfg.model
@@ -75,9 +76,10 @@ def model_problems(cfg: DistftConfig, ref: str, field: str, tokenizer: bool = Tr
         except FileNotFoundError as e:
             return [f"{field}: {e}"]
     elif ref == TINY_BASE:
-        path = tiny_base_path()
-        if not (path / "config.json").exists():
-            return []  # `distft train` builds it before launching
+        try:
+            path = tiny_base_dir()  # what every worker will load: the installed files, checked by hash
+        except BundledModelError as e:
+            return [f"{field}: {e}"]
     elif is_hub_model(ref):
         if problem := hub_model_problem(ref, m.revision if field == "model.name_or_path" else None):
             return [f"{field}: {problem}"]
@@ -103,7 +105,7 @@ def model_problems(cfg: DistftConfig, ref: str, field: str, tokenizer: bool = Tr
         return [f"{field}: {problem}"]
     # What distft built or ships loads with its own tokenizer and sdpa: no need to pay for importing
     # transformers to say so. Remote code is never run on the driver.
-    bundled = ref in (TINY_BASE, MINILM) or path == tiny_base_path()
+    bundled = ref in (TINY_BASE, MINILM)
     if not (path / "config.json").is_file():
         return []  # an adapter: its base was checked above; attention follows the base's config
     config = json.loads((path / "config.json").read_bytes())

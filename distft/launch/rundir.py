@@ -6,8 +6,7 @@
   and used when it is an empty directory (one the user made for the run).
 - `check_run_paths` refuses, before any cluster is taken, what would otherwise fail deep inside
   a launch: `run.output_dir` that is a file or cannot be written (tested by writing: as root,
-  permission bits say nothing), a `DISTFT_CACHE` that is a file when the tiny base lives there,
-  and a file-size limit (`ulimit -f`) below what a private Ray cluster maps as one file.
+  permission bits say nothing), and a file-size limit (`ulimit -f`) below what a private Ray cluster maps as one file.
 - A launch that fails before its first stage starts releases the claim: the files this
   invocation wrote are deleted, then the directory if this invocation made it and nothing else
   is in it. Nothing else is ever deleted.
@@ -137,13 +136,9 @@ def claim_run_dir(output_dir: str | Path, name: str | None, default_stem: str, r
     raise RunDirError(f"no free run name {base}-N under {parent}. Fix: set run.name=..., or clear old runs.")
 
 
-def check_run_paths(output_dir: str | Path, tiny_base: bool, private_cluster: bool) -> list[str]:
+def check_run_paths(output_dir: str | Path, private_cluster: bool) -> list[str]:
     """Refuse paths and limits that would fail a launch late, before any of it starts; notes for `validate`."""
     probe_writable(Path(output_dir).resolve(), FIELD)
-    if tiny_base:
-        from distft.models.loading import tiny_base_path
-
-        refuse_file_in_path(tiny_base_path(), "DISTFT_CACHE")
     notes = []
     if private_cluster:
         notes += check_file_size_limit()

