@@ -77,7 +77,27 @@ def save_results(results: dict) -> None:
     os.replace(tmp, RESULTS)
 
 
+# benchmarks/methods.py's runs (one process, 2 threads, Ray-free, each method's own learning rate), per seed.
+METHOD_RUNS = {f"methods-sft-{n}": ("sft", n) for n in (
+    "full", "freeze", "lora", "dora", "rslora", "qlora", "ia3", "prompt_tuning", "prefix_tuning")}
+METHOD_RUNS.update({f"methods-classify-{n}": ("classify", n) for n in ("full", "freeze", "bitfit", "lora", "dora")})
+
+
+def run_method(name: str, seed: int, work: Path) -> dict:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import methods
+
+    kind, method = METHOD_RUNS[name]
+    started = time.time()
+    r = methods.run_method(kind, method, seed, work / f"{name}-seed{seed}")
+    if "error" in r:
+        raise SystemExit(f"{name} seed {seed} failed: {r['error']}")
+    return {**r, "wall_s": round(time.time() - started, 1)}
+
+
 def run_experiment(name: str, seed: int, work: Path) -> dict:
+    if name in METHOD_RUNS:
+        return run_method(name, seed, work)
     config, overrides, _ = EXPERIMENTS[name]
     run_name = f"{name}-seed{seed}"
     cmd = [sys.executable, "-m", "distft.cli", "train", config, *overrides, f"train.seed={seed}",
@@ -144,6 +164,27 @@ def render_tables(results: dict) -> dict[str, str]:
             f"{spread([x['f1_macro_after'] for x in s], pct=False)} | "
             f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |",
             "", provenance(runs)])
+    for kind, metric, key in (("sft", "held-out exact match", "exact_match_after"),
+                              ("classify", "held-out accuracy", "accuracy_after")):
+        names = [n for n in METHOD_RUNS if METHOD_RUNS[n][0] == kind and results.get(n)]
+        if not names:
+            continue
+        lines = [f"| method | trainable params | {metric} | of full fine-tuning's | step time | "
+                 "peak RSS above baseline |", "|---|---|---|---|---|---|"]
+        full = results.get(f"methods-{kind}-full")
+        full_mean = statistics.fmean(r["summary"][key] for r in full.values()) if full else None
+        for n in names:
+            runs = list(results[n].values())
+            s = runs[0]["summary"]
+            mean = statistics.fmean(r["summary"][key] for r in runs)
+            share = 100 * s["trainable_params"] / s["total_params"]
+            ratio = f"{mean / full_mean:.2f}" if full_mean else "-"
+            lines.append(f"| {METHOD_RUNS[n][1]} | {s['trainable_params']:,} ({share:.2f}%) | "
+                         f"{spread([r['summary'][key] for r in runs])} | {ratio} | "
+                         f"{1000 * statistics.fmean(r['step_s'] for r in runs):.0f} ms | "
+                         f"{statistics.fmean(r['peak_above_baseline'] for r in runs) / 2**20:.0f} MiB |")
+        lines.append("\n" + provenance([r for n in names for r in results[n].values()]))
+        out[f"methods-{kind}"] = "\n".join(lines)
     return out
 
 
@@ -162,7 +203,8 @@ def write_readme(tables: dict[str, str], path: Path = README) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", choices=sorted(EXPERIMENTS), help="run only these experiments")
+    p.add_argument("--only", nargs="*", choices=sorted([*EXPERIMENTS, *METHOD_RUNS, "methods"]),
+                   help="run only these experiments (methods: every methods-* run)")
     p.add_argument("--seeds", nargs="*", type=int, default=list(DEFAULT_SEEDS))
     p.add_argument("--fresh", action="store_true", help="measure again what was saved for this commit")
     p.add_argument("--render", action="store_true", help="only rewrite the README from the saved results")
@@ -172,7 +214,9 @@ def main() -> None:
     if not args.render:
         work = Path(args.work or tempfile.mkdtemp(prefix="distft-figures-"))
         here, today, now = commit(), time.strftime("%Y-%m-%d"), machine()
-        for name in args.only or list(EXPERIMENTS):
+        names = args.only or [*EXPERIMENTS, *METHOD_RUNS]
+        names = [m for n in names for m in ([k for k in METHOD_RUNS] if n == "methods" else [n])]
+        for name in names:
             for seed in args.seeds:
                 saved = results.get(name, {}).get(str(seed))
                 if saved and saved["commit"] == here and not args.fresh:

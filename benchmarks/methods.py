@@ -84,6 +84,34 @@ def run_one(config: Path, overrides: list[str], work: Path, name: str) -> dict:
     return json.loads(out.read_text())
 
 
+SFT_HELDOUT = 200  # held-out items scored per SFT method
+EPOCHS = 5  # the quickstart's recipe
+
+
+def run_method(kind: str, name: str, seed: int, work: Path, epochs: float = EPOCHS,
+               heldout: int = SFT_HELDOUT) -> dict:
+    """One method on one task ("sft": the story facts, "classify": MiniLM topics) with `train.seed=seed`,
+    in a fresh process; adds `value`, the held-out metric."""
+    one_process = ["scaling.num_workers=1", "scaling.torch_threads=2", f"train.epochs={epochs}",
+                   f"train.seed={seed}", "evaluate.before=false"]
+    work.mkdir(parents=True, exist_ok=True)
+    if kind == "sft":
+        method, lr = next((m, lr) for n, m, lr in SFT_METHODS if n == name)
+        r = run_one(REPO / "configs" / "quickstart.yaml",
+                    [*one_process, f"method={json.dumps(method)}", f"train.lr={lr}",
+                     f"evaluate.max_samples={heldout}"], work, f"sft-{name}")
+        key = "exact_match_after"
+    else:
+        method, lr = next((m, lr) for n, m, lr in CLASSIFY_METHODS if n == name)
+        r = run_one(REPO / "configs" / "classify_minilm.yaml",
+                    [*one_process, f"method={json.dumps(method)}", f"train.lr={lr}", "train.early_stopping=null"],
+                    work, f"classify-{name}")
+        key = "accuracy_after"
+    if "summary" in r:
+        r["value"] = r["summary"][key]
+    return r
+
+
 def table(title: str, metric: str, rows: list[tuple[str, dict]]) -> list[str]:
     lines = [f"\n{title}", f"| method | trainable params | {metric} | step time | peak RSS above baseline |",
              "|---|---|---|---|---|"]
@@ -104,39 +132,28 @@ def table(title: str, metric: str, rows: list[tuple[str, dict]]) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=float, default=5)  # the quickstart's recipe
-    p.add_argument("--heldout", type=int, default=200, help="held-out items scored per SFT method")
+    p.add_argument("--epochs", type=float, default=EPOCHS)
+    p.add_argument("--heldout", type=int, default=SFT_HELDOUT, help="held-out items scored per SFT method")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of every run (make figures runs 3 seeds)")
     p.add_argument("--only", nargs="*", help="run only these methods")
     p.add_argument("--out", help="where the runs go (default: a temporary directory)")
     args = p.parse_args()
     work = Path(args.out or tempfile.mkdtemp(prefix="distft-methods-"))
     work.mkdir(parents=True, exist_ok=True)
     keep = (lambda n: n in args.only) if args.only else (lambda n: True)
-    one_process = ["scaling.num_workers=1", "scaling.torch_threads=2", f"train.epochs={args.epochs}"]
 
     sft_rows = []
-    for name, method, lr in SFT_METHODS:
-        if not keep(name):
-            continue
-        r = run_one(REPO / "configs" / "quickstart.yaml",
-                    [*one_process, f"method={json.dumps(method)}", f"train.lr={lr}",
-                     f"evaluate.max_samples={args.heldout}", "evaluate.before=false"], work, f"sft-{name}")
-        if "summary" in r:
-            r["value"] = r["summary"]["exact_match_after"]
-        sft_rows.append((name, r))
-        print(f"sft {name}: {r.get('value', r.get('error'))}", flush=True)
-
+    for name, _, _ in SFT_METHODS:
+        if keep(name):
+            r = run_method("sft", name, args.seed, work, args.epochs, args.heldout)
+            sft_rows.append((name, r))
+            print(f"sft {name}: {r.get('value', r.get('error'))}", flush=True)
     cls_rows = []
-    for name, method, lr in CLASSIFY_METHODS:
-        if not keep(name):
-            continue
-        r = run_one(REPO / "configs" / "classify_minilm.yaml",
-                    [*one_process, f"method={json.dumps(method)}", f"train.lr={lr}", "train.early_stopping=null",
-                     "evaluate.before=false"], work, f"classify-{name}")
-        if "summary" in r:
-            r["value"] = r["summary"]["accuracy_after"]
-        cls_rows.append((name, r))
-        print(f"classify {name}: {r.get('value', r.get('error'))}", flush=True)
+    for name, _, _ in CLASSIFY_METHODS:
+        if keep(name):
+            r = run_method("classify", name, args.seed, work, args.epochs)
+            cls_rows.append((name, r))
+            print(f"classify {name}: {r.get('value', r.get('error'))}", flush=True)
 
     lines = table(f"Story facts SFT from the pretrained tiny base ({args.epochs:g} epochs, held-out exact match on "
                   f"{args.heldout} unseen sentences)", "held-out exact match", sft_rows)
