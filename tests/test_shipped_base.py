@@ -19,6 +19,11 @@ def test_the_shipped_base_matches_its_manifest_and_scores_what_it_records():
     assert heldout_loss(TINY_BASE_DIR) == pytest.approx(manifest["heldout"]["loss"], rel=1e-4)
     assert len(heldout_rows()) == manifest["heldout"]["docs"] >= 50
     assert manifest["heldout"]["loss"] < 1.5  # it learned its corpus: a random init scores ~ln(vocab) = 6.4
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_BASE_DIR)  # its chat template ships too (chat_template.jinja)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True) == "<|user|> hi\n<|assistant|>"
 
 
 def test_the_held_out_corpus_was_never_trained_on():

@@ -26,7 +26,7 @@ MANIFEST = "manifest.json"
 HELDOUT = "heldout.jsonl"
 # The files `from_pretrained` reads, plus the held-out corpus: what the manifest hashes.
 SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", HELDOUT)
+                 "tokenizer_config.json", "chat_template.jinja", HELDOUT)
 # The context the base was pretrained with: the held-out loss is measured over the same window.
 PRETRAIN_SEQ_LEN = 128
 
