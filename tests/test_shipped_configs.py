@@ -71,7 +71,7 @@ def train(cluster: dict, config: str, tmp_path: Path) -> list[dict]:
     r = subprocess.run([sys.executable, "-m", "distft.cli", "train", str(CONFIGS / config), *SHORT,
                         f"run.output_dir={tmp_path}", f"run.name={name}", "--address", cluster["address"]],
                        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-3000:]}"
     run = tmp_path / name
     summaries = json.loads((run / "summary.json").read_text())
     final = run / summaries[-1]["stage"] / "final"

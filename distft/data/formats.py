@@ -13,7 +13,8 @@ Five formats are understood:
 Instruction rows train on the completion / assistant turns only (unless
 `loss_on: all`). Chat templates need no `{% generation %}` markers: each
 assistant turn's span is found by rendering the conversation prefix with and
-without that turn, which works for any prefix-stable template.
+without that turn, which works for any prefix-stable template. The text is then cut at
+every span's ends and each piece tokenized on its own (see `_encode_chat`).
 """
 
 from __future__ import annotations

@@ -653,6 +653,9 @@ class UploadWatch:
 
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
+    from distft.stages.quiet import quiet_notices
+
+    quiet_notices()  # first: the imports below reach bitsandbytes, which logs a harmless notice at import
     import ray.train
 
     from distft.config import DistftConfig
