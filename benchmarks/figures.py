@@ -40,8 +40,19 @@ EXPERIMENTS = {
     "quickstart-qlora": ("configs/quickstart.yaml", ["method.name=qlora"],
                          "the quickstart with only the method swapped to QLoRA"),
     "classify_minilm": ("configs/classify_minilm.yaml", [], "MiniLM-L6 topic classification, as shipped"),
+    "reward": ("configs/reward.yaml", [], "the reward model, as shipped"),
+    "rlhf": ("configs/rlhf_quickstart.yaml", [], "distft pipeline: SFT -> reward model -> PPO, as shipped"),
 }
+PIPELINES = {"rlhf"}  # run with `distft pipeline`
 DEFAULT_SEEDS = (0, 1, 2)
+# Another machine, simulated: the quickstart at seed 0 with other CPU kernels (ATEN_CPU_CAPABILITY: the
+# vector width torch's CPU kernels use, so the order of floating-point sums changes) and with 2 torch
+# threads per worker. name -> (environment, overrides).
+MACHINES = {
+    "machine-avx2": ({"ATEN_CPU_CAPABILITY": "avx2"}, []),
+    "machine-default": ({"ATEN_CPU_CAPABILITY": "default"}, []),
+    "machine-2-threads": ({}, ["scaling.torch_threads=2"]),
+}
 
 
 # What the figures depend on: a commit that changes none of these (the README, tests) keeps them valid.
@@ -98,27 +109,40 @@ def run_method(name: str, seed: int, work: Path) -> dict:
 def run_experiment(name: str, seed: int, work: Path) -> dict:
     if name in METHOD_RUNS:
         return run_method(name, seed, work)
-    config, overrides, _ = EXPERIMENTS[name]
+    env = dict(os.environ)
+    if name in MACHINES:
+        extra_env, extra = MACHINES[name]
+        env.update(extra_env)
+        config, overrides, _ = EXPERIMENTS["quickstart"]
+        overrides = [*overrides, *extra]
+    else:
+        config, overrides, _ = EXPERIMENTS[name]
     run_name = f"{name}-seed{seed}"
-    cmd = [sys.executable, "-m", "distft.cli", "train", config, *overrides, f"train.seed={seed}",
+    command = "pipeline" if name in PIPELINES else "train"
+    seeds = [f"stages.{i}.train.seed={seed}" for i in range(3)] if name in PIPELINES else [f"train.seed={seed}"]
+    cmd = [sys.executable, "-m", "distft.cli", command, config, *overrides, *seeds,
            f"run.output_dir={work}", f"run.name={run_name}"]
     started = time.time()
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(f"{name} seed {seed} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     stages = json.loads((work / run_name / "summary.json").read_text())
-    return {"summary": stages[-1], "wall_s": round(time.time() - started, 1)}
+    metrics = [json.loads(x) for x in (work / run_name / stages[-1]["stage"] / "metrics.jsonl").read_text().splitlines()]
+    losses = {str(m["step"]): m["loss"] for m in metrics if "loss" in m and "event" not in m}
+    return {"summary": stages[-1], "stages": stages, "wall_s": round(time.time() - started, 1), "losses": losses}
 
 
 def spread(values: list[float], pct: bool = True) -> str:
     """min-max (mean) over seeds."""
     fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.3f}")
     lo, hi, mean = min(values), max(values), statistics.fmean(values)
-    return f"{fmt(lo)}-{fmt(hi)} (mean {fmt(mean)})" if len(values) > 1 else fmt(lo)
+    if len(values) == 1 or fmt(lo) == fmt(hi):
+        return fmt(lo) + (" (every seed)" if len(values) > 1 else "")
+    return f"{fmt(lo)}-{fmt(hi)} (mean {fmt(mean)})"
 
 
 def provenance(runs: list[dict]) -> str:
-    seeds = ", ".join(str(r["seed"]) for r in runs)
+    seeds = ", ".join(str(x) for x in sorted({r["seed"] for r in runs}))
     dates = sorted({r["date"] for r in runs})
     commits = sorted({r["commit"] for r in runs})
     machines = sorted({r["machine"] for r in runs})
@@ -159,11 +183,49 @@ def render_tables(results: dict) -> dict[str, str]:
         out["classify"] = "\n".join([
             "| experiment | held-out rows | accuracy before | accuracy after | macro F1 after | wall time per run |",
             "|---|---|---|---|---|---|",
-            f"| classify_minilm | {s[0].get('eval_rows', s[0].get('eval_items', '?'))} | "
+            f"| classify_minilm | {s[0].get('heldout_rows', '?')} | "
             f"{spread([x['accuracy_before'] for x in s])} | {spread([x['accuracy_after'] for x in s])} | "
             f"{spread([x['f1_macro_after'] for x in s], pct=False)} | "
             f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |",
             "", provenance(runs)])
+    if results.get("reward"):
+        runs = list(results["reward"].values())
+        s = [r["summary"] for r in runs]
+        out["reward"] = "\n".join([
+            "| experiment | held-out pairs | pairwise accuracy before | after | mean margin after | wall time per run |",
+            "|---|---|---|---|---|---|",
+            f"| reward.yaml | {s[0].get('eval_pairs', '?')} | {spread([x['pairwise_accuracy_before'] for x in s])} | "
+            f"{spread([x['pairwise_accuracy_after'] for x in s])} | "
+            f"{spread([x.get('mean_margin_after', float('nan')) for x in s], pct=False)} | "
+            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |", "", provenance(runs)])
+    if results.get("rlhf"):
+        runs = list(results["rlhf"].values())
+        sft, reward, ppo = ([r["stages"][i] for r in runs] for i in range(3))
+        out["rlhf"] = "\n".join([
+            "| stage | held-out result | wall time per pipeline |", "|---|---|---|",
+            f"| sft (20 steps, under-trained on purpose) | exact match {spread([x['exact_match_after'] for x in sft])} | |",
+            f"| reward | pairwise accuracy {spread([x['pairwise_accuracy_after'] for x in reward])} | |",
+            f"| ppo | exact match {spread([x['exact_match_before'] for x in ppo])} -> "
+            f"{spread([x['exact_match_after'] for x in ppo])} | "
+            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |", "", provenance(runs)])
+    variants = [n for n in MACHINES if results.get(n, {}).get("0")]
+    base = results.get("quickstart", {})
+    if variants and base.get("0"):
+        ref = base["0"]
+        step = max(int(k) for k in ref["losses"]) // 2  # mid-run: the loss has moved away from the start
+        em = [r["summary"]["exact_match_after"] for r in base.values()]
+        lines = ["| quickstart, seed 0 | train loss at step %d | last logged loss | exact match after | "
+                 "within the 3 seeds' range |" % step, "|---|---|---|---|---|",
+                 f"| as measured above | {ref['losses'][str(step)]:.5f} | {ref['summary']['last_logged_loss']:.4f} | "
+                 f"{100 * ref['summary']['exact_match_after']:.1f}% | - |"]
+        for n in variants:
+            v = results[n]["0"]
+            after = v["summary"]["exact_match_after"]
+            lines.append(f"| {n} ({', '.join(f'{k}={x}' for k, x in MACHINES[n][0].items()) or ' '.join(MACHINES[n][1])}) | "
+                         f"{v['losses'][str(step)]:.5f} | {v['summary']['last_logged_loss']:.4f} | {100 * after:.1f}% | "
+                         f"{'yes' if min(em) <= after <= max(em) else 'no'} |")
+        lines.append("\n" + provenance([ref, *(results[n]["0"] for n in variants)]))
+        out["machines"] = "\n".join(lines)
     for kind, metric, key in (("sft", "held-out exact match", "exact_match_after"),
                               ("classify", "held-out accuracy", "accuracy_after")):
         names = [n for n in METHOD_RUNS if METHOD_RUNS[n][0] == kind and results.get(n)]
@@ -203,7 +265,7 @@ def write_readme(tables: dict[str, str], path: Path = README) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", choices=sorted([*EXPERIMENTS, *METHOD_RUNS, "methods"]),
+    p.add_argument("--only", nargs="*", choices=sorted([*EXPERIMENTS, *METHOD_RUNS, *MACHINES, "methods"]),
                    help="run only these experiments (methods: every methods-* run)")
     p.add_argument("--seeds", nargs="*", type=int, default=list(DEFAULT_SEEDS))
     p.add_argument("--fresh", action="store_true", help="measure again what was saved for this commit")
@@ -214,10 +276,10 @@ def main() -> None:
     if not args.render:
         work = Path(args.work or tempfile.mkdtemp(prefix="distft-figures-"))
         here, today, now = commit(), time.strftime("%Y-%m-%d"), machine()
-        names = args.only or [*EXPERIMENTS, *METHOD_RUNS]
+        names = args.only or [*EXPERIMENTS, *MACHINES, *METHOD_RUNS]
         names = [m for n in names for m in ([k for k in METHOD_RUNS] if n == "methods" else [n])]
         for name in names:
-            for seed in args.seeds:
+            for seed in ([0] if name in MACHINES else args.seeds):
                 saved = results.get(name, {}).get(str(seed))
                 if saved and saved["commit"] == here and not args.fresh:
                     print(f"{name} seed {seed}: saved for {here}", flush=True)

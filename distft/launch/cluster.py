@@ -57,10 +57,11 @@ WORKER_ENV_ALLOW = frozenset({
 })
 # XDG_: HF's default cache lives under XDG_CACHE_HOME; CUDA_/TORCH_/PYTORCH_/TRITON_: GPU and collective
 # settings (CUDA_VISIBLE_DEVICES, PYTORCH_CUDA_ALLOC_CONF, TORCH_NCCL_*, TORCH_DISTRIBUTED_DEBUG).
-# OPENBLAS_/MALLOC_/KMP_/GOMP_: numerics and allocator settings some machines need (OPENBLAS_CORETYPE works
-# around CPUs that old OpenBLAS builds miscompute on); PYTHON*: interpreter settings (hash seed, warnings).
+# OPENBLAS_/MALLOC_/KMP_/GOMP_/ATEN_: numerics and allocator settings some machines need (OPENBLAS_CORETYPE works
+# around CPUs that old OpenBLAS builds miscompute on; ATEN_CPU_CAPABILITY picks torch's CPU kernels);
+# PYTHON*: interpreter settings (hash seed, warnings).
 WORKER_ENV_ALLOW_PREFIXES = ("LC_", "NCCL_", "OMP_", "MKL_", "DISTFT_", "RAY_", "XDG_", "CUDA_", "TORCH_",
-                             "PYTORCH_", "TRITON_", "OPENBLAS_", "MALLOC_", "KMP_", "GOMP_", "PYTHON")
+                             "PYTORCH_", "TRITON_", "OPENBLAS_", "MALLOC_", "KMP_", "GOMP_", "PYTHON", "ATEN_")
 
 
 def worker_environ(env: dict[str, str] | None = None) -> dict[str, str]:
