@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from transformers import TrainerCallback
+
 from distft.config import DistftConfig
 from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks, from_main, staging_dir, write_manifest
 from distft.distributed.process_group import ensure_process_group
@@ -109,12 +111,55 @@ def stage_callbacks(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, total
 
 def train(trainer, ctx: StageContext):
     """`trainer.train()`, then (early stopping) the best checkpoint loaded back, so that what is evaluated
-    and exported next is the best model, not the last."""
+    and exported next is the best model, not the last. A stage may evaluate or predict with the Trainer
+    before this; the ranks still train one model (see `_forget_evaluation_prepare`)."""
     from distft.stages.early_stopping import restore_best
 
-    result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    _forget_evaluation_prepare(trainer)
+    check = _ReplicasSynced(trainer, ctx.world_size)
+    trainer.add_callback(check)
+    try:
+        result = trainer.train(resume_from_checkpoint=ctx.resume_from)
+    finally:
+        trainer.remove_callback(check)
     restore_best(trainer, ctx.log)
     return result
+
+
+def _forget_evaluation_prepare(trainer) -> None:
+    """Undo accelerate's evaluation-only preparation of the model, so `train()` wraps it in DDP.
+
+    `Trainer.predict`/`evaluate` before `train()` runs `accelerator.prepare_model(model,
+    evaluation_mode=True)`, which leaves the model unwrapped but marks it `_is_accelerate_prepared`;
+    accelerate 1.15's double-wrap guard then hands `train()` the bare model. Every rank trained its
+    own replica on its own half of each batch, with no gradient all-reduce, and rank 0 exported a
+    model that saw half the data: MiniLM sentiment, 1 epoch at global batch 16, held-out accuracy
+    0.77-0.91 on 1 process and 0.54-0.68 on 2 ranks (benchmarks/workers_classify.py). DeepSpeed and
+    FSDP evaluations prepare the model fully (it is then the wrapped one), and are left as they are.
+    """
+    model = trainer.model
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or trainer.model_wrapped is not model:
+        return
+    if getattr(model, "_is_accelerate_prepared", False):
+        model._is_accelerate_prepared = False
+        trainer.accelerator._models[:] = [m for m in trainer.accelerator._models if m is not model]
+
+
+class _ReplicasSynced(TrainerCallback):
+    """Refuses to take a step when several plain data-parallel ranks were left without DDP: each would
+    train a model of its own, and nothing else would notice (the logged loss is averaged over ranks)."""
+
+    def __init__(self, trainer, world_size: int):
+        self.trainer, self.world_size = trainer, world_size
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from torch.nn.parallel import DistributedDataParallel
+
+        t = self.trainer
+        if self.world_size > 1 and not (t.is_deepspeed_enabled or t.is_fsdp_enabled) \
+                and not isinstance(t.model_wrapped, DistributedDataParallel):
+            raise RuntimeError(f"{self.world_size} ranks would train unsynchronised replicas: the Trainer did not "
+                               f"wrap the model in DDP (it is a {type(t.model_wrapped).__name__}).")
 
 
 def ready(trainer, stage, ctx: StageContext) -> None:
