@@ -12,7 +12,6 @@ import os
 import random
 
 import pytest
-
 from conftest import REPO, write_jsonl
 from test_distributed_stage import free_port
 

@@ -96,7 +96,6 @@ def stage_callbacks(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, total
     """Progress, metrics and checkpoint sealing (ReportCallback); early stopping and gradual unfreezing when
     configured."""
     from distft.stages.early_stopping import EarlyStopping
-
     from distft.stages.unfreezing import GradualUnfreezing
 
     stage = cfg.stages[ctx.stage_index]
