@@ -183,10 +183,39 @@ def quantized_linears(model) -> tuple[int, int]:
     return quantized, total
 
 
+def keep_4bit_trainable(model) -> int:
+    """Keep every Linear4bit on bitsandbytes' differentiable path (dequantize, then `F.linear`); returns
+    how many layers it pinned.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit's weight in place the first time
+    it runs in eval mode without grad (the held-out score before training, an evaluation, generation),
+    and from then on every forward, training included, calls `gemv_4bit`: a bf16 kernel with no autograd
+    formula. Backward then drops the gradient through every frozen 4-bit weight (torch warns
+    "gemv_4bit: an autograd kernel was not registered"), so the LoRA gradients were ~99% wrong and QLoRA
+    stalled, only on CPUs that have the instruction. Clearing the layer's capability flag before any
+    forward keeps the same numbers in evaluation and training, on every CPU.
+    """
+    import bitsandbytes as bnb
+
+    pinned = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                raise MethodError(f"{type(module).__name__} weights are already in bitsandbytes' CPU inference "
+                                  "layout, which has no backward. Fix: load the model again for training.")
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
+
+
 def check_quantized(model, method: MethodConfig, log=print) -> None:
     """QLoRA quantizes or refuses. transformers replaces only `nn.Linear` modules; an architecture that
     keeps its weights elsewhere (fused or custom layers) loads unquantized and without a word, and would
-    train plain LoRA while calling it QLoRA."""
+    train plain LoRA while calling it QLoRA.
+
+    It also pins the 4-bit layers to their trainable path (`keep_4bit_trainable`): this runs on every
+    QLoRA model right after loading, before its first forward."""
+    keep_4bit_trainable(model)
     quantized, total = quantized_linears(model)
     bits = method.quantization.bits
     arch = type(model).__name__
