@@ -28,9 +28,9 @@ def test_the_shipped_base_matches_its_manifest_and_scores_what_it_records():
 
 def test_the_held_out_corpus_was_never_trained_on():
     from distft.models.tiny import generic_corpus
-    from distft.stages.tiny_base import HELDOUT_EVERY
+    from distft.stages.tiny_base import CORPUS_DOCS, HELDOUT_EVERY
 
-    corpus = generic_corpus()
+    corpus = generic_corpus(n_docs=CORPUS_DOCS)
     held = heldout_rows()
     assert held == corpus[::HELDOUT_EVERY]  # the recipe's split, reproduced from the generator
     trained = {t for i, t in enumerate(corpus) if i % HELDOUT_EVERY}
