@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def one_raylet_cluster(home: Path, cpus: int = 2):
+    """`distft cluster up --workers 1 --cpus-per-worker CPUS` on free ports, its state in `home`; always `down`
+    afterwards. Yields the client environment, the address and the pids `up` recorded."""
+    port, dash = free_port(), free_port()
+    env = clean_env(DISTFT_CACHE=home, RAY_AUTH_TOKEN_PATH=home / "token")
+    try:
+        r = distft("cluster", "up", "--workers", 1, "--cpus-per-worker", cpus, "--port", port, "--dashboard-port", dash,
+                   env=env, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        state = json.loads((home / "cluster" / "cluster.json").read_text())
+        yield {"env": env, "address": f"127.0.0.1:{port}", "pids": [p["pid"] for p in state["processes"]]}
+    finally:
+        distft("cluster", "down", env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")

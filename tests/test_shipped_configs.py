@@ -52,18 +52,10 @@ def test_every_shipped_config_is_covered_here_or_by_a_named_test():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from test_cluster import clean_env, distft, free_port
+    from test_cluster import one_raylet_cluster
 
-    home = tmp_path_factory.mktemp("configs-cluster")
-    port, dash = free_port(), free_port()
-    env = clean_env(DISTFT_CACHE=home, RAY_AUTH_TOKEN_PATH=home / "token")
-    try:
-        r = distft("cluster", "up", "--workers", 1, "--cpus-per-worker", 2, "--port", port, "--dashboard-port", dash,
-                   env=env, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
-        yield {"env": env, "address": f"127.0.0.1:{port}"}
-    finally:
-        distft("cluster", "down", env=env, timeout=300)
+    with one_raylet_cluster(tmp_path_factory.mktemp("configs-cluster")) as info:
+        yield info
 
 
 def train(cluster: dict, config: str, tmp_path: Path) -> list[dict]:

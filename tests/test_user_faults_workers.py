@@ -38,19 +38,10 @@ def tiny(tiny_random) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """`distft cluster up --workers 1 --cpus-per-worker 2`: one worker raylet for every case here."""
-    from test_cluster import clean_env, distft, free_port
+    from test_cluster import one_raylet_cluster
 
-    home = tmp_path_factory.mktemp("faults-cluster")
-    port, dash = free_port(), free_port()
-    env = clean_env(DISTFT_CACHE=home, RAY_AUTH_TOKEN_PATH=home / "token")
-    try:
-        r = distft("cluster", "up", "--workers", 1, "--cpus-per-worker", 2, "--port", port, "--dashboard-port", dash,
-                   env=env, timeout=300)
-        assert r.returncode == 0, r.stdout + r.stderr
-        state = json.loads((home / "cluster" / "cluster.json").read_text())
-        yield {"env": env, "address": f"127.0.0.1:{port}", "pids": [p["pid"] for p in state["processes"]]}
-    finally:
-        distft("cluster", "down", env=env, timeout=300)
+    with one_raylet_cluster(tmp_path_factory.mktemp("faults-cluster")) as info:
+        yield info
 
 
 def train_workers(cluster: dict) -> list[psutil.Process]:
