@@ -38,7 +38,8 @@ figures: install
 # Rebuild the shipped tiny base (distft/models/tiny_base) with its recipe, then `make figures`.
 tiny-base: install
 	$(BIN)/distft tiny-model .cache/tiny-base-build --force
-	cp .cache/tiny-base-build/*.json .cache/tiny-base-build/*.jsonl .cache/tiny-base-build/*.safetensors \
+	cp .cache/tiny-base-build/*.json .cache/tiny-base-build/*.jsonl .cache/tiny-base-build/*.jinja \
+		.cache/tiny-base-build/*.safetensors \
 		distft/models/tiny_base/
 
 clean:
