@@ -304,8 +304,23 @@ def hf_generate(model, tokenizer, prompts: list[str], settings, sample: bool):
                   "top_p": settings.top_p} if sample else {"do_sample": False}
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True, **kwargs)
+                             eos_token_id=tokenizer.eos_token_id, use_cache=True, synced_gpus=_zero3_group(model),
+                             **kwargs)
     return enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1]:]
+
+
+def _zero3_group(model) -> bool:
+    """Whether ranks must run generation's forward passes in lockstep: ZeRO-3 parameters across ranks.
+
+    Even with the whole policy gathered (`full_parameters`), each forward of a ZeRO-3 module starts with
+    DeepSpeed's step bookkeeping, a broadcast (`reset_step`). A rank whose answers all ended early ran
+    fewer forwards, and the ranks' collectives then paired up wrongly and hung (seen once the shipped
+    base learned to stop: rank 0 in the reference forward, rank 1 still in the policy's). transformers'
+    `synced_gpus` keeps a finished rank running dummy forwards until every rank is done, as it does for
+    its own ZeRO-3 integration."""
+    import torch.distributed as dist
+
+    return dist.is_initialized() and dist.get_world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 # A generator turns prompt strings into token ids; a faster engine (vLLM on GPU) plugs in here.
