@@ -35,7 +35,9 @@ def pipeline(tmp_path, *extra, check=True):
     return out
 
 
-@pytest.mark.slow
+# make test-slow: 7 minutes here, past the full tier's budget. The full tier runs this file through
+# `distft pipeline` shortened (test_shipped_configs.py) and PPO's learning in-process (test_ppo_stage.py).
+@pytest.mark.slowest
 def test_sft_reward_ppo_pipeline_improves_the_task_and_reruns_skip_finished_stages(tmp_path):
     first = pipeline(tmp_path)
     run_dir = tmp_path / "rlhf_quickstart"

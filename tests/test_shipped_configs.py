@@ -26,14 +26,15 @@ ELSEWHERE = {
     "fsdp.yaml": "test_ray_launch.py::test_fsdp2_on_ray_shards_parameters",
     "zero3.yaml": "test_ray_launch.py::test_deepspeed_zero3_on_ray_shards_parameters",
     "reward.yaml": "test_reward_stage.py",
-    "rlhf_quickstart.yaml": "test_rlhf_pipeline.py (distft pipeline)",
     "tune_quickstart.yaml": "test_tune.py (distft tune)",
 }
 # Configs that need GPUs: validated and planned instead.
 GPU_ONLY = {"llama8b/rlhf.yaml"}
-# Multi-stage or search configs run by their own command in the tests named above.
-NOT_TRAIN = {"rlhf_quickstart.yaml", "tune_quickstart.yaml"}
+# A search config runs by its own command in the test named above.
+NOT_TRAIN = {"tune_quickstart.yaml"}
 SHORT = ["train.max_steps=2", "train.log_every=1", "evaluate.max_samples=4", "data.max_train_samples=96"]
+# Multi-stage configs run with `distft pipeline`, each stage shortened alike.
+PIPELINES = {"rlhf_quickstart.yaml": 3}
 
 
 def shipped() -> list[str]:
@@ -60,7 +61,10 @@ def cluster(tmp_path_factory):
 
 def train(cluster: dict, config: str, tmp_path: Path) -> list[dict]:
     name = Path(config).stem
-    r = subprocess.run([sys.executable, "-m", "distft.cli", "train", str(CONFIGS / config), *SHORT,
+    stages = PIPELINES.get(config)
+    command, short = ("pipeline", [f"stages.{i}.{o}" for i in range(stages) for o in SHORT]) if stages else \
+        ("train", SHORT)
+    r = subprocess.run([sys.executable, "-m", "distft.cli", command, str(CONFIGS / config), *short,
                         f"run.output_dir={tmp_path}", f"run.name={name}", "--address", cluster["address"]],
                        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-3000:]}"

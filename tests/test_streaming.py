@@ -64,7 +64,9 @@ def write_corpus(path, rows: int, words_per_row: int, seed: int = 0) -> int:
     return path.stat().st_size
 
 
-@pytest.mark.slow
+# make test-slow: about 2 minutes, and the full tier is at its budget; the streaming path itself (Ray Data
+# tasks, shards, the secrets' object ref) stays in the full tier below.
+@pytest.mark.slowest
 def test_streamed_data_larger_than_the_memory_cap_trains_with_flat_memory(ray_cluster, tiny_base, tmp_path):
     """Text far larger than the cap, read and tokenized by Ray Data tasks, one full epoch over 2 workers: once
     training has warmed up, a worker's own memory (RssAnon, in every log line) stays flat while it reads the
