@@ -159,6 +159,17 @@ def render_sft(name: str, runs: list[dict]) -> list[str]:
             f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |"]
 
 
+def one_row(name: str, runs: list[dict], count_header: str, count_key: str,
+            columns: list[tuple[str, str, bool]]) -> str:
+    """A one-experiment table: its summary's `columns` (header, key, as a percentage) as ranges over seeds."""
+    s = [r["summary"] for r in runs]
+    head = ["experiment", count_header, *(h for h, _, _ in columns), "wall time per run"]
+    row = [name, str(s[0].get(count_key, "?")), *(spread([x[k] for x in s], pct=p) for _, k, p in columns),
+           f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |", "",
+                      provenance(runs)])
+
+
 def render_tables(results: dict) -> dict[str, str]:
     """README section name -> markdown."""
     out = {}
@@ -178,26 +189,15 @@ def render_tables(results: dict) -> dict[str, str]:
         lines.append("\n" + provenance(runs))
         out["sft"] = "\n".join(lines)
     if results.get("classify_minilm"):
-        runs = list(results["classify_minilm"].values())
-        s = [r["summary"] for r in runs]
-        out["classify"] = "\n".join([
-            "| experiment | held-out rows | accuracy before | accuracy after | macro F1 after | wall time per run |",
-            "|---|---|---|---|---|---|",
-            f"| classify_minilm | {s[0].get('heldout_rows', '?')} | "
-            f"{spread([x['accuracy_before'] for x in s])} | {spread([x['accuracy_after'] for x in s])} | "
-            f"{spread([x['f1_macro_after'] for x in s], pct=False)} | "
-            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |",
-            "", provenance(runs)])
+        out["classify"] = one_row("classify_minilm", list(results["classify_minilm"].values()), "held-out rows",
+                                  "heldout_rows", [("accuracy before", "accuracy_before", True),
+                                                   ("accuracy after", "accuracy_after", True),
+                                                   ("macro F1 after", "f1_macro_after", False)])
     if results.get("reward"):
-        runs = list(results["reward"].values())
-        s = [r["summary"] for r in runs]
-        out["reward"] = "\n".join([
-            "| experiment | held-out pairs | pairwise accuracy before | after | mean margin after | wall time per run |",
-            "|---|---|---|---|---|---|",
-            f"| reward.yaml | {s[0].get('eval_pairs', '?')} | {spread([x['pairwise_accuracy_before'] for x in s])} | "
-            f"{spread([x['pairwise_accuracy_after'] for x in s])} | "
-            f"{spread([x.get('mean_margin_after', float('nan')) for x in s], pct=False)} | "
-            f"{statistics.fmean(r['wall_s'] for r in runs):.0f} s |", "", provenance(runs)])
+        out["reward"] = one_row("reward.yaml", list(results["reward"].values()), "held-out pairs", "eval_pairs",
+                                [("pairwise accuracy before", "pairwise_accuracy_before", True),
+                                 ("after", "pairwise_accuracy_after", True),
+                                 ("mean margin after", "mean_margin_after", False)])
     if results.get("rlhf"):
         runs = list(results["rlhf"].values())
         sft, reward, ppo = ([r["stages"][i] for r in runs] for i in range(3))
