@@ -51,7 +51,8 @@ def test_two_worker_dora_sft_on_ray(ray_cluster, tiny_base, tmp_path):
 
 
 def test_quickstart_cli_meets_its_target(tmp_path):
-    """The README's quickstart, as a user runs it: >= 95% held-out exact match, then `generate` answers."""
+    """The README's quickstart, as a user runs it: >= 97% held-out exact match (issue 19's target for every
+    seed; on the shipped base seeds 0-2 and 42 reached 100%, see README), then `generate` answers."""
     cmd = [sys.executable, "-m", "distft.cli", "train", "configs/quickstart.yaml",
            f"run.output_dir={tmp_path}", "run.name=qs"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
@@ -66,7 +67,7 @@ def test_quickstart_cli_meets_its_target(tmp_path):
     assert_run_records_itself(tmp_path / "qs", cmd)
     (summary,) = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval_items"] >= 500
-    assert summary["exact_match_after"] >= 0.95, summary
+    assert summary["exact_match_after"] >= 0.97, summary
 
     row = json.loads((REPO / "configs" / "data" / "facts_test.jsonl").read_text().splitlines()[7])
     g = subprocess.run([sys.executable, "-m", "distft.cli", "generate", str(tmp_path / "qs"),
