@@ -14,11 +14,12 @@ cache by an earlier version is not used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
+# The checkpoints' file hash (chunked): the same sha256 their manifests record.
+from distft.distributed.checkpoint import _sha256 as sha256
 from distft.errors import UserError
 
 TINY_BASE_DIR = Path(__file__).parent / "tiny_base"
@@ -33,14 +34,6 @@ PRETRAIN_SEQ_LEN = 128
 
 class BundledModelError(UserError):
     """The files of a bundled model are missing or do not match what was shipped."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(directory: Path | None = None) -> dict:
