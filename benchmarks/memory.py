@@ -74,6 +74,7 @@ def build_model(hidden: int, layers: int) -> Path:
 
     out = cache_dir() / f"bench-llama-h{hidden}-l{layers}"
     if not (out / "config.json").exists():
+        cache_dir().mkdir(parents=True, exist_ok=True)  # a fresh clone (CI) has no cache yet
         tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".bench-"))
         save_random_init(tmp, hidden=hidden, layers=layers)
         tmp.rename(out)  # atomic: a half-written model is never picked up

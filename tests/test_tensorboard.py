@@ -4,6 +4,8 @@ metrics.jsonl. Stages run in-process without Ray, as in test_sft_stage.py."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -118,3 +120,28 @@ def test_only_rank_0_writes_events_on_two_gloo_ranks(tiny_random, alpaca_rows, t
     # events.out.tfevents.<time>.<host>.<pid>.<n>: every file from one process
     assert events and len({e.name.rsplit(".", 2)[-2] for e in events}) == 1
     assert_same(scalars(stage_dir / "tensorboard"), jsonl_scalars(stage_dir / "metrics.jsonl"))
+
+
+def test_a_failing_event_write_surfaces_once_in_the_training_thread(tmp_path):
+    """A full disk under `tensorboard/`: TensorBoard's writer thread fails first. Its traceback must not
+    reach stderr (Ray forwards a worker's stderr to the user); the same error is raised by the write."""
+    script = f"""
+import errno, sys
+from distft.stages.reporting import MetricsLog
+log = MetricsLog({str(tmp_path)!r})
+log.write({{"step": 1, "loss": 1.0}})
+def full(data):
+    raise OSError(errno.ENOSPC, "No space left on device")
+log._writer.file_writer.event_writer._async_writer._writer.write = full
+try:
+    for step in range(2, 50):
+        log.write({{"step": step, "loss": 1.0}})
+except OSError as e:
+    print("raised", e.errno)
+    sys.exit(0)
+sys.exit("the failed event write was never raised")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "raised 28"
+    assert "Traceback" not in r.stderr and "Exception in thread" not in r.stderr, r.stderr

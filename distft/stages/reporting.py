@@ -14,6 +14,7 @@ copy of a directory shared by all ranks is enough); every rank still reports.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +31,28 @@ def tensorboard_tag(key: str) -> str:
     """A metric's TensorBoard name, grouped as the Trainer's own TensorBoard callback groups it
     (eval_loss -> eval/loss, loss -> train/loss), so distft runs sit beside plain HF runs."""
     return f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else f"train/{key}"
+
+
+def _quiet_tensorboard_writer_threads() -> None:
+    """Keep TensorBoard's event-writer thread from printing its own traceback when a write fails.
+
+    The thread (tensorboard's `_AsyncWriterThread`) stores its exception and re-raises it, so Python's
+    default hook prints a raw traceback to the worker's stderr, which Ray forwards to the user. The same
+    exception is raised again in the training thread by the writer's next `flush()` (each `write` ends
+    with one), where the stage's error handling turns it into one line (e.g. a full disk). Installed once;
+    any other thread's exception still goes to the previous hook.
+    """
+    previous = threading.excepthook
+    if getattr(previous, "_distft_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, Exception):
+            return
+        previous(args)
+
+    hook._distft_tensorboard = True
+    threading.excepthook = hook
 
 
 class MetricsLog:
@@ -59,6 +82,7 @@ class MetricsLog:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where metrics are written
 
+            _quiet_tensorboard_writer_threads()
             self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir))
         for key, value in metrics.items():
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
