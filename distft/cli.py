@@ -262,6 +262,11 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
             if "optimizer_fp32_elements_local" in s:
                 shares.append(f"optimizer state {100 * s['optimizer_fp32_elements_local'] / full:.1f}%")
             lines.append(f"  per rank     {', '.join(shares)} of the model, measured ({s.get('strategy', 'ddp')})")
+        if s.get("peak_rss_mib") is not None:
+            per_rank = s.get("peak_rss_mib_per_rank") or []
+            ranks = f" (ranks: {', '.join(f'{p / 1024:.2f}' for p in per_rank)})" if len(per_rank) > 1 else ""
+            lines.append(f"  peak memory  {s['peak_rss_mib'] / 1024:.2f} GiB per rank at most{ranks}, "
+                         "the kernel's high-water mark (VmHWM)")
         result = stage_result(s)
         if result != "-":
             lines.append(f"  held-out     {result}")

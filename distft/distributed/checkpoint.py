@@ -543,6 +543,17 @@ def from_main(value):
     return box[0]
 
 
+def on_every_rank(value) -> list:
+    """Every rank's `value` (a small picklable object), in rank order, on every rank; [value] with one process."""
+    if not _group_ready():
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def check_resume_on_ranks(ckpt_dir: str | Path, *, world_size: int, strategy: str, is_main: bool,
                           search: list[str | Path] = ()) -> None:
     """`check_resume` on rank 0 only (hashing once, not once per rank); every rank raises its verdict."""

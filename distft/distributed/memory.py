@@ -227,10 +227,24 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_bytes() -> int | None:
-    """The kernel's peak RSS (VmHWM) since start or the last `reset_peak_rss`; None off Linux."""
+    """The kernel's peak RSS of this process since start or the last `reset_peak_rss`.
+
+    VmHWM on Linux, which the kernel updates itself, so a spike allocated and freed between two
+    reads is still counted (no sampling thread needed). Off Linux, getrusage's ru_maxrss
+    (kilobytes on most systems, bytes on macOS), which `reset_peak_rss` cannot reset. None if neither.
+    """
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
-        return None
+        status = ""
     m = re.search(r"VmHWM:\s+(\d+) kB", status)
-    return int(m.group(1)) * 1024 if m else None
+    if m:
+        return int(m.group(1)) * 1024
+    try:
+        import resource
+        import sys
+
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return maxrss if sys.platform == "darwin" else maxrss * 1024

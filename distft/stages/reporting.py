@@ -21,7 +21,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from distft.config import dump_config
-from distft.distributed.checkpoint import CheckpointPublisher, barrier, checkpoint_step, from_main, staging_dir
+from distft.distributed.checkpoint import (CheckpointPublisher, barrier, checkpoint_step, from_main, on_every_rank,
+                                          staging_dir)
+from distft.distributed.memory import peak_rss_bytes
 
 PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
 RSS_WARMUP_STEPS = 5  # allocator, optimizer state and data prefetch are in place by then
@@ -156,6 +158,10 @@ class RssWatch:
         return None if self.base is None else round((self.peak - self.base) / 2**20, 1)
 
 
+def mib(n: int) -> float:
+    return round(n / 2**20, 1)
+
+
 def _fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -173,6 +179,7 @@ class ReportCallback(TrainerCallback):
         # inline), the report that hands it to Ray. Measured from the last event before the save.
         self.checkpoint_blocked: list[float] = []
         self.rss = RssWatch()
+        self.peak_rss_mib_per_rank: list[float | None] | None = None  # every rank's high-water mark, at train end
         self._mark = time.time()
         self._last_shown: tuple[int, dict] | None = None  # (step, values) of the last progress line
         if ctx.is_main:
@@ -207,8 +214,16 @@ class ReportCallback(TrainerCallback):
         logs = {k: v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         metrics = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         anon = RssWatch.anon_bytes()
-        if anon is not None and not self.training_over and not any(k.startswith("eval_") for k in logs):  # this rank's own memory, for metrics.jsonl and TensorBoard
+        training_row = not self.training_over and not any(k.startswith("eval_") for k in logs)
+        if anon is not None and training_row:  # this rank's own memory, for metrics.jsonl and TensorBoard
             metrics["rss_mib"] = round(anon / 2**20, 1)
+        peak = peak_rss_bytes()
+        if peak is not None and training_row:
+            # The kernel's high-water mark since the worker started: a peak inside a step (gathered ZeRO-3
+            # layers, a logits spike) that RSS at the step end no longer shows. Rank 0's own, as rank 0 writes
+            # the rows: gathering every rank's at each log would add a collective to the training loop, and
+            # on_log is not called in lockstep everywhere. The summary has every rank's (`memory_summary`).
+            metrics["peak_rss_mib"] = mib(peak)
         if self.ctx.is_main:
             self.metrics.write(metrics)
             if self.training_over:  # the stage's evaluate() after training: nothing else is logged after it
@@ -229,6 +244,14 @@ class ReportCallback(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_training_stop = True
         self._mark = time.time()
+
+    def memory_summary(self) -> dict:
+        """The summary's peak memory: each rank's kernel high-water mark (VmHWM) at the end of training, since
+        its process started (model loading included), and their maximum; {} before training ended."""
+        per_rank = self.peak_rss_mib_per_rank
+        if not per_rank or any(p is None for p in per_rank):
+            return {}
+        return {"peak_rss_mib": max(per_rank), "peak_rss_mib_per_rank": per_rank}
 
     def _progress_line(self, state, logs: dict) -> str:
         step, total = state.global_step, max(state.max_steps or self.total_steps, 1)
@@ -251,6 +274,9 @@ class ReportCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.rss.sample()  # the last sample: the final eval and the export are not training
+        # Every rank passes here once (the collective below needs that), unlike on_log.
+        peak = peak_rss_bytes()
+        self.peak_rss_mib_per_rank = on_every_rank(mib(peak) if peak is not None else None)
         self.training_over = True
         if self.metrics is not None:
             self.metrics.close()

@@ -348,6 +348,7 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
         "checkpoint_blocked_s": reporters[0].checkpoint_blocked if reporters else [],
         # Peak RSS growth after the first steps (None on short runs and off Linux).
         "train_rss_growth_mib": reporters[0].rss.growth_mib() if reporters else None,
+        **(reporters[0].memory_summary() if reporters else {}),  # peak_rss_mib: each rank's high-water mark
         **(early[0].summary() if early else {}),
         **overfitting(history, stage.train.overfit_gap),
     }
