@@ -374,9 +374,12 @@ class StrategyConfig(Section):
     offload_optimizer: Offload = "none"
     offload_params: Offload = "none"
     nvme_path: str | None = Field(None, description="Local NVMe directory for offload: nvme")
-    # ZeRO-3 keeps parameters smaller than this unpartitioned on every rank. DeepSpeed's
-    # default (1e5) would leave a tiny model wholly replicated, so sharding tests set 0.
-    param_persistence_threshold: int = Field(100_000, ge=0)
+    # ZeRO-3 keeps parameters smaller than this unpartitioned on every rank. The default follows the
+    # model (10 x hidden size, HF's "auto"); DeepSpeed's fixed 1e5 would leave a tiny model wholly
+    # replicated, so sharding tests set 0.
+    param_persistence_threshold: int | None = Field(
+        None, ge=0, description="ZeRO-3: parameters below this many elements stay whole on every rank "
+                                "(default: 10 x the model's hidden size)")
     fsdp_sharding: Literal["full", "hybrid"] = Field(
         "full", description="full: shard over all ranks; hybrid: shard within groups of fsdp_shard_size, replicate across"
     )

@@ -5,6 +5,15 @@ Every batch value is explicit (no "auto") and derived from the same
 integration's consistency check catches any drift instead of silently
 training with another batch. A user JSON (`strategy.deepspeed_config`) is
 merged over these defaults, key by key.
+
+Buffer sizes follow the model's hidden size h, as the HF integration's "auto" values do
+(reduce bucket h^2, ZeRO-3 prefetch bucket 0.9 h^2, persistence threshold 10 h). DeepSpeed's own
+defaults (5e8-element buckets, 1e9 live parameters and reuse distance) are sized for large GPUs in
+16 bits: in fp32 a 5e8 bucket alone is 2 GB, and a 1e9 reuse distance keeps every parameter of a
+sub-billion model gathered from forward to backward, so ZeRO-3 then holds more than DDP (issue 20:
+a 0.44B ZeRO-3 run was OOM-killed at 10 GiB per rank). ZeRO-3's live parameters and reuse distance
+are capped at 10 h^2 (about one decoder layer): each layer is gathered for its forward and again for
+its backward, which is ZeRO-3's design, and the gathered working set stays a layer or two.
 """
 
 from __future__ import annotations
@@ -31,17 +40,36 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def build_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int) -> dict:
-    """`precision` is the resolved training precision: fp32, bf16 or fp16."""
+def zero_sizes(stage: int, hidden: int | None, persistence_threshold: int | None) -> dict:
+    """The buffer and cache sizes of `zero_optimization` for a model of hidden size `hidden` (None: unknown,
+    DeepSpeed's defaults). An explicit `persistence_threshold` (strategy.param_persistence_threshold) wins."""
+    out: dict = {}
+    if hidden:
+        h2 = hidden * hidden
+        out["reduce_bucket_size"] = h2
+        if stage in (1, 2):
+            out["allgather_bucket_size"] = max(h2, 10**7)  # chunks of the all-gather; larger chunks, fewer calls
+        if stage == 3:
+            out.update(stage3_prefetch_bucket_size=int(0.9 * h2), stage3_max_live_parameters=10 * h2,
+                       stage3_max_reuse_distance=10 * h2)
+    if stage == 3:
+        threshold = persistence_threshold if persistence_threshold is not None else (
+            10 * hidden if hidden else 100_000)
+        out["stage3_param_persistence_threshold"] = threshold
+    return out
+
+
+def build_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int,
+                           hidden: int | None = None) -> dict:
+    """`precision` is the resolved training precision: fp32, bf16 or fp16; `hidden` the model's hidden size
+    (see `zero_sizes`; None keeps DeepSpeed's defaults)."""
     zero: dict = {"stage": strategy.zero_stage}
     if strategy.zero_stage >= 2:
         zero.update(overlap_comm=True, contiguous_gradients=True)
+    zero.update(zero_sizes(strategy.zero_stage, hidden, strategy.param_persistence_threshold))
     if strategy.zero_stage == 3:
-        zero.update(
-            stage3_param_persistence_threshold=strategy.param_persistence_threshold,
-            # The final export must be one consolidated HF model, not per-rank shards.
-            stage3_gather_16bit_weights_on_model_save=True,
-        )
+        # The final export must be one consolidated HF model, not per-rank shards.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     for key, device in (("offload_optimizer", strategy.offload_optimizer), ("offload_param", strategy.offload_params)):
         offload = _offload(device, strategy.nvme_path)
         if offload:

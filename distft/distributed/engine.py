@@ -98,9 +98,17 @@ class TrainEngine:
 
 
 
-def frozen_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int) -> dict:
+def hidden_of(model) -> int | None:
+    """The hidden size DeepSpeed's buffers are sized from (see build_deepspeed_config), or None."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "hidden_size", None)
+
+
+def frozen_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int,
+                            hidden: int | None = None) -> dict:
     """ZeRO-3 inference: parameters partitioned, no optimizer (DeepSpeed-Chat / OpenRLHF's eval config)."""
-    config = build_deepspeed_config(strategy, train, precision, world_size)
+    config = build_deepspeed_config(strategy, train, precision, world_size, hidden)
     zero = {k: v for k, v in config["zero_optimization"].items() if k != "offload_optimizer"}
     config["zero_optimization"] = zero
     return config
@@ -128,7 +136,7 @@ def build_engine(model, strategy: StrategyConfig, train: TrainConfig, lr: float,
 
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=build_deepspeed_config(strategy, train, precision, world_size),
+            config=build_deepspeed_config(strategy, train, precision, world_size, hidden_of(model)),
         )
         return TrainEngine(engine.module, engine, optimizer, scheduler, accum, train.max_grad_norm, True)
     wrapped = model
@@ -149,7 +157,8 @@ def frozen(model, strategy: StrategyConfig, train: TrainConfig, precision: str, 
         import deepspeed
 
         engine, *_ = deepspeed.initialize(model=model,
-                                          config=frozen_deepspeed_config(strategy, train, precision, world_size))
+                                          config=frozen_deepspeed_config(strategy, train, precision, world_size,
+                                                                        hidden_of(model)))
         engine.eval()
         return engine.module
     return model

@@ -11,8 +11,11 @@ device). The formulas follow what the libraries do, as measured by benchmarks/me
 - what is partitioned over N ranks: ZeRO-1 optimizer states (gradients too: it reduces them
   into partitions before the step), ZeRO-2 also gradients, ZeRO-3 and FSDP2 everything.
   ZeRO-3 keeps parameters below `param_persistence_threshold` whole on every rank.
-- buffers: DDP's gradient buckets (a second copy of the gradients), DeepSpeed's reduce and
-  all-gather buckets (5e8 elements by default), ZeRO-3's largest gathered layer.
+- buffers: DDP's gradient buckets (a second copy of the gradients), DeepSpeed's reduce bucket and
+  ZeRO-3's gathered parameters (live limit plus prefetch, at least the largest layer), read from the
+  run's own DeepSpeed settings (`zero_settings`: distft's hidden-size sizing, user JSON merged over).
+- on CPU workers (`host_peak`): the per-process baseline, and what sharded engines hold above their
+  shards at the peak, measured by benchmarks/plan_accuracy.py.
 - activations for the micro-batch and sequence length, with and without gradient checkpointing,
   and the logits (kept in fp32 for the loss).
 - PPO: policy, reference (none with LoRA: adapters disabled), critic and reward model, plus the
@@ -29,7 +32,6 @@ from distft.config.schema import DistftConfig, MethodConfig, StrategyConfig
 from distft.models.shapes import ModelShape
 
 GiB = 2**30
-DS_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size (elements)
 NF4_BYTES = 0.5 + 1 / 64 * 0.5  # 4-bit weights + double-quantized absmax per 64-block (about 4.13 bits)
 
 
@@ -70,9 +72,33 @@ def zero_stage(strategy: StrategyConfig) -> int:
     return 3 if strategy.name == "fsdp" else 0
 
 
+# DeepSpeed's own defaults for what distft's config leaves unset (deepspeed/runtime/zero/config.py).
+DS_DEFAULTS = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+               "stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 1_000_000_000,
+               "stage3_max_reuse_distance": 1_000_000_000, "stage3_param_persistence_threshold": 100_000}
+
+
+def zero_settings(strategy: StrategyConfig, shape: ModelShape, train=None, precision: str = "fp32",
+                  world: int = 1) -> dict:
+    """The `zero_optimization` section a DeepSpeed run of this model gets: distft's sizing from the model's
+    hidden size, any user JSON (strategy.deepspeed_config) merged over it, DeepSpeed's defaults under both.
+    "auto" (HF's placeholder) means the hidden-size sizing."""
+    from distft.config.schema import TrainConfig
+    from distft.distributed.deepspeed import build_deepspeed_config, zero_sizes
+
+    config = build_deepspeed_config(strategy, train or TrainConfig(), precision, world, shape.hidden)
+    sized = zero_sizes(strategy.zero_stage, shape.hidden, strategy.param_persistence_threshold)
+    zero = {**DS_DEFAULTS, **config["zero_optimization"]}
+    return {k: (sized.get(k, DS_DEFAULTS.get(k)) if v == "auto" else v) for k, v in zero.items()}
+
+
 def model_states(shape: ModelShape, method: MethodConfig, strategy: StrategyConfig, model_dtype: str,
-                 world: int, trainable: bool = True) -> Memory:
-    """Parameters, gradients and optimizer states per rank for one model (trainable or frozen)."""
+                 world: int, trainable: bool = True, zero: dict | None = None) -> Memory:
+    """Parameters, gradients and optimizer states per rank for one model (trainable or frozen).
+
+    `zero`: the run's `zero_optimization` settings (`zero_settings`), for DeepSpeed's buffers."""
+    if strategy.name == "deepspeed" and zero is None:
+        zero = zero_settings(strategy, shape, precision=strategy.resolved_precision(model_dtype), world=world)
     precision = strategy.resolved_precision(model_dtype)
     weight = dtype_bytes(model_dtype) if model_dtype != "auto" else 2
     stage, n = zero_stage(strategy), world
@@ -89,7 +115,8 @@ def model_states(shape: ModelShape, method: MethodConfig, strategy: StrategyConf
         base = shape.params * 2  # DeepSpeed runs the module in 16 bits
     adapter = train_params * 4 if method.uses_adapter() else 0  # peft keeps adapters in fp32
     if stage == 3:
-        persistent = sum(s for s in shape.small_params if s < strategy.param_persistence_threshold) if deepspeed else 0
+        threshold = zero["stage3_param_persistence_threshold"] if deepspeed else 0
+        persistent = sum(s for s in shape.small_params if s < threshold)
         per_param = base / max(shape.params, 1)
         mem.params = (base - persistent * per_param) / n + persistent * per_param + adapter / n
     else:
@@ -110,9 +137,13 @@ def model_states(shape: ModelShape, method: MethodConfig, strategy: StrategyConf
     if strategy.name == "ddp" and world > 1:
         mem.buffers = train_params * grad_b  # DDP's gradient buckets: a second copy of the gradients
     elif deepspeed and stage in (1, 2):
-        mem.buffers = min(DS_BUCKET, train_params) * grad_b + min(DS_BUCKET, shape.params) * 2
+        mem.buffers = min(zero["reduce_bucket_size"], train_params) * grad_b
     elif deepspeed and stage == 3:
-        mem.buffers = min(DS_BUCKET, train_params) * grad_b + shape.largest_layer * 2
+        # The reduce bucket, and what is gathered at once: the live-parameter limit or the largest layer,
+        # whichever is more (a layer is gathered whole), never more than the model.
+        gathered = min(shape.params, max(zero["stage3_max_live_parameters"] + zero["stage3_prefetch_bucket_size"],
+                                         shape.largest_layer))
+        mem.buffers = min(zero["reduce_bucket_size"], train_params) * grad_b + gathered * weight
     return _offload(mem, strategy)
 
 
@@ -256,3 +287,48 @@ def architecture_of(cfg: DistftConfig, source: str) -> str:
         seen.add(source)
         source = cfg.init_source(i)
     return source
+
+
+@dataclass
+class HostMemory:
+    """A worker process's peak resident memory on a CPU node, by part (bytes)."""
+
+    baseline: float  # the process itself: Python, torch, transformers, DeepSpeed, the data
+    stage: Memory  # what the stage holds (stage_memory), all of it in host RAM on a CPU worker
+    transient: float = 0.0  # what sharded engines hold above their shards at the peak (see host_peak)
+
+    @property
+    def total(self) -> float:
+        return self.baseline + self.stage.total + self.stage.cpu + self.transient
+
+    def parts(self) -> dict:
+        return {"baseline": self.baseline, "transient": self.transient, "params": self.stage.params,
+                "grads": self.stage.grads,
+                "optimizer": self.stage.optimizer, "buffers": self.stage.buffers,
+                "activations": self.stage.activations, "offloaded": self.stage.cpu}
+
+
+# A worker process before its model: Python, torch, transformers, TRL, datasets, DeepSpeed and the
+# tokenized data. Fitted by benchmarks/plan_accuracy.py on the calibration set (0.1B DDP: peak after
+# loading minus the weights), 2026-12-06.
+WORKER_BASELINE = 0.95 * GiB
+
+
+def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **models) -> HostMemory:
+    """Per-worker peak host memory of stage `index` on CPU workers.
+
+    Measured on CPU (benchmarks/plan_accuracy.py), sharding does not bring a worker's peak below the
+    unsharded model states: each rank materialises the full weights while loading, and the step
+    produces full-size gradients before they are reduced, in memory glibc keeps once freed. So a
+    ZeRO-3 or FSDP2 worker is planned at the larger of its sharded states and the unsharded ones
+    (without DDP's buckets), the difference shown as `transient`.
+    """
+    mem = stage_memory(cfg, index, shape, world, **models)
+    transient = 0.0
+    if zero_stage(cfg.stages[index].strategy) >= 1 and world > 1:
+        ddp = cfg.model_copy(deep=True)
+        ddp.stages[index] = ddp.stages[index].model_copy(update={"strategy": StrategyConfig(
+            name="ddp", gradient_checkpointing=cfg.stages[index].strategy.gradient_checkpointing)})
+        unsharded = stage_memory(ddp, index, shape, 1, **models)  # world 1: no DDP buckets
+        transient = max(0.0, unsharded.total - mem.total - mem.cpu)
+    return HostMemory(WORKER_BASELINE, mem, transient)

@@ -12,7 +12,9 @@ from distft.distributed.deepspeed import build_deepspeed_config
 from distft.distributed.fsdp import build_fsdp_kwargs
 
 
-def trainer_strategy_kwargs(strategy: StrategyConfig, train: TrainConfig, model_dtype: str, world_size: int) -> dict:
+def trainer_strategy_kwargs(strategy: StrategyConfig, train: TrainConfig, model_dtype: str, world_size: int,
+                            hidden: int | None = None) -> dict:
+    """`hidden`: the model's hidden size, which DeepSpeed's buffers are sized from (None: DeepSpeed's defaults)."""
     precision = strategy.resolved_precision(model_dtype)
     kwargs: dict = {
         "bf16": precision == "bf16",
@@ -21,7 +23,7 @@ def trainer_strategy_kwargs(strategy: StrategyConfig, train: TrainConfig, model_
         "ddp_find_unused_parameters": False,
     }
     if strategy.name == "deepspeed":
-        kwargs["deepspeed"] = build_deepspeed_config(strategy, train, precision, world_size)
+        kwargs["deepspeed"] = build_deepspeed_config(strategy, train, precision, world_size, hidden)
     elif strategy.name == "fsdp":
         fsdp = build_fsdp_kwargs(strategy, world_size)
         kwargs["fsdp"], kwargs["fsdp_config"] = fsdp["fsdp"], fsdp["fsdp_config"]

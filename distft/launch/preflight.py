@@ -276,6 +276,21 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
     return problems
 
 
+def check_host_memory(cfg: DistftConfig, local_cluster: bool) -> list[str]:
+    """CPU workers: offload that can only cost memory, and (on a private local cluster, whose memory is
+    this machine's) workers whose planned peak does not fit the RAM. Skipped for a model whose config.json
+    cannot be read offline: the plan has nothing to count."""
+    from distft.launch.sizing import host_problems, offload_problems
+
+    problems = offload_problems(cfg)
+    if local_cluster and not problems:
+        try:
+            problems += host_problems(cfg)
+        except FileNotFoundError:
+            pass
+    return problems
+
+
 def check_address(address: str | None, timeout_s: float = 5.0) -> list[str]:
     """A dead `host:port` makes `ray.init` retry for minutes; a TCP probe answers in seconds."""
     if not address or address in ("auto", "local") or "://" in address:
@@ -337,6 +352,7 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
     problems += data_problems
     if local_cluster:
         problems += check_local_resources(cfg)
+    problems += check_host_memory(cfg, local_cluster) if not problems else []
     if problems:
         raise PreflightError("\n".join(f"  - {p}" for p in problems))
     warning = trust_warning(cfg)

@@ -55,8 +55,10 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
                                                               *cfg.stages[index + 1:]]}),
                             index, shape, world, **models)
     gpu = gpu_gib * GiB
+    cpu = not cfg.scaling.use_gpu
     lines = [
-        f"stage {stage.label()} ({stage.stage}, method {stage.method.name}) on {world} GPU(s), {strategy.label()}, "
+        f"stage {stage.label()} ({stage.stage}, method {stage.method.name}) on {world} "
+        f"{'CPU worker(s)' if cpu else 'GPU(s)'}, {strategy.label()}, "
         f"{strategy.resolved_precision(cfg.model.dtype)}: {shape.name}, {_count(shape.params)} parameters, "
         f"{_count(shape.trainable(stage.method))} trainable",
         f"  {'per rank':<22}{'GiB':>8}",
@@ -67,9 +69,23 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
         f"  {'activations':<22}{_gib(mem.activations):>8}   (gradient checkpointing "
         f"{'on' if strategy.gradient_checkpointing else 'off'}; {'off' if strategy.gradient_checkpointing else 'on'}: "
         f"{_gib(alt.activations)})",
-        f"  {'total':<22}{_gib(mem.total):>8}   of {gpu_gib:g} GiB: "
-        + (f"headroom {_gib(gpu - mem.total)}" if mem.total <= gpu else f"OVER by {_gib(mem.total - gpu)}"),
     ]
+    if cpu:
+        host = plan.host_peak(cfg, index, shape, world, **models)
+        per, total, most = host_need(cfg, index, shapes)
+        node, store = node_memory(), object_store(cfg)
+        need = total + RAY_PROCESSES + store
+        lines += [
+            f"  {'engine transients':<22}{_gib(host.transient):>8}   (ZeRO/FSDP2 on CPU: full weights at load, full gradients)",
+            f"  {'process baseline':<22}{_gib(host.baseline):>8}   (Python, torch, transformers, DeepSpeed)",
+            f"  {'host RAM per worker':<22}{_gib(host.total):>8}   (peak resident memory, VmHWM)",
+            f"  this machine: {most} worker(s) x {_gib(per)} + Ray's processes {_gib(RAY_PROCESSES)} + object store "
+            f"{_gib(store)} = {_gib(need)} of {_gib(node)} GiB RAM: "
+            + (f"headroom {_gib(node - need)}" if need <= node else f"OVER by {_gib(need - node)}"),
+        ]
+    else:
+        lines.append(f"  {'total':<22}{_gib(mem.total):>8}   of {gpu_gib:g} GiB: "
+                     + (f"headroom {_gib(gpu - mem.total)}" if mem.total <= gpu else f"OVER by {_gib(mem.total - gpu)}"))
     if mem.cpu:
         lines.append(f"  {'host memory':<22}{_gib(mem.cpu):>8}   (offloaded, per rank)")
     lines += [f"  note: {n}" for n in mem.notes]
@@ -84,7 +100,8 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
                                    gradient_checkpointing=strategy.gradient_checkpointing)
         found = plan.smallest_fit(cfg, index, shape, gpu, gpus_per_node, candidate, **models)
         fits.append(f"{name} {found[0]}" if found else f"{name} -")
-    lines.append(f"  fewest {gpu_gib:g} GiB GPUs that fit: {', '.join(fits)}")
+    lines.append(f"  {'on GPUs instead (scaling.use_gpu=true), ' if cpu else ''}fewest {gpu_gib:g} GiB GPUs that fit: "
+                 f"{', '.join(fits)}")
     return lines
 
 
@@ -137,3 +154,124 @@ def fit_warnings(cfg: DistftConfig, gpus_per_node: int = 8) -> list[str]:
         warnings.append(f"stage {stage.label()}: about {_gib(mem.total)} GiB per GPU on {world} GPU(s), "
                         f"over scaling.gpu_memory_gib={s.gpu_memory_gib:g} (see `distft plan`).{fix}")
     return warnings
+
+
+# Host RAM of CPU workers (scaling.use_gpu=false): every worker of a local cluster shares this machine's
+# memory with Ray's own processes and its object store.
+RAY_PROCESSES = 2.0 * GiB  # GCS, raylet, dashboard and its agents, log monitor: measured by benchmarks/plan_accuracy.py
+
+
+def node_memory() -> float:
+    import psutil
+
+    return float(psutil.virtual_memory().total)
+
+
+def object_store(cfg: DistftConfig) -> float:
+    """What Ray's object store takes from RAM for this run. Its size (30% of RAM by default) is a limit
+    filled as objects are put: a streaming run (Ray Data blocks) fills it; otherwise workers read their
+    own data and the store holds a few small objects, so it is not counted."""
+    if not any(st.data.streaming for st in cfg.stages):
+        return 0.0
+    from distft.launch.rundir import object_store_bytes
+
+    return float(object_store_bytes())
+
+
+def _with_stage(cfg: DistftConfig, index: int, **update) -> DistftConfig:
+    trial = cfg.model_copy(deep=True)
+    trial.stages[index] = trial.stages[index].model_copy(update=update)
+    return trial
+
+
+def host_need(cfg: DistftConfig, index: int, shapes: dict) -> tuple[float, float, int]:
+    """(per-worker peak, all workers together, world) for stage `index` on CPU workers, at the world size
+    that needs the most in total (an elastic run may grow to its maximum, each worker holding more at its
+    minimum)."""
+    models = {k: v for k, v in shapes.items() if k != "shape"}
+    best = (0.0, 0.0, 1)
+    for world in cfg.scaling.world_sizes():
+        per = plan.host_peak(cfg, index, shapes["shape"], world, **models).total
+        if per * world > best[1]:
+            best = (per, per * world, world)
+    return best
+
+
+def host_fixes(cfg: DistftConfig, index: int, shapes: dict, room: float) -> list[str]:
+    """Settings (as dotted overrides) under which stage `index` fits `room` bytes of worker memory."""
+    stage = cfg.stages[index]
+    trials: list[tuple[str, DistftConfig]] = []
+    for label, spec in (("strategy.name=fsdp", {"name": "fsdp"}),
+                        ("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3})):
+        if stage.strategy.label() == StrategyConfig(**spec).label() or (stage.stage == "ppo" and spec["name"] == "fsdp"):
+            continue  # what it is already; the ppo stage runs under DDP or DeepSpeed
+        strategy = StrategyConfig(**spec, precision=stage.strategy.precision,
+                                  gradient_checkpointing=stage.strategy.gradient_checkpointing)
+        trials.append((label, _with_stage(cfg, index, strategy=strategy)))
+    if not stage.strategy.gradient_checkpointing:
+        trials.append(("strategy.gradient_checkpointing=true", _with_stage(
+            cfg, index, strategy=stage.strategy.model_copy(update={"gradient_checkpointing": True}))))
+    if stage.method.name == "full":
+        trials.append(("method.name=lora", _with_stage(cfg, index, method=stage.method.model_copy(
+            update={"name": "lora"}))))
+    if not cfg.scaling.elastic():
+        for n in range(cfg.scaling.num_workers - 1, 0, -1):
+            trial = cfg.model_copy(deep=True)
+            trial.scaling = trial.scaling.model_copy(update={"num_workers": n})
+            trials.append((f"scaling.num_workers={n}", trial))
+    fits = []
+    for label, trial in trials:
+        try:
+            if host_need(trial, index, shapes)[1] <= room:
+                fits.append(label)
+        except ValueError:  # a combination the stage does not support
+            continue
+        if label.startswith("scaling.num_workers") and fits and fits[-1] == label:
+            break  # the most workers that fit is enough
+    return fits
+
+
+def host_problems(cfg: DistftConfig, node: float | None = None) -> list[str]:
+    """For a CPU config on a local cluster: one line per stage whose workers do not fit this machine's RAM
+    (with Ray's processes and object store), naming the settings that would fit."""
+    if cfg.scaling.use_gpu:
+        return []
+    node = node or node_memory()
+    store = object_store(cfg)
+    room = node - RAY_PROCESSES - store
+    cache: dict = {}
+    problems = []
+    for i, stage in enumerate(cfg.stages):
+        shapes = stage_shapes(cfg, i, cache)
+        per, total, world = host_need(cfg, i, shapes)
+        if total <= room:
+            continue
+        fixes = host_fixes(cfg, i, shapes, room)
+        fix = f" Fix: {' or '.join(fixes[:4])}." if fixes else (
+            " No strategy, method or worker count fits: use a machine with more memory, or GPUs "
+            "(scaling.use_gpu=true).")
+        problems.append(
+            f"stage {stage.label()}: about {_gib(per)} GiB per CPU worker x {world} worker(s) = {_gib(total)} GiB, "
+            f"plus Ray's processes ({_gib(RAY_PROCESSES)}) and object store ({_gib(store)}), is over "
+            f"this machine's {_gib(node)} GiB of RAM (see `distft plan`).{fix}")
+    return problems
+
+
+def offload_problems(cfg: DistftConfig) -> list[str]:
+    """Offload on CPU workers: the states are in host RAM already, so it moves nothing and costs a build."""
+    if cfg.scaling.use_gpu:
+        return []
+    out = []
+    for stage in cfg.stages:
+        st = stage.strategy
+        used = [f"strategy.{f}={getattr(st, f)}" for f in ("offload_optimizer", "offload_params")
+                if getattr(st, f) != "none"] + (["strategy.fsdp_offload=true"] if st.fsdp_offload else [])
+        if used:
+            out.append(
+                f"stage {stage.label()}: {used[0]} on CPU workers (scaling.use_gpu=false): the model states "
+                "are in host RAM already, so offload frees none of it; DeepSpeed's CPU Adam build alone took "
+                "about 7 GB of RAM here, and NVMe offload needs its async_io op (libaio), which DeepSpeed "
+                "cannot build on a CPU-only node. Fix: " + " ".join(f"{u.split('=')[0]}={'false' if u.endswith('true') else 'none'}"
+                                                                    for u in used)
+                + " (or strategy.name=fsdp, which shards everything across workers).")
+    return out

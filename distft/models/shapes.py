@@ -77,6 +77,24 @@ def find_config(name_or_path: str) -> Path:
     )
 
 
+def hidden_size(name_or_path: str) -> int | None:
+    """The (text) model's hidden size from its config.json, or None where none can be read (DeepSpeed then
+    keeps its default buffer sizes: a slower or larger run, never a failed one)."""
+    try:
+        data = json.loads(find_config(name_or_path).read_text())
+    except (OSError, ValueError):  # FileNotFoundError included: not local, not shipped
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name_or_path)  # the Hub cache, or the Hub
+            data = config.get_text_config().to_dict()
+        except Exception:  # offline, gated, missing: sizing falls back, loading reports the real error
+            return None
+    text = data.get("text_config") or data
+    value = text.get("hidden_size") or text.get("d_model") or text.get("n_embd")
+    return int(value) if value else None
+
+
 def _meta_model(name_or_path: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

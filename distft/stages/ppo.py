@@ -38,6 +38,7 @@ from distft.distributed.engine import TrainEngine, build_engine, frozen
 from distft.distributed.sharding import full_parameters, optimizer_shard, parameter_shard
 from distft.models.loading import load_model, load_reward_for_inference, load_reward_model, load_tokenizer
 from distft.models.methods import count_params
+from distft.models.shapes import hidden_size
 from distft.rl import ppo as rl
 from distft.rl.rewards import normalize_answer, weighted_scores
 from distft.stages.chain import plain_model_dir, source_path, stage_model
@@ -83,7 +84,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
     # Models. Under ZeRO-3 the trained ones load straight into partitions (zero.Init) when a
     # DeepSpeed config is registered first; it must stay referenced while they load.
-    ds_marker = _zero3_loading(strategy, train_cfg, precision, world)
+    ds_marker = _zero3_loading(strategy, train_cfg, precision, world, hidden_size(policy_cfg.name_or_path))
     policy = load_model(policy_cfg, stage.method, use_gpu, log=ctx.log)
     params = count_params(policy)
     critic_path = _critic_init(cfg, ctx, stage_dir, policy_cfg)
@@ -628,7 +629,7 @@ def _critic_init(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, policy_c
                            reward=True)
 
 
-def _zero3_loading(strategy, train_cfg, precision: str, world: int):
+def _zero3_loading(strategy, train_cfg, precision: str, world: int, hidden: int | None):
     """Keep a `HfDeepSpeedConfig` alive while models load, so ZeRO-3 partitions them as they load."""
     if strategy.name != "deepspeed" or strategy.zero_stage != 3:
         return nullcontext()
@@ -636,5 +637,5 @@ def _zero3_loading(strategy, train_cfg, precision: str, world: int):
 
     from distft.distributed.deepspeed import build_deepspeed_config
 
-    return HfDeepSpeedConfig(build_deepspeed_config(strategy, train_cfg, precision, world))
+    return HfDeepSpeedConfig(build_deepspeed_config(strategy, train_cfg, precision, world, hidden))
 

@@ -17,9 +17,11 @@ from transformers import TrainerCallback
 
 from distft.config import DistftConfig
 from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks, from_main, staging_dir, write_manifest
+from distft.distributed.plan import architecture_of
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
 from distft.models.hub import fetch_first
+from distft.models.shapes import hidden_size
 from distft.stages.context import StageContext
 from distft.stages.quiet import quiet_libraries
 from distft.stages.reporting import ReportCallback
@@ -88,7 +90,8 @@ def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> 
         dataloader_num_workers=0,
         # Built before the model on purpose: under ZeRO-3 `from_pretrained` then loads
         # straight into partitions (zero.Init) instead of a full copy per worker.
-        **trainer_strategy_kwargs(stage.strategy, train, cfg.model.dtype, ctx.world_size),
+        **trainer_strategy_kwargs(stage.strategy, train, cfg.model.dtype, ctx.world_size,
+                                  hidden_size(architecture_of(cfg, cfg.init_source(ctx.stage_index)))),
     )
 
 
