@@ -407,12 +407,27 @@ def test_ray_registers_sealed_checkpoints_only(ray_cluster, tiny_base, tmp_path,
         f"model.name_or_path={tiny_base}", "train.max_steps=12", "train.save_every=4", "train.log_every=4",
         "evaluate.max_samples=16", "data.max_train_samples=400", "run.keep_checkpoints=2",
     ]), REPO)
-    launch(cfg, tmp_path / "run", log=lambda m: None)
+    (summary,) = launch(cfg, tmp_path / "run", log=lambda m: None)
     copies = [d.parent for d in (tmp_path / "run" / "ray").rglob(MANIFEST)]
     assert copies and all(verify_checkpoint(d) == [] for d in copies)
     assert max(json.loads((d / MANIFEST).read_text())["step"] for d in copies) == 12
     local = complete_checkpoints(tmp_path / "run" / "sft" / "checkpoints")
     assert [d.name for d in local] == ["checkpoint-8", "checkpoint-12"]
+
+    # Stored once (issue 20): Ray's storage (<run>/ray) is on the run's filesystem, so each registered copy
+    # is hard links to the sealed checkpoint of its step, file for file, rather than a second copy.
+    ray_by_step = {json.loads((d / MANIFEST).read_text())["step"]: d for d in copies}
+    assert sorted(ray_by_step) == [8, 12]  # Ray's num_to_keep dropped its copy of 4, distft's rotation its own
+    for step, ray_copy in ray_by_step.items():
+        ours = tmp_path / "run" / "sft" / "checkpoints" / f"checkpoint-{step}"
+        theirs = sorted(p.relative_to(ray_copy) for p in ray_copy.rglob("*") if p.is_file())
+        assert theirs == sorted(p.relative_to(ours) for p in ours.rglob("*") if p.is_file())
+        for rel in theirs:
+            a, b = (ray_copy / rel).stat(), (ours / rel).stat()
+            assert (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) and a.st_nlink >= 2, (step, rel)
+    # Peak memory (issue 20): every rank's kernel high-water mark, gathered at the end of training.
+    assert len(summary["peak_rss_mib_per_rank"]) == 2 and summary["peak_rss_mib"] == max(summary["peak_rss_mib_per_rank"])
+    assert summary["peak_rss_mib"] > 100  # a worker with torch and a model loaded: hundreds of MiB
 
 
 def test_an_upload_snapshot_survives_rotation_of_the_original(tmp_path):

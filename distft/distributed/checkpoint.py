@@ -221,6 +221,46 @@ def upload_snapshot(ckpt_dir: str | Path) -> Path | None:
     return target
 
 
+def same_filesystem(a: str | Path, b: str | Path) -> bool:
+    """Whether `a` and `b` (or, for a path not created yet, its nearest existing parent) are on one filesystem."""
+    def device(p: Path) -> int | None:
+        for q in (p, *p.parents):
+            try:
+                return os.stat(q).st_dev
+            except OSError:
+                continue
+        return None
+
+    da, db = device(Path(a).absolute()), device(Path(b).absolute())
+    return da is not None and da == db
+
+
+def link_copy(ckpt_dir: str | Path, target: str | Path) -> bool:
+    """Give a sealed checkpoint a second name: `target`, a new directory whose files are hard links to its files.
+
+    The data is stored once, and either name can go (Ray's rotation deleting its copy, ours deleting
+    `checkpoint-N`) without touching the other: an unlink removes one name, the data stays while another
+    exists. A symlinked directory would not do: deleting "the copy" through it (rmtree, pyarrow's
+    delete_dir) would empty the checkpoint itself. Sealed checkpoints are never modified in place, so
+    the two names always hold what the manifest says.
+
+    False where links are impossible (another filesystem, one without hard links), leaving nothing at
+    `target`; also False, touching nothing, when `target` already exists (not ours).
+    """
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(target)
+    except OSError:
+        return False
+    try:
+        shutil.copytree(ckpt_dir, target, copy_function=os.link, dirs_exist_ok=True)
+    except (OSError, shutil.Error):
+        shutil.rmtree(target, ignore_errors=True)  # created just above: ours to remove
+        return False
+    return True
+
+
 def complete_checkpoints(parent: str | Path) -> list[Path]:
     """Directories directly under `parent` that carry a manifest, oldest step first (not hashed)."""
     found = []

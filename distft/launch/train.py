@@ -651,6 +651,51 @@ class UploadWatch:
             sleep(poll_s)
 
 
+def linkable_storage(checkpoint_dir: str):
+    """Ray Train's storage context when its checkpoint copies can be hard links to `checkpoint_dir`, else None.
+
+    That takes storage on a local (or mounted) filesystem, the one `checkpoint_dir` is on, which this
+    node sees as Ray does: the marker file Ray's controller writes into the run's storage at start
+    must be here (a local storage_path on another node's disk is not). Remote URIs (s3://, gs://) and
+    other filesystems keep Ray's upload.
+    """
+    import pyarrow.fs
+    import ray.train
+
+    from distft.distributed.checkpoint import same_filesystem
+
+    try:
+        storage = ray.train.get_context().get_storage()  # a DeveloperAPI in 2.60
+        from ray.train.v2._internal.constants import VALIDATE_STORAGE_MARKER_FILENAME as marker
+    except (AttributeError, ImportError, NotImplementedError):
+        return None
+    if not isinstance(getattr(storage, "storage_filesystem", None), pyarrow.fs.LocalFileSystem):
+        return None
+    experiment = Path(storage.experiment_fs_path)
+    if not (experiment / marker).is_file() or not same_filesystem(checkpoint_dir, experiment):
+        return None
+    return storage
+
+
+def link_upload(storage):
+    """Ray's `checkpoint_upload_fn`: its copy of the checkpoint, at the path Ray chose, as hard links.
+
+    Ray's rotation (CheckpointConfig.num_to_keep) later deletes that directory, which unlinks its names
+    only: the sealed checkpoint under <stage>/checkpoints keeps its data (and the other way round). If
+    linking fails after all, Ray's own copy is made instead."""
+    import ray.train
+
+    from distft.distributed.checkpoint import link_copy
+
+    def upload(checkpoint, checkpoint_dir_name: str):
+        target = storage.build_checkpoint_path_from_name(checkpoint_dir_name)
+        if link_copy(checkpoint.path, target):
+            return ray.train.Checkpoint(target, filesystem=storage.storage_filesystem)
+        return storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+
+    return upload
+
+
 def _worker_entry(config: dict) -> None:
     """Runs in every Ray Train worker: everything comes from `config`, nothing from driver globals."""
     from distft.stages.quiet import quiet_notices
@@ -690,6 +735,14 @@ def _worker_entry(config: dict) -> None:
             # A training-progress line is in metrics.jsonl and TensorBoard already, and outside a search
             # nothing on the Ray side reads it. Reporting it would cost a stall per log: Ray Train queues
             # one report per worker, and a second report waits until the controller's next poll.
+            return
+        storage = linkable_storage(checkpoint_dir) if checkpoint_dir else None
+        if storage is not None:
+            # Storage on this filesystem (the default <run>/ray, a local run.storage_path): Ray's registered
+            # copy is made of hard links to the sealed checkpoint, so it is stored once, and "uploading" it
+            # takes milliseconds on the training thread.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                             checkpoint_upload_fn=link_upload(storage))
             return
         snapshot = upload_snapshot(checkpoint_dir) if checkpoint_dir and not sync_upload else None
         if snapshot is None:  # no checkpoint, or no hard links possible: Ray copies it while training waits
