@@ -5,8 +5,9 @@
 
 Every run is a real `distft train` (Ray Train, 1 CPU worker, full fine-tuning with AdamW, so
 a checkpoint holds weights, optimizer moments and RNG state) of a randomly initialised Llama
-built from a config, saving every `--save-every` steps to a `run.storage_path` outside the run
-directory, so Ray copies each checkpoint as it would to shared storage.
+built from a config, saving every `--save-every` steps to a `run.storage_path` on another filesystem (/dev/shm), so
+Ray copies each checkpoint as it would to shared storage (on the run's own filesystem its copy is
+hard links to the sealed checkpoint, and costs milliseconds).
 
 Three modes, alternating within each repetition:
 
@@ -99,7 +100,16 @@ def main() -> None:
     from distft.models.tiny import save_random_init
 
     work = Path(tempfile.mkdtemp(prefix="distft-ckpt-cost-"))
-    model, storage, config = work / "model", work / "storage", work / "ckpt.yaml"
+    model, config = work / "model", work / "ckpt.yaml"
+    # Storage on another filesystem, as shared storage is: on the run's own filesystem Ray's copy is
+    # hard links to the sealed checkpoint (milliseconds, nothing copied), and there is nothing to compare.
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(work).st_dev:
+        storage_root = Path(tempfile.mkdtemp(prefix="distft-ckpt-cost-storage-", dir=shm))
+    else:
+        storage_root = work
+        print("warning: no second filesystem (/dev/shm) here: Ray's copies will be hard links", flush=True)
+    storage = storage_root / "storage"
     save_random_init(model, hidden=a.hidden, layers=a.layers)
     write_config(config, model, storage, a)
     results: dict[str, list[dict]] = {m: [] for m in MODES}
@@ -111,6 +121,8 @@ def main() -> None:
                 print(f"rep {rep + 1}/{a.reps} {mode:10s}: blocked per checkpoint {r['blocked']} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if storage_root != work:
+            shutil.rmtree(storage_root, ignore_errors=True)
 
     size_mb = results["inline"][0]["bytes"] / 2**20
     per_mode = {m: [b for r in rs for b in r["blocked"]] for m, rs in results.items()}

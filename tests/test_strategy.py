@@ -21,7 +21,7 @@ def stage(strategy: dict, workers: int = 2, gpu: bool = False, **train):
 
 def test_zero3_with_offload_builds_the_expected_dict():
     st = stage({"name": "deepspeed", "zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu",
-                "param_persistence_threshold": 0})
+                "param_persistence_threshold": 0}, gpu=True)
     assert build_deepspeed_config(st.strategy, st.train, "bf16", world_size=4) == {
         "train_batch_size": 32,
         "train_micro_batch_size_per_gpu": 4,
@@ -49,7 +49,7 @@ def test_accumulation_follows_world_size_and_nvme_needs_a_path():
     assert [build_deepspeed_config(st.strategy, st.train, "fp32", n)["gradient_accumulation_steps"]
             for n in (1, 2, 8)] == [8, 4, 1]
     assert build_deepspeed_config(st.strategy, st.train, "fp32", 1)["zero_optimization"] == {"stage": 1}
-    st = stage({"name": "deepspeed", "zero_stage": 3, "offload_params": "nvme", "nvme_path": "/nvme"})
+    st = stage({"name": "deepspeed", "zero_stage": 3, "offload_params": "nvme", "nvme_path": "/nvme"}, gpu=True)
     zero = build_deepspeed_config(st.strategy, st.train, "fp16", 2)["zero_optimization"]
     assert zero["offload_param"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme"}
 

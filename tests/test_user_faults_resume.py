@@ -1,7 +1,9 @@
 """Resume as users meet it (issue 18, item 4, and item 10's restart marker), through the real `distft` command.
 
-A stage's checkpoint exists twice: `<stage>/checkpoints/checkpoint-N` and the copy Ray Train registered
-(`<run>/ray/<ray run name>/checkpoint_<time>`). `distft resume` must verify the one the workers will
+A stage's checkpoint has two names: `<stage>/checkpoints/checkpoint-N` and the copy Ray Train registered
+(`<run>/ray/<ray run name>/checkpoint_<time>`): hard links to one copy where Ray's storage is on the run's
+filesystem, a second copy where it is elsewhere (`run.storage_path`). Each case here copies the run
+directory, which makes them separate copies, as on other storage. `distft resume` must verify the one the workers will
 load, report damage in either, pass its choice to the workers explicitly, and mark the restart in
 metrics.jsonl. Faults are injected for real: checkpoint files truncated on disk (proven damaged with
 `verify_checkpoint` before each case).

@@ -772,6 +772,17 @@ def _strategy_fits(where: str, strategy: StrategyConfig, method: MethodConfig, s
         if strategy.fsdp_offload:
             errors.append(f"{where}.fsdp_offload moves GPU memory to the CPU; with scaling.use_gpu=false there is "
                           "nothing to offload. Fix: scaling.use_gpu=true, or strategy.fsdp_offload=false.")
+        for field in ("offload_optimizer", "offload_params"):
+            value = getattr(strategy, field)
+            if strategy.name == "deepspeed" and value != "none":
+                # Measured (issue 20): on CPU workers the states are in host RAM already, so offload frees
+                # none of it, and building DeepSpeed's CPU Adam took about 7 GB of RAM; NVMe offload needs
+                # DeepSpeed's async_io op (libaio), which its CPU accelerator does not build.
+                errors.append(f"{where}.{field}={value} on CPU workers (scaling.use_gpu=false): the model states "
+                              "are in host RAM already, so offload frees none of it; building DeepSpeed's CPU Adam "
+                              "alone took about 7 GB of RAM, and nvme offload needs DeepSpeed's async_io op, which "
+                              f"its CPU accelerator does not build. Fix: {where}.{field}=none (strategy.name=fsdp "
+                              "shards everything across workers), or scaling.use_gpu=true.")
     errors += _gradual_fits(where, strategy, method)
     if strategy.name == "fsdp" and method.name == "qlora":
         errors.append(f"{where}.name: fsdp with method.name=qlora (4-bit weights) is not supported by distft. "

@@ -14,8 +14,8 @@ device). The formulas follow what the libraries do, as measured by benchmarks/me
 - buffers: DDP's gradient buckets (a second copy of the gradients), DeepSpeed's reduce bucket and
   ZeRO-3's gathered parameters (live limit plus prefetch, at least the largest layer), read from the
   run's own DeepSpeed settings (`zero_settings`: distft's hidden-size sizing, user JSON merged over).
-- on CPU workers (`host_peak`): the per-process baseline, and what sharded engines hold above their
-  shards at the peak, measured by benchmarks/plan_accuracy.py.
+- on CPU workers (`host_peak`): the per-process baseline, and what DeepSpeed's engines hold above
+  their shards at the peak, measured by benchmarks/plan_accuracy.py.
 - activations for the micro-batch and sequence length, with and without gradient checkpointing,
   and the logits (kept in fp32 for the loss).
 - PPO: policy, reference (none with LoRA: adapters disabled), critic and reward model, plus the
@@ -317,18 +317,30 @@ WORKER_BASELINE = 0.95 * GiB
 def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **models) -> HostMemory:
     """Per-worker peak host memory of stage `index` on CPU workers.
 
-    Measured on CPU (benchmarks/plan_accuracy.py), sharding does not bring a worker's peak below the
-    unsharded model states: each rank materialises the full weights while loading, and the step
-    produces full-size gradients before they are reduced, in memory glibc keeps once freed. So a
-    ZeRO-3 or FSDP2 worker is planned at the larger of its sharded states and the unsharded ones
-    (without DDP's buckets), the difference shown as `transient`.
+    What the engines hold above their shards at the peak, measured on CPU (benchmarks/plan_accuracy.py,
+    2 workers, fp32, 0.1B-1.1B Llamas, with distft's worker allocator setting):
+
+    - ZeRO-1/2: every rank's backward produces the full gradients before they are reduced into partitions.
+    - ZeRO-3: the same, plus about one full copy of the weights besides the partitions (each rank
+      materialises them while loading, and the peak during the steps stays that much above the shards).
+    - FSDP2 and DDP: nothing beyond the formulas during the steps (FSDP2 loads the weights on rank 0 only).
+    - Loading, where every rank holds the whole model (DDP, ZeRO-1/2): the mapped checkpoint and the
+      rank's private copy of the weights are both resident for a while, up to twice the weights
+      (measured 1.2x at 0.1B to 1.9x at 1.1B: planned at 2x). That is the peak of LoRA and other
+      frozen-weight runs, whose steps add little.
     """
     mem = stage_memory(cfg, index, shape, world, **models)
+    strategy, method = cfg.stages[index].strategy, cfg.stages[index].method
     transient = 0.0
-    if zero_stage(cfg.stages[index].strategy) >= 1 and world > 1:
-        ddp = cfg.model_copy(deep=True)
-        ddp.stages[index] = ddp.stages[index].model_copy(update={"strategy": StrategyConfig(
-            name="ddp", gradient_checkpointing=cfg.stages[index].strategy.gradient_checkpointing)})
-        unsharded = stage_memory(ddp, index, shape, 1, **models)  # world 1: no DDP buckets
-        transient = max(0.0, unsharded.total - mem.total - mem.cpu)
+    if strategy.name == "deepspeed" and strategy.zero_stage >= 1 and world > 1:
+        weight = dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2
+        grad_b = 2 if strategy.resolved_precision(cfg.model.dtype) in ("bf16", "fp16") else 4
+        full_grads = shape.trainable(method) * grad_b
+        transient = max(0.0, full_grads - mem.grads)
+        if strategy.zero_stage == 3:
+            transient += shape.params * weight
+    if not strategy.partitions_parameters():
+        weights = shape.params * (dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2)
+        loading = 2 * weights + mem.activations  # the held-out scoring before training runs on them
+        transient = max(transient, loading - (mem.total + mem.cpu))
     return HostMemory(WORKER_BASELINE, mem, transient)

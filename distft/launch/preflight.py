@@ -277,18 +277,16 @@ def check_local_resources(cfg: DistftConfig) -> list[str]:
 
 
 def check_host_memory(cfg: DistftConfig, local_cluster: bool) -> list[str]:
-    """CPU workers: offload that can only cost memory, and (on a private local cluster, whose memory is
-    this machine's) workers whose planned peak does not fit the RAM. Skipped for a model whose config.json
-    cannot be read offline: the plan has nothing to count."""
-    from distft.launch.sizing import host_problems, offload_problems
+    """CPU workers on a private local cluster, whose memory is this machine's: workers whose planned peak
+    does not fit the RAM. Skipped for a model whose config.json cannot be read offline (nothing to count)."""
+    if not local_cluster:
+        return []
+    from distft.launch.sizing import host_problems
 
-    problems = offload_problems(cfg)
-    if local_cluster and not problems:
-        try:
-            problems += host_problems(cfg)
-        except FileNotFoundError:
-            pass
-    return problems
+    try:
+        return host_problems(cfg)
+    except FileNotFoundError:
+        return []
 
 
 def check_address(address: str | None, timeout_s: float = 5.0) -> list[str]:
