@@ -262,8 +262,8 @@ def table(results: dict[str, list[dict]], world: int) -> str:
         "fp32 training; ZeRO-3 reuses its fp32 partition).",
         "RSS Δ: process RSS above the post-import baseline just before step 2 (after malloc_trim); RSS ratio: over "
         "the reference's. peak Δ: peak RSS (VmHWM) above the baseline over load and both steps. RSS also holds "
-        "what the formula leaves out: DDP's gradient buckets, DeepSpeed's reduce bucket (reduce_bucket_size, default "
-        "5e8 elements, so as large as all gradients below 500M parameters), activations, the data.",
+        "what the formula leaves out: DDP's gradient buckets, DeepSpeed's reduce bucket (reduce_bucket_size: distft sizes it "
+        "hidden^2, DeepSpeed's default is 5e8 elements), ZeRO-3's gathered layers, activations, the data.",
         *checks,
     ]
     return "\n".join(lines)

@@ -25,12 +25,9 @@ so a plan that is far too low ends as "killed at N GiB", not as the OOM killer p
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -47,6 +44,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The allocator setting distft gives its CPU workers (launch/train.py, _worker_env), read by glibc at
 # start-up in each spawned rank, so the ranks hold what a `distft train` worker holds.
 from distft.launch.train import MALLOC_MMAP_THRESHOLD  # noqa: E402  (after sys.path; imports no Ray)
+from memory import free_port, machine_lines  # noqa: E402  (benchmarks/memory.py: the same harness helpers)
 
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
 
@@ -80,12 +78,6 @@ HELD_OUT = ["0.1b:full:zero1", "0.1b:full:fsdp2", "0.1b:lora:ddp", "0.1b:lora:ze
             "0.2b:full:zero2", "0.2b:full:fsdp2", "0.2b:lora:ddp", "0.2b:lora:zero3",
             "0.45b:full:ddp", "0.45b:full:zero3", "0.45b:full:fsdp2", "1.1b:lora:zero3", "1.1b:full:fsdp2"]
 SEQ = 64
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(size: str) -> Path:
@@ -261,32 +253,6 @@ def planned(raw: dict, world: int, gpu: bool) -> dict:
     return {"device": mem.total, "host": host.total, "parts": host.parts(), "params": shape.params}
 
 
-def machine_lines() -> list[str]:
-    import torch
-    import transformers
-
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import deepspeed
-
-        ds = deepspeed.__version__
-    except ImportError:
-        ds = "not installed"
-    import psutil
-
-    return [f"date: {datetime.date.today().isoformat()}   machine: {cpu}, {os.cpu_count()} cores, "
-            f"{psutil.virtual_memory().total / GiB:.0f} GiB RAM",
-            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"deepspeed {ds}"]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", help="comma-separated size:method:strategy (default: the calibration set, then the "
@@ -297,8 +263,18 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="measure torch.cuda.max_memory_allocated on GPUs (nccl)")
     p.add_argument("--cap-gib", type=float, help="kill a case whose rank's RSS passes this")
     p.add_argument("--json", type=Path, help="append every case's raw measurements (JSON lines) here")
+    p.add_argument("--replan", type=Path, help="measure nothing: the table of the measurements in this --json file "
+                                               "against the plan of the current code (after a change to the plan only)")
     args = p.parse_args()
     import psutil
+
+    if args.replan:
+        rows = replan(args.replan, args.world, args.gpu)
+        machines = {" / ".join(r["machine"]) for r in rows if r.get("machine")}
+        print(f"measurements from {args.replan}, planned by the current code; measured on: "
+              + ("; ".join(sorted(machines)) or "(not recorded)"))
+        print_table(rows, args)
+        return
 
     cases = args.cases.split(",") if args.cases else CALIBRATE + HELD_OUT
     for case in cases:
@@ -322,7 +298,7 @@ def main() -> None:
             plan = planned(raw, args.world, args.gpu)
             print(f"[{i}/{len(cases)}] {case}: plan {plan['host'] / GiB:.2f} GiB per rank ...", flush=True)
             result = {**run_case(case, raw, args.world, work, args.steps, cap), "plan": plan,
-                      "held_out": case not in CALIBRATE}
+                      "held_out": case not in CALIBRATE, "machine": machine_lines()}
             if "ranks" in result:
                 key = "cuda_peak" if args.gpu else "hwm"
                 result["measured"] = max(r[key] for r in result["ranks"])
@@ -337,6 +313,25 @@ def main() -> None:
                     f.write(json.dumps(result) + "\n")
     print()
     print("\n".join(machine_lines()))
+    print_table(rows, args)
+    print(f"\nbenchmark wall time: {time.time() - started:.0f}s")
+
+
+def replan(path: Path, world: int, gpu: bool) -> list[dict]:
+    """The rows of an earlier run's --json file, planned again by the current code (the last row per case)."""
+    rows: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "ranks" in row:
+            raw = case_config(row["case"], build_model(row["case"].split(":")[0]), path, world, 3, gpu)
+            row["plan"] = planned(raw, world, gpu)
+            row["ratio"] = row["measured"] / (row["plan"]["device"] if gpu else row["plan"]["host"])
+            row["held_out"] = row["case"] not in CALIBRATE
+        rows[row["case"]] = row
+    return list(rows.values())
+
+
+def print_table(rows: list[dict], args) -> None:
     what = "torch.cuda.max_memory_allocated" if args.gpu else "peak RSS (VmHWM)"
     print(f"{args.world} ranks, fp32, sequence {SEQ}, micro-batch 1, {args.steps} steps; measured = the busiest "
           f"rank's {what}; plan = distft plan's per-rank {'device' if args.gpu else 'host'} total")
@@ -351,7 +346,11 @@ def main() -> None:
             cells = f"- | - | {r['error']}"
         print(f"| {r['case']} | {r['plan']['params'] / 1e9:.2f}B | {plan_gib:.2f} | {cells} | "
               f"{'held out' if r['held_out'] else 'calibration'} |")
-    print(f"\nbenchmark wall time: {time.time() - started:.0f}s")
+    held = [r for r in rows if r.get("held_out") and "ratio" in r]
+    if held:
+        within = sum(abs(r["ratio"] - 1) <= 0.15 for r in held)
+        print(f"\nheld out: {within} of {len(held)} within 15%; measured / plan from {min(r['ratio'] for r in held):.2f} "
+              f"to {max(r['ratio'] for r in held):.2f}")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,9 @@ class HostMemory:
 # tokenized data. Fitted by benchmarks/plan_accuracy.py on the calibration set (0.1B DDP: peak after
 # loading minus the weights), 2026-12-06.
 WORKER_BASELINE = 0.95 * GiB
+# The same process before it loads its model (imports and data only): the base of the loading peak.
+# Fitted on 1.1B LoRA DDP, where loading is the peak: 0.55 GiB below the mapped file and the copy.
+LOAD_BASELINE = 0.55 * GiB
 
 
 def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **models) -> HostMemory:
@@ -325,8 +328,8 @@ def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **mo
       materialises them while loading, and the peak during the steps stays that much above the shards).
     - FSDP2 and DDP: nothing beyond the formulas during the steps (FSDP2 loads the weights on rank 0 only).
     - Loading, where every rank holds the whole model (DDP, ZeRO-1/2): the mapped checkpoint and the
-      rank's private copy of the weights are both resident for a while, up to twice the weights
-      (measured 1.2x at 0.1B to 1.9x at 1.1B: planned at 2x). That is the peak of LoRA and other
+      rank's private copy of the weights are both resident while it loads: twice the weights above
+      the process as it was before loading (LOAD_BASELINE). That is the peak of LoRA and other
       frozen-weight runs, whose steps add little.
     """
     mem = stage_memory(cfg, index, shape, world, **models)
@@ -341,6 +344,6 @@ def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **mo
             transient += shape.params * weight
     if not strategy.partitions_parameters():
         weights = shape.params * (dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2)
-        loading = 2 * weights + mem.activations  # the held-out scoring before training runs on them
-        transient = max(transient, loading - (mem.total + mem.cpu))
+        loading = LOAD_BASELINE + 2 * weights
+        transient = max(transient, loading - (WORKER_BASELINE + mem.total + mem.cpu))
     return HostMemory(WORKER_BASELINE, mem, transient)
