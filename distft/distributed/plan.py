@@ -317,33 +317,37 @@ WORKER_BASELINE = 0.95 * GiB
 LOAD_BASELINE = 0.55 * GiB
 
 
+# Loading peaks, in copies of the weights above LOAD_BASELINE: a rank that holds the whole model (DDP,
+# ZeRO-1/2) has the mapped checkpoint and its private copy resident together; ZeRO-3's rank 0, which
+# reads the checkpoint for every rank, held 1.56 (fitted on 1.1B LoRA ZeRO-3).
+LOAD_COPIES = {"whole": 2.0, "zero3": 1.56}
+
+
 def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **models) -> HostMemory:
     """Per-worker peak host memory of stage `index` on CPU workers.
 
     What the engines hold above their shards at the peak, measured on CPU (benchmarks/plan_accuracy.py,
     2 workers, fp32, 0.1B-1.1B Llamas, with distft's worker allocator setting):
 
-    - ZeRO-1/2: every rank's backward produces the full gradients before they are reduced into partitions.
-    - ZeRO-3: the same, plus about one full copy of the weights besides the partitions (each rank
-      materialises them while loading, and the peak during the steps stays that much above the shards).
-    - FSDP2 and DDP: nothing beyond the formulas during the steps (FSDP2 loads the weights on rank 0 only).
-    - Loading, where every rank holds the whole model (DDP, ZeRO-1/2): the mapped checkpoint and the
-      rank's private copy of the weights are both resident while it loads: twice the weights above
-      the process as it was before loading (LOAD_BASELINE). That is the peak of LoRA and other
-      frozen-weight runs, whose steps add little.
+    - ZeRO-1/2/3 steps: every rank's backward makes the full gradients before they are reduced into
+      partitions; ZeRO-3 also holds about one full copy of the trainable weights besides its partitions.
+    - FSDP2 and DDP steps: nothing beyond the formulas.
+    - Loading (LOAD_COPIES): the peak of LoRA and other frozen-weight runs, whose steps add little.
+      FSDP2 loads on rank 0 only and its rank 0 peak stays below its steps'.
     """
     mem = stage_memory(cfg, index, shape, world, **models)
     strategy, method = cfg.stages[index].strategy, cfg.stages[index].method
+    weight = dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2
+    trainable = shape.trainable(method)
     transient = 0.0
     if strategy.name == "deepspeed" and strategy.zero_stage >= 1 and world > 1:
-        weight = dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2
         grad_b = 2 if strategy.resolved_precision(cfg.model.dtype) in ("bf16", "fp16") else 4
-        full_grads = shape.trainable(method) * grad_b
-        transient = max(0.0, full_grads - mem.grads)
+        transient = max(0.0, trainable * grad_b - mem.grads)
         if strategy.zero_stage == 3:
-            transient += shape.params * weight
-    if not strategy.partitions_parameters():
-        weights = shape.params * (dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2)
-        loading = LOAD_BASELINE + 2 * weights
+            transient += trainable * weight
+    copies = LOAD_COPIES["zero3"] if strategy.name == "deepspeed" and strategy.zero_stage == 3 else (
+        None if strategy.partitions_parameters() else LOAD_COPIES["whole"])
+    if copies:
+        loading = LOAD_BASELINE + copies * shape.params * weight
         transient = max(transient, loading - (WORKER_BASELINE + mem.total + mem.cpu))
     return HostMemory(WORKER_BASELINE, mem, transient)
