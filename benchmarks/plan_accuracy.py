@@ -261,11 +261,16 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="measure torch.cuda.max_memory_allocated on GPUs (nccl)")
     p.add_argument("--cap-gib", type=float, help="kill a case whose rank's RSS passes this")
     p.add_argument("--json", type=Path, help="append every case's raw measurements (JSON lines) here")
+    p.add_argument("--allocator", choices=("distft", "glibc"), default="distft",
+                   help="distft: the fixed mmap threshold distft's CPU workers get; glibc: glibc's adaptive default "
+                        "(what the workers had before; a 0.44B ZeRO-3 worker then peaked 2.5 GiB higher)")
     p.add_argument("--replan", type=Path, help="measure nothing: the table of the measurements in this --json file "
                                                "against the plan of the current code (after a change to the plan only)")
     args = p.parse_args()
     import psutil
 
+    if args.allocator == "glibc":
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)  # read by glibc in each rank as it starts
     if args.replan:
         rows = replan(args.replan, args.world, args.gpu)
         machines = {" / ".join(r["machine"]) for r in rows if r.get("machine")}
