@@ -7,7 +7,7 @@ distft/distributed/plan.py; nothing is downloaded or launched.
 from __future__ import annotations
 
 from distft.config import DistftConfig
-from distft.config.schema import StrategyConfig
+from distft.config.schema import ALL_STRATEGIES, METHOD_STRATEGIES, StrategyConfig
 from distft.distributed import plan
 from distft.models.shapes import ModelShape, model_shape
 
@@ -206,8 +206,11 @@ def host_fixes(cfg: DistftConfig, index: int, shapes: dict, room: float) -> list
     trials: list[tuple[str, DistftConfig]] = []
     for label, spec in (("strategy.name=fsdp", {"name": "fsdp"}),
                         ("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3})):
-        if stage.strategy.label() == StrategyConfig(**spec).label() or (stage.stage == "ppo" and spec["name"] == "fsdp"):
-            continue  # what it is already; the ppo stage runs under DDP or DeepSpeed
+        label_of = StrategyConfig(**spec).label()
+        if (stage.strategy.label() == label_of or (stage.stage == "ppo" and spec["name"] == "fsdp")
+                or label_of not in METHOD_STRATEGIES.get(stage.method.name, ALL_STRATEGIES)
+                or (spec["name"] == "fsdp" and stage.method.name == "qlora")):
+            continue  # what it is already, or what the config would refuse (the ppo stage: DDP or DeepSpeed)
         strategy = StrategyConfig(**spec, precision=stage.strategy.precision,
                                   gradient_checkpointing=stage.strategy.gradient_checkpointing)
         trials.append((label, _with_stage(cfg, index, strategy=strategy)))
