@@ -295,7 +295,7 @@ class HostMemory:
 
     baseline: float  # the process itself: Python, torch, transformers, DeepSpeed, the data
     stage: Memory  # what the stage holds (stage_memory), all of it in host RAM on a CPU worker
-    transient: float = 0.0  # what sharded engines hold above their shards at the peak (see host_peak)
+    transient: float = 0.0  # what the engines hold above the formulas at the peak (see host_peak)
 
     @property
     def total(self) -> float:
@@ -337,7 +337,7 @@ def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **mo
     """
     mem = stage_memory(cfg, index, shape, world, **models)
     strategy, method = cfg.stages[index].strategy, cfg.stages[index].method
-    weight = dtype_bytes(cfg.model.dtype) if cfg.model.dtype != "auto" else 2
+    weight = dtype_bytes(cfg.model.dtype)  # "auto" counts as 16 bits, as in model_states
     trainable = shape.trainable(method)
     transient = 0.0
     if strategy.name == "deepspeed" and strategy.zero_stage >= 1 and world > 1:
