@@ -9,11 +9,11 @@ merged over these defaults, key by key.
 Buffer sizes follow the model's hidden size h, as the HF integration's "auto" values do
 (reduce bucket h^2, ZeRO-3 prefetch bucket 0.9 h^2, persistence threshold 10 h). DeepSpeed's own
 defaults (5e8-element buckets, 1e9 live parameters and reuse distance) are sized for large GPUs in
-16 bits: in fp32 a 5e8 bucket alone is 2 GB, and a 1e9 reuse distance keeps every parameter of a
-sub-billion model gathered from forward to backward, so ZeRO-3 then holds more than DDP (issue 20:
-a 0.44B ZeRO-3 run was OOM-killed at 10 GiB per rank). ZeRO-3's live parameters and reuse distance
-are capped at 10 h^2 (about one decoder layer): each layer is gathered for its forward and again for
-its backward, which is ZeRO-3's design, and the gathered working set stays a layer or two.
+16 bits: in fp32 a 5e8 bucket alone is 2 GB (issue 20: a 0.44B ZeRO-3 run was OOM-killed at 10 GiB
+per rank). Live parameters and reuse distance keep DeepSpeed's defaults (1e9): capping them at a layer
+made ZeRO-3's hooks release and re-prefetch parameters inside `GatheredParameters` blocks (PPO's
+rollouts, held-out scoring), which DeepSpeed then refuses to re-partition ("Cannot partition a param in
+flight").
 """
 
 from __future__ import annotations
@@ -50,8 +50,7 @@ def zero_sizes(stage: int, hidden: int | None, persistence_threshold: int | None
         if stage in (1, 2):
             out["allgather_bucket_size"] = max(h2, 10**7)  # chunks of the all-gather; larger chunks, fewer calls
         if stage == 3:
-            out.update(stage3_prefetch_bucket_size=int(0.9 * h2), stage3_max_live_parameters=10 * h2,
-                       stage3_max_reuse_distance=10 * h2)
+            out["stage3_prefetch_bucket_size"] = int(0.9 * h2)
     if stage == 3:
         threshold = persistence_threshold if persistence_threshold is not None else (
             10 * hidden if hidden else 100_000)

@@ -330,7 +330,8 @@ def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **mo
     2 workers, fp32, 0.1B-1.1B Llamas, with distft's worker allocator setting):
 
     - ZeRO-1/2/3 steps: every rank's backward makes the full gradients before they are reduced into
-      partitions; ZeRO-3 also holds about one full copy of the trainable weights besides its partitions.
+      partitions. (ZeRO-3's gathered parameters are in `buffers`: up to the live limit, DeepSpeed's 1e9 by
+      default, so the whole of a sub-billion model; measured, that is what its peak holds.)
     - FSDP2 and DDP steps: nothing beyond the formulas.
     - Loading (LOAD_COPIES): the peak of LoRA and other frozen-weight runs, whose steps add little.
       FSDP2 loads on rank 0 only and its rank 0 peak stays below its steps'.
@@ -343,8 +344,6 @@ def host_peak(cfg: DistftConfig, index: int, shape: ModelShape, world: int, **mo
     if strategy.name == "deepspeed" and strategy.zero_stage >= 1 and world > 1:
         grad_b = 2 if strategy.resolved_precision(cfg.model.dtype) in ("bf16", "fp16") else 4
         transient = max(0.0, trainable * grad_b - mem.grads)
-        if strategy.zero_stage == 3:
-            transient += trainable * weight
     copies = LOAD_COPIES["zero3"] if strategy.name == "deepspeed" and strategy.zero_stage == 3 else (
         None if strategy.partitions_parameters() else LOAD_COPIES["whole"])
     if copies:

@@ -76,7 +76,7 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
         node, store = node_memory(), object_store(cfg)
         need = total + RAY_PROCESSES + store
         lines += [
-            f"  {'engine transients':<22}{_gib(host.transient):>8}   (DeepSpeed on CPU: full gradients; ZeRO-3 a full weight copy)",
+            f"  {'engine transients':<22}{_gib(host.transient):>8}   (DeepSpeed on CPU: full gradients before the reduce; loading)",
             f"  {'process baseline':<22}{_gib(host.baseline):>8}   (Python, torch, transformers, DeepSpeed)",
             f"  {'host RAM per worker':<22}{_gib(host.total):>8}   (peak resident memory, VmHWM)",
             f"  this machine: {most} worker(s) x {_gib(per)} + Ray's processes {_gib(RAY_PROCESSES)} + object store "
