@@ -36,7 +36,7 @@ def shaped_like(tmp_path, tiny_base, **config) -> str:
 def test_zero_buffers_follow_the_hidden_size_and_a_user_json_wins(tmp_path):
     zero3 = StrategyConfig(name="deepspeed", zero_stage=3)
     zero = build_deepspeed_config(zero3, TrainConfig(), "fp32", 2, hidden=1024)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 1024**2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 1024**2)
+    assert zero["reduce_bucket_size"] == 1024**2 and "stage3_prefetch_bucket_size" not in zero  # DeepSpeed's
     assert zero["stage3_param_persistence_threshold"] == 10_240
     assert "stage3_max_live_parameters" not in zero and "stage3_max_reuse_distance" not in zero  # DeepSpeed's
     # Without a hidden size DeepSpeed's defaults stay (nothing set), and an explicit threshold always wins.
@@ -58,11 +58,11 @@ def test_zero_buffers_follow_the_hidden_size_and_a_user_json_wins(tmp_path):
     assert settings["stage3_prefetch_bucket_size"] == int(0.9 * shape.hidden ** 2)  # "auto" as HF fills it
     ours = plan.model_states(shape, MethodConfig(name="full"), zero3, "bfloat16", 8)
     theirs = plan.model_states(shape, MethodConfig(name="full"), mine, "bfloat16", 8)
-    # Gathered at once under ZeRO-3: the live limit plus a prefetch bucket (DeepSpeed's 1e9 by default), at
+    # Gathered at once under ZeRO-3: the live limit (DeepSpeed's 1e9 by default) plus a prefetch bucket, at
     # least the largest layer, never more than the model; in 16 bits.
-    prefetch = int(0.9 * shape.hidden ** 2)
-    gathered = lambda live: min(shape.params, max(live + prefetch, shape.largest_layer))  # noqa: E731
-    assert theirs.buffers - ours.buffers == pytest.approx((gathered(1e8) - gathered(1e9)) * 2, rel=1e-6)
+    gathered = lambda live, prefetch: min(shape.params, max(live + prefetch, shape.largest_layer))  # noqa: E731
+    assert theirs.buffers - ours.buffers == pytest.approx(
+        (gathered(1e8, int(0.9 * shape.hidden ** 2)) - gathered(1e9, 50_000_000)) * 2, rel=1e-6)
 
 
 def test_the_plan_of_a_cpu_config_speaks_of_host_ram():

@@ -6,14 +6,13 @@ integration's consistency check catches any drift instead of silently
 training with another batch. A user JSON (`strategy.deepspeed_config`) is
 merged over these defaults, key by key.
 
-Buffer sizes follow the model's hidden size h, as the HF integration's "auto" values do
-(reduce bucket h^2, ZeRO-3 prefetch bucket 0.9 h^2, persistence threshold 10 h). DeepSpeed's own
-defaults (5e8-element buckets, 1e9 live parameters and reuse distance) are sized for large GPUs in
-16 bits: in fp32 a 5e8 bucket alone is 2 GB (issue 20: a 0.44B ZeRO-3 run was OOM-killed at 10 GiB
-per rank). Live parameters and reuse distance keep DeepSpeed's defaults (1e9): capping them at a layer
-made ZeRO-3's hooks release and re-prefetch parameters inside `GatheredParameters` blocks (PPO's
-rollouts, held-out scoring), which DeepSpeed then refuses to re-partition ("Cannot partition a param in
-flight").
+Buffer sizes follow the model's hidden size h, as the HF integration's "auto" values do: reduce
+bucket h^2, persistence threshold 10 h. DeepSpeed's own default bucket (5e8 elements) is sized for
+large GPUs in 16 bits: in fp32 it alone is 2 GB (issue 20: a 0.44B ZeRO-3 run was OOM-killed at
+10 GiB per rank). ZeRO-3's prefetch bucket, live parameters and reuse distance keep DeepSpeed's
+defaults: a small prefetch bucket (HF's 0.9 h^2) or a live cap of a layer left all-gathers in flight
+across `GatheredParameters` blocks (PPO's rollouts, reward scoring after training), which DeepSpeed
+then refuses to re-partition ("Cannot partition a param in flight").
 """
 
 from __future__ import annotations
@@ -49,8 +48,6 @@ def zero_sizes(stage: int, hidden: int | None, persistence_threshold: int | None
         out["reduce_bucket_size"] = h2
         if stage in (1, 2):
             out["allgather_bucket_size"] = max(h2, 10**7)  # chunks of the all-gather; larger chunks, fewer calls
-        if stage == 3:
-            out["stage3_prefetch_bucket_size"] = int(0.9 * h2)
     if stage == 3:
         threshold = persistence_threshold if persistence_threshold is not None else (
             10 * hidden if hidden else 100_000)

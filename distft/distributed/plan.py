@@ -87,7 +87,9 @@ def zero_settings(strategy: StrategyConfig, shape: ModelShape, train=None, preci
     from distft.distributed.deepspeed import build_deepspeed_config, zero_sizes
 
     config = build_deepspeed_config(strategy, train or TrainConfig(), precision, world, shape.hidden)
-    sized = zero_sizes(strategy.zero_stage, shape.hidden, strategy.param_persistence_threshold)
+    h = shape.hidden
+    sized = {**zero_sizes(strategy.zero_stage, h, strategy.param_persistence_threshold),
+             "stage3_prefetch_bucket_size": int(0.9 * h * h)}  # what HF's integration fills "auto" with
     zero = {**DS_DEFAULTS, **config["zero_optimization"]}
     return {k: (sized.get(k, DS_DEFAULTS.get(k)) if v == "auto" else v) for k, v in zero.items()}
 
