@@ -91,7 +91,9 @@ def trainer_arguments(cfg: DistftConfig, ctx: StageContext, stage_dir: Path) -> 
         # Built before the model on purpose: under ZeRO-3 `from_pretrained` then loads
         # straight into partitions (zero.Init) instead of a full copy per worker.
         **trainer_strategy_kwargs(stage.strategy, train, cfg.model.dtype, ctx.world_size,
-                                  hidden_size(architecture_of(cfg, cfg.init_source(ctx.stage_index)))),
+                                  # only DeepSpeed sizes buffers from it: no config read (or Hub call) otherwise
+                                  hidden_size(architecture_of(cfg, cfg.init_source(ctx.stage_index)))
+                                  if stage.strategy.name == "deepspeed" else None),
     )
 
 
