@@ -331,6 +331,14 @@ def _last_line(log: Path) -> str:
     return lines[-1][-300:] if lines else ""
 
 
+def node_temp_dir(port: int, index: int) -> str:
+    """Worker raylet `index`'s Ray temp dir, inside the head's (Ray's default: $RAY_TMPDIR/ray, else /tmp/ray),
+    and short: Ray puts Unix sockets under it, and their paths may not exceed 107 bytes."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return os.path.join(get_default_ray_temp_dir(), f"distft-{port}-node{index}")
+
+
 def _spawn(role: str, args: list[str], env: dict, logs: Path) -> tuple[dict, subprocess.Popen]:
     import psutil
 
@@ -535,6 +543,7 @@ def up(
         "started_at": time.time(),
         "processes": [],
         "node_ids": [],
+        "temp_dirs": [],  # the worker raylets' (the head's is Ray's default)
     }
     # Same options on every raylet: GPUs are not partitioned between raylets yet, so none are
     # claimed (each raylet would otherwise claim every GPU of the machine).
@@ -560,12 +569,16 @@ def up(
         try:
             _wait_for_nodes(1, procs, deadline)
             for i in range(1, workers + 1):
-                args = ["--address", address, "--num-cpus", str(cpus),
-                        "--dashboard-agent-listen-port", str(free_port()),
-                        # Every node here shares the head's session directory, and a log monitor
-                        # forwards every worker's log file in it: one per node printed each line
-                        # once per node. Ray's own rule: one log monitor per host (the head's).
-                        "--include-log-monitor", "false"]
+                # Each raylet gets its own temp dir, as on separate hosts. Sharing the head's session
+                # directory, every node's runtime-env agent unpacked a job's working_dir into the same
+                # place: a second node's agent, not knowing the first had, deleted and re-extracted it
+                # under workers whose cwd it was (a submitted job's TrainController then died:
+                # "oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"). Own session dirs also give each
+                # node its own log monitor, which forwards only that node's worker logs.
+                temp_dir = node_temp_dir(port, i)
+                state["temp_dirs"].append(temp_dir)
+                args = ["--address", address, "--num-cpus", str(cpus), "--temp-dir", temp_dir,
+                        "--dashboard-agent-listen-port", str(free_port())]
                 procs[f"worker-{i}"] = _spawn(f"worker-{i}", args + common, env, logs)
                 state["processes"].append(procs[f"worker-{i}"][0])
                 _write_state(state)
