@@ -237,6 +237,19 @@ def stage_result(s: dict) -> str:
     return "; ".join(parts) or "-"
 
 
+def start_and_finish(summaries: list[dict]) -> str | None:
+    """Where the time around the training steps went: the first stage's start-up and the last one's finish."""
+    ran = [s for s in summaries if not s.get("skipped")]
+    if not ran or not ran[0].get("startup_s"):
+        return None
+    start, finish = ran[0]["startup_s"], ran[-1].get("after_training_s") or {}
+
+    def phases(d: dict) -> str:
+        return f"{sum(d.values()):.1f}s (" + ", ".join(f"{k} {v:.1f}" for k, v in d.items()) + ")"
+
+    return f"time         start {phases(start)}" + (f"; after training {phases(finish)}" if finish else "")
+
+
 def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
     lines = ["", "=" * 64, f"distft run finished in {seconds:.0f}s: {run_dir}"]
     rows = [("stage", "kind", "method", "steps", "time", "held-out result")]
@@ -275,6 +288,9 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
                          f"{s['best_step']} ({s['early_stopping_metric']} {s['best_metric']:.4g})")
         if s.get("overfitting"):
             lines.append(f"  overfitting  eval - train loss grew to {s['loss_gap']:.3f} from {s['loss_gap_smallest']:.3f}")
+    timing = start_and_finish(summaries)
+    if timing:
+        lines.append(timing)
     lines.append(f"model        {run_dir / 'final'}")
     if summaries and summaries[-1].get("kind") not in ("reward", "classify"):  # these score; they do not generate
         lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")

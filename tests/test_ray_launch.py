@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,8 +56,10 @@ def test_quickstart_cli_meets_its_target(tmp_path):
     seed; on the shipped base seeds 0-2 and 42 reached 100%, see README), then `generate` answers."""
     cmd = [sys.executable, "-m", "distft.cli", "train", "configs/quickstart.yaml",
            f"run.output_dir={tmp_path}", "run.name=qs"]
+    spawned = time.time()
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                        env={**os.environ, **SECRET_PROBE})
+    took = time.time() - spawned
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out     exact match 0.0% ->" in r.stdout
     # A clean run: no warning or error the user cannot act on (Ray's token-auth notice, Train's
@@ -68,6 +71,12 @@ def test_quickstart_cli_meets_its_target(tmp_path):
     (summary,) = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval_items"] >= 500
     assert summary["exact_match_after"] >= 0.97, summary
+    # Where the time around the steps went, by phase, within what the process took.
+    start, after = summary["startup_s"], summary["after_training_s"]
+    assert list(start) == ["cli", "ray", "workers", "setup"] and min(start.values()) > 0, start
+    assert list(after) == ["finish", "teardown"] and min(after.values()) >= 0, after
+    assert sum(start.values()) + sum(after.values()) < took, (start, after, took)
+    assert f"time         start {sum(start.values()):.1f}s (cli {start['cli']:.1f}, ray " in r.stdout
 
     row = json.loads((REPO / "configs" / "data" / "facts_test.jsonl").read_text().splitlines()[7])
     g = subprocess.run([sys.executable, "-m", "distft.cli", "generate", str(tmp_path / "qs"),

@@ -22,7 +22,9 @@ from distft.errors import DistftError, StageFailed, UserError
 # Workers inherit these so per-process thread pools match the CPUs Ray reserved.
 SYNC_UPLOAD_ENV = "DISTFT_SYNC_UPLOAD"
 WORKER_ENV_KEYS = ("DISTFT_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR",
-                   "DISTFT_SYNC_HASH_MAX_BYTES", SYNC_UPLOAD_ENV)
+                   "DISTFT_SYNC_HASH_MAX_BYTES", SYNC_UPLOAD_ENV,
+                   # distft sets these for workers (_worker_env); the submitter's own value wins
+                   "MALLOC_MMAP_THRESHOLD_", "RAY_worker_niceness")
 
 
 class ClusterError(UserError, RuntimeError):
@@ -420,13 +422,18 @@ def _worker_env(cfg: DistftConfig, forwarded: dict[str, str] | None = None) -> d
         # shows every line twice, and it breaks code that captures stdout to read it back
         # (dill, which datasets uses to hash map functions, then dumps bytecode to the log).
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        # Ray runs its workers at nice 15 and its own daemons (raylet, GCS, dashboard, agents) at 0, so
+        # every daemon wake-up preempts a torch thread, and with all cores busy the whole collective
+        # waits for it. The training workers are what the node is for: nice 0, level with the daemons
+        # (benchmarks/step.py). Ray's own actors (the Train controller) keep 15.
+        "RAY_worker_niceness": "0",
     }
     if not cfg.scaling.use_gpu:
         # CPU workers keep the model states in host RAM, and glibc's adaptive mmap threshold (up to 32 MB)
         # leaves freed layer-sized blocks (gathered ZeRO-3 weights, full gradients before their reduce) in
         # its heap. A fixed 4 MB threshold returns them on free: a 0.44B ZeRO-3 worker peaked at 7.3 GiB
-        # instead of 9.8 (benchmarks/plan_accuracy.py); smaller thresholds cost step time. A MALLOC_*
-        # setting the user exports is forwarded below and wins.
+        # instead of 9.8 (benchmarks/plan_accuracy.py); smaller thresholds cost step time. A
+        # MALLOC_MMAP_THRESHOLD_ the user exports is forwarded below and wins.
         env["MALLOC_MMAP_THRESHOLD_"] = str(MALLOC_MMAP_THRESHOLD)
     env.update(forwarded_env() if forwarded is None else forwarded)
     return env
@@ -537,6 +544,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
         ),
     )
     error_log = run_dir / stage.label() / "error.log"
+    fit_started = time.time()
     try:
         result = _fit_interruptibly(trainer)
     except (KeyboardInterrupt, DistftError):
@@ -545,6 +553,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
         raise stage_failed(stage.label(), e, error_log) from None
     if result.error:  # the Ray versions that return it instead
         raise stage_failed(stage.label(), result.error, error_log) from None
+    fit_ended = time.time()
     summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
     placement = run_dir / stage.label() / "placement"
     # Files of an earlier, larger worker group (an elastic run that shrank) are not this one's.
@@ -554,9 +563,33 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     groups = placement / "groups.jsonl"
     if groups.is_file():  # every worker group this stage ran with, in order (restarts, elastic resizes)
         summary["worker_groups"] = [json.loads(line)["world_size"] for line in groups.read_text().splitlines()]
+    entered = [g["time"] for g in map(json.loads, groups.read_text().splitlines()) if g["time"] >= fit_started] \
+        if groups.is_file() else []
+    summary.update(stage_timeline(fit_started, fit_ended, entered[0] if entered else None,
+                                  summary.pop("trained_between", None)))
     if cfg.run.forward_env and placed:  # which forwarded variables every worker received (names only)
         summary["forwarded_env"] = sorted(set.intersection(*(set(p.get("forwarded_env", [])) for p in placed)))
     return summary
+
+
+def stage_timeline(fit_started: float, fit_ended: float, entered: float | None,
+                   trained_between: list[float | None] | None) -> dict:
+    """Where a stage's wall time went around its training steps, in seconds by phase (the run summary).
+
+    startup_s: `workers`, from `fit()` to the training function's start on rank 0 (Ray Train's
+    controller, the worker processes, the process group); `setup`, from there to the first step
+    (imports, data, model, Trainer). after_training_s: `finish`, from the last step until `fit()`
+    returned (final evaluation, export, the worker group's exit). The launcher adds the phases before
+    the first stage (`cli`, `ray`) and after the last (`teardown`)."""
+    began, ended = trained_between or (None, None)
+    startup, after = {}, {}
+    if entered is not None:
+        startup["workers"] = round(entered - fit_started, 2)
+        if began is not None:
+            startup["setup"] = round(began - entered, 2)
+    if ended is not None:
+        after["finish"] = round(fit_ended - ended, 2)
+    return {"startup_s": startup, "after_training_s": after}
 
 
 def _fit_interruptibly(trainer):
@@ -969,6 +1002,13 @@ def set_aside(stage_dir: Path) -> Path | None:
     return target
 
 
+def process_started() -> float:
+    """When this process started (the kernel's record), so the start-up count includes the imports."""
+    import psutil
+
+    return psutil.Process().create_time()
+
+
 def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print, resume: bool = False,
            force_from: int | None = None, start_from: tuple[int, str] | None = None) -> list[dict]:
     """Run every stage in order on one Ray cluster; returns each stage's summary.
@@ -986,6 +1026,7 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     started = time.time()
     address = cluster_address(cfg, address)
     owns_ray = not ray.is_initialized()  # a caller's (or a test fixture's) cluster stays up
+    last_ran = None  # (the summary of the last stage that ran, when its train_stage returned)
     cluster_taken = False  # the cluster is started (or reached) for the first stage that runs, never for none
     try:
         summaries = []
@@ -1000,9 +1041,14 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
                 log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} finished earlier with these settings; skipped")
                 summaries.append({**done, "skipped": True})
                 continue
+            first_run = not cluster_taken
             if not cluster_taken:
+                reached = time.time()
                 with caller_signal_handlers():
                     init_ray(cfg, address)
+                # Before the first stage: this process's start up to Ray (imports, config, preflight, run
+                # directory), then Ray itself (a private cluster's start, or connecting to one).
+                before = {"cli": round(reached - process_started(), 2), "ray": round(time.time() - reached, 2)}
                 cluster_taken = True
                 if address or not owns_ray:
                     check_cluster_resources(cfg)
@@ -1020,7 +1066,11 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
             s = cfg.scaling
             workers = f"{s.min_workers}-{s.num_workers} (elastic)" if s.elastic() else s.num_workers
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {workers} Ray Train worker(s){where}")
-            summaries.append(train_stage(cfg, i, run_dir, resume_from))
+            summary = train_stage(cfg, i, run_dir, resume_from)
+            if first_run:
+                summary["startup_s"] = {**before, **summary.get("startup_s", {})}
+            summaries.append(summary)
+            last_ran = (summary, time.time())
         if not cluster_taken:
             log("every stage finished earlier with these settings: nothing to run")
             return summaries
@@ -1030,3 +1080,6 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     finally:
         if owns_ray and cluster_taken:
             ray.shutdown()
+        if last_ran is not None:  # after the last stage: provenance, and the Ray this process started going down
+            summary, returned = last_ran
+            summary.setdefault("after_training_s", {})["teardown"] = round(time.time() - returned, 2)

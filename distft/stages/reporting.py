@@ -171,7 +171,8 @@ class ReportCallback(TrainerCallback):
     def __init__(self, ctx, label: str, stage_dir: Path, total_steps: int, cfg):
         self.ctx, self.label, self.stage_dir, self.total_steps, self.cfg = ctx, label, Path(stage_dir), total_steps, cfg
         self.metrics = MetricsLog(self.stage_dir) if ctx.is_main else None
-        self.started = time.time()
+        self.started = time.time()  # reset when training begins
+        self.ended: float | None = None
         self.stopped_at: int | None = None  # the step a search's scheduler stopped this run at
         self.training_over = False  # the final evaluate() after train() logs too; no decision is asked then
         self.checkpoints = None
@@ -273,6 +274,7 @@ class ReportCallback(TrainerCallback):
         self.checkpoint_blocked.append(round(time.time() - self._mark, 3))
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.ended = time.time()  # the run summary's timeline: what follows is evaluation, export, teardown
         self.rss.sample()  # the last sample: the final eval and the export are not training
         # Every rank passes here once (the collective below needs that), unlike on_log.
         peak = peak_rss_bytes()

@@ -18,6 +18,7 @@ from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
+from distft.stages.token_metrics import metrics_at_log_steps
 from distft.stages.trainer_setup import (
     export_model,
     finish,
@@ -85,6 +86,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         trainer_cls, train_data = own_shard_loader(SFTTrainer), {"train_dataset": eval_ds, "stream": train_ds}
     elif data_cfg.packing and not uses_varlen_kernel(model):  # each bin a row (distft/data/packing.py)
         trainer_cls = packed_rows_trainer(SFTTrainer)
+    trainer_cls = metrics_at_log_steps(trainer_cls)  # no per-step metric collectives (stages/token_metrics.py)
     trainer = trainer_cls(
         model=model,
         args=args,

@@ -348,6 +348,8 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
         **parameter_shard(trainer.model),
         **optimizer_shard(trainer.model_wrapped, trainer.optimizer),
         "wall_seconds": round(time.time() - started, 1),
+        # When this rank-0 process began and ended train(): the launcher's startup_s splits at them.
+        "trained_between": [reporters[0].started, reporters[0].ended] if reporters else None,
         "model_dir": str(final_dir),
         "stopped_early_at": reporters[0].stopped_at if reporters else None,
         "checkpoint_blocked_s": reporters[0].checkpoint_blocked if reporters else [],
