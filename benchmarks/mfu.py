@@ -34,7 +34,7 @@ weighted sum (QK^T and AV, forward and backward), counted over the full seq x se
 convention does, although a causal kernel skips half of it. Recomputation under gradient
 checkpointing is not counted (model FLOPs, not hardware FLOPs), so checkpointing lowers MFU.
 Peak: dense bf16 tensor-core FLOP/s by card name (PEAKS below), or --peak-tflops.
-Targets (the issue's): distft >= 0.95 x the bare Trainer's tokens/s, and MFU >= 40%.
+Targets: distft >= 0.98 x the bare Trainer's tokens/s (its step at most 1.02x, issue 21), and MFU >= 40%.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SPEED_TARGET, MFU_TARGET = 0.95, 0.40
+SPEED_TARGET, MFU_TARGET = 0.98, 0.40
 # Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity); first match wins.
 PEAKS = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
          ("L40S", 362e12), ("A10G", 125e12), ("L4", 121e12)]

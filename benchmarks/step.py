@@ -156,7 +156,8 @@ def run_mode(mode: str, shape: str, rnd: int, work: Path, a, hp: dict) -> dict:
         cmd += ["--address", "auto"]
     took = spawn(cmd, dict(os.environ), f"distft train ({mode} {shape})")
     (summary,) = json.loads((out / "summary.json").read_text())
-    phases = {**summary["startup_s"], **{f"after:{k}": v for k, v in summary["after_training_s"].items()}}
+    phases = {**summary.get("startup_s", {}),
+              **{f"after:{k}": v for k, v in summary.get("after_training_s", {}).items()}}
     return {"process": took, "logs": logged(out / "sft" / "metrics.jsonl"), "startup": phases}
 
 

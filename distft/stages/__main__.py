@@ -4,7 +4,7 @@
 
 The same stage code a Ray Train worker runs, given its rank from torchrun's environment.
 For machines where Ray cannot go (a lone GPU box for a benchmark), and to tell Ray's cost
-apart from the stage's (benchmarks/overhead.py). No resume, no Tune, no jobs: `distft train`
+apart from the stage's (benchmarks/step.py). No resume, no Tune, no jobs: `distft train`
 is the product; this is the stages with nothing around them.
 """
 
