@@ -19,8 +19,9 @@ def _train(trainer_cls, model_dir, rows, tmp_path, steps: int, log_every: int, a
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = SFTConfig(output_dir=str(tmp_path / trainer_cls.__name__), per_device_train_batch_size=4,
                      gradient_accumulation_steps=accum, max_steps=steps, logging_steps=log_every,
-                     logging_first_step=True, learning_rate=1e-3, save_strategy="no", eval_strategy="no",
-                     use_cpu=True, report_to="none", disable_tqdm=True, seed=7, max_length=64)
+                     logging_first_step=True, learning_rate=1e-4, save_strategy="no", eval_strategy="no",
+                     use_cpu=True, report_to="none", disable_tqdm=True, seed=7, max_length=64,
+                     activation_checkpointing=False)  # as distft's stages run (TRL's default is on)
     trainer = trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     gathers = []
     gather = trainer.accelerator.gather_for_metrics
@@ -56,7 +57,9 @@ def test_same_losses_and_token_count_as_trl_with_the_metrics_only_on_logged_step
                                accum=accum)
     assert [h["step"] for h in ours] == [h["step"] for h in theirs] == [1, 3, 6]
     for mine, ref in zip(ours, theirs):
-        assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        # Steps between logs take the model's own loss; its gradients and TRL's chunked head's differ in low
+        # bits (the exact check is the next test), which a few steps of training carry into the loss.
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=2e-3)
         assert mine["num_tokens"] == ref["num_tokens"]  # every rank's tokens, every step, exactly
         assert 0 <= mine["mean_token_accuracy"] <= 1 and mine["entropy"] > 0  # the logged step's batch
     # TRL gathers on every micro-batch (4 per micro-batch over 7 steps); here only on the micro-batches of
@@ -64,3 +67,43 @@ def test_same_losses_and_token_count_as_trl_with_the_metrics_only_on_logged_step
     assert len(their_gathers) == 4 * 7 * accum
     assert sorted(set(our_gathers)) == [0, 2, 5, 6]  # global_step while steps 1, 3, 6 and 7 run
     assert len(our_gathers) == 4 * 4 * accum + 2  # the token counts pending at steps 3 and 6
+
+
+def test_a_step_between_logs_takes_trls_loss_value_and_the_exact_gradient(tiny_base):
+    """At fixed weights and batch: the loss TRL would compute, and the gradient of the plain cross-entropy
+    over the model's logits (computed here by hand), to float precision."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from distft.config.schema import DataConfig
+    from distft.data.loading import load_checked, tokenize_dataset
+    from distft.stages.token_metrics import metrics_at_log_steps
+
+    data = DataConfig(train=str(REPO / "configs/data/facts_train.jsonl"))
+    rows, fmt = load_checked(data.train, data, "data.train")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    ds, _ = tokenize_dataset(rows.select(range(32)), fmt, tokenizer, 64, "completion", "text")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    args = SFTConfig(output_dir="/tmp/unused", per_device_train_batch_size=8, max_steps=10, logging_steps=5,
+                     use_cpu=True, report_to="none", max_length=64, activation_checkpointing=False)
+    trainer = metrics_at_log_steps(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 2: between logs
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    n = (batch["labels"][:, 1:] != -100).sum()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    gathered = []
+    trainer.accelerator.gather_for_metrics = lambda x, *a, **kw: gathered.append(x) or x
+    ours = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=n)
+    assert gathered == [] and not trainer._metrics["train"].get("entropy")  # no collective, no metric
+    grads = torch.autograd.grad(ours, params)
+    theirs = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch), num_items_in_batch=n)
+    logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    exact = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                                              ignore_index=-100, reduction="sum") / n
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    assert float(ours) == pytest.approx(float(exact), rel=1e-6)
+    for g, e in zip(grads, torch.autograd.grad(exact, params)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)

@@ -4,8 +4,8 @@ TRL 1.16's `SFTTrainer.compute_loss` gathers three metrics across ranks and read
 every micro-batch: entropy, mean token accuracy and the batch's token count. Between log steps nobody
 sees them (`log()` averages and clears them), yet each is a collective and a device sync inside the
 step: under gloo DDP on CPU workers, four small all-gathers per micro-batch (benchmarks/step.py).
-Here a step that will not log computes only the loss, with the same fused log-prob head and the same
-normalisation as TRL, and counts its tokens locally; a step that logs runs TRL's own `compute_loss`,
+Here a step that will not log computes only the loss, normalised as TRL does (the model's own loss over
+its full logits while they are small, else TRL's chunked log-prob head), and counts its tokens locally; a step that logs runs TRL's own `compute_loss`,
 so the logged entropy and accuracy are those of the logged step's batch (TRL's: the mean over the
 interval), and `num_tokens` stays the exact total over every rank.
 
@@ -17,9 +17,14 @@ step, unchanged.
 from __future__ import annotations
 
 
+# A micro-batch's logits in fp32 up to this size are computed whole, as the bare Trainer does (see below).
+PLAIN_LOGITS_MAX_BYTES = 1 << 30
+
+
 def metrics_at_log_steps(trainer_cls):
     """`trainer_cls` (an SFTTrainer) with its per-token metrics computed only on steps that log."""
     import torch
+    from transformers import Trainer
 
     from distft.data.packing import REAL_TOKENS
 
@@ -27,6 +32,7 @@ def metrics_at_log_steps(trainer_cls):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._unlogged_tokens = None  # this rank's tokens since TRL last counted them, as a tensor
+            self._vocab = self.model.config.get_text_config().vocab_size
 
         def _logs_this_step(self) -> bool:
             # compute_loss runs inside step global_step + 1; DefaultFlowCallback logs after it when:
@@ -50,18 +56,26 @@ def metrics_at_log_steps(trainer_cls):
                     self._total_train_tokens += int(total) // self._tp_size
                     self._unlogged_tokens = None
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # TRL's loss, less the metrics (trl/trainer/sft_trainer.py, SFTTrainer.compute_loss).
             inputs = dict(inputs)
             real = inputs.pop(REAL_TOKENS, None)  # packed rows (trainer_setup.packed_rows_trainer): the exact count
             inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
-            per_token_loss = -outputs.log_probs  # zero on ignored positions
-            if self.args.loss_type == "dft":
-                per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
-            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-            loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+            if self.args.loss_type == "nll" and inputs["input_ids"].numel() * self._vocab * 4 <= PLAIN_LOGITS_MAX_BYTES:
+                # The model's own loss over its full logits, as transformers' Trainer computes it: TRL's chunked
+                # head saves the logits' memory by recomputing them in the backward pass, which costs time.
+                # Below this size that memory is small (distft plan counts full logits anyway), and the chunked
+                # head made the tiny base's step 1.4x the bare Trainer's (benchmarks/step.py).
+                result = Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            else:
+                # TRL's loss, less the metrics (trl/trainer/sft_trainer.py, SFTTrainer.compute_loss).
+                outputs = model(**inputs, fused_lm_head=True)
+                per_token_loss = -outputs.log_probs  # zero on ignored positions
+                if self.args.loss_type == "dft":
+                    per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
+                num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+                loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+                result = (loss, outputs) if return_outputs else loss
             if real is not None:
                 tokens = real
             elif "attention_mask" in inputs:
@@ -70,7 +84,7 @@ def metrics_at_log_steps(trainer_cls):
                 tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             tokens = tokens.detach().to(torch.long)
             self._unlogged_tokens = tokens if self._unlogged_tokens is None else self._unlogged_tokens + tokens
-            return (loss, outputs) if return_outputs else loss
+            return result
 
     TokenMetricsAtLogSteps.__name__ = TokenMetricsAtLogSteps.__qualname__ = f"{trainer_cls.__name__}"
     return TokenMetricsAtLogSteps
