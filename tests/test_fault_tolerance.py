@@ -70,11 +70,6 @@ def test_a_killed_worker_restarts_from_the_latest_registered_checkpoint(tiny_bas
     wait_for_checkpoint(proc, run_dir / "sft" / "checkpoints", 20)
     workers = train_workers(proc.pid)
     assert len(workers) == 2, [w.cmdline() for w in workers]
-    # The training workers run level with Ray's daemons (nice 0); Ray's own actors keep its nice 15.
-    assert [w.nice() for w in workers] == [0, 0]
-    controllers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "TrainController" in " ".join(p.cmdline())]
-    assert controllers and all(p.nice() == 15 for p in controllers), [(p.cmdline(), p.nice()) for p in controllers]
     killed_at = max(logged_steps(run_dir))
     workers[1].send_signal(signal.SIGKILL)
     assert proc.poll() is None and killed_at < steps_total - SAVE_EVERY, killed_at  # else there is no restart to see

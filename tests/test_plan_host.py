@@ -123,3 +123,25 @@ def test_a_zero3_full_fine_tune_of_0_1b_peaks_where_the_plan_says(tmp_path):
     assert 0.1e9 < row["plan"]["params"] < 0.12e9
     assert 0.85 <= row["ratio"] <= 1.3, (row["ratio"], row["measured"] / GiB, row["plan"]["host"] / GiB)
     assert "| 0.1b:full:zero3 |" in r.stdout  # the table a user reads
+
+
+def test_cpu_workers_get_the_fixed_mmap_threshold_only_for_models_with_layer_sized_blocks(monkeypatch):
+    """glibc's fixed 4 MB mmap threshold returns freed layer-sized blocks (issue 20's peaks), and costs step
+    time where no block reaches it (benchmarks/step.py): the shipped tiny base gets glibc's default."""
+    from distft.config import load_config
+    from distft.launch.train import MALLOC_MMAP_THRESHOLD, _worker_env
+    from distft.models.bundled import tiny_base_dir
+    from distft.models.shapes import largest_matrix
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    big = "meta-llama/Llama-3.1-8B-Instruct"  # config.json shipped in configs/models
+    assert largest_matrix(big) == 4096 * 128256 and largest_matrix(str(tiny_base_dir())) * 4 < MALLOC_MMAP_THRESHOLD
+
+    def env(model: str, *overrides: str) -> dict:
+        return _worker_env(load_config(REPO / "configs/quickstart.yaml", [f"model.name_or_path={model}", *overrides]))
+
+    assert "MALLOC_MMAP_THRESHOLD_" not in env(str(tiny_base_dir()))
+    assert env(big)["MALLOC_MMAP_THRESHOLD_"] == str(MALLOC_MMAP_THRESHOLD)
+    assert "MALLOC_MMAP_THRESHOLD_" not in env(big, "scaling.use_gpu=true")  # GPU workers: host RAM is not the limit
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert env(big)["MALLOC_MMAP_THRESHOLD_"] == "65536"  # the user's own setting wins

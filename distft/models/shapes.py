@@ -77,9 +77,8 @@ def find_config(name_or_path: str) -> Path:
     )
 
 
-def hidden_size(name_or_path: str) -> int | None:
-    """The (text) model's hidden size from its config.json, or None where none can be read (DeepSpeed then
-    keeps its default buffer sizes: a slower or larger run, never a failed one)."""
+def _text_config(name_or_path: str) -> dict | None:
+    """The (text) model's config.json as a dict, or None where none can be read."""
     try:
         data = json.loads(find_config(name_or_path).read_text())
     except (OSError, ValueError):  # FileNotFoundError included: not local, not shipped
@@ -90,9 +89,26 @@ def hidden_size(name_or_path: str) -> int | None:
             data = config.get_text_config().to_dict()
         except Exception:  # offline, gated, missing: sizing falls back, loading reports the real error
             return None
-    text = data.get("text_config") or data
+    return data.get("text_config") or data
+
+
+def hidden_size(name_or_path: str) -> int | None:
+    """The (text) model's hidden size from its config.json, or None where none can be read (DeepSpeed then
+    keeps its default buffer sizes: a slower or larger run, never a failed one)."""
+    text = _text_config(name_or_path) or {}
     value = text.get("hidden_size") or text.get("d_model") or text.get("n_embd")
     return int(value) if value else None
+
+
+def largest_matrix(name_or_path: str) -> int | None:
+    """Elements of the model's largest weight matrix (an MLP projection or the embedding), from config.json;
+    None where none can be read."""
+    text = _text_config(name_or_path) or {}
+    hidden = hidden_size(name_or_path)
+    if not hidden:
+        return None
+    wider = max(int(text.get("intermediate_size") or text.get("ffn_dim") or 4 * hidden), int(text.get("vocab_size") or 0))
+    return hidden * wider
 
 
 def _meta_model(name_or_path: str):
