@@ -103,7 +103,7 @@ def test_a_step_between_logs_takes_trls_loss_value_and_the_exact_gradient(tiny_b
     logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     exact = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
                                               ignore_index=-100, reduction="sum") / n
-    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
-    assert float(ours) == pytest.approx(float(exact), rel=1e-6)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
+    assert ours.item() == pytest.approx(exact.item(), rel=1e-6)
     for g, e in zip(grads, torch.autograd.grad(exact, params)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
