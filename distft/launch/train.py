@@ -566,11 +566,12 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     placed = [p for p in map(json.loads, (f.read_text() for f in placement.glob("rank-*.json")))
               if p.get("world_size", summary.get("world_size")) == summary.get("world_size")]
     summary["worker_nodes"] = [p["node_id"] for p in sorted(placed, key=lambda p: p["rank"])]
-    groups = placement / "groups.jsonl"
-    if groups.is_file():  # every worker group this stage ran with, in order (restarts, elastic resizes)
-        summary["worker_groups"] = [json.loads(line)["world_size"] for line in groups.read_text().splitlines()]
-    entered = [g["time"] for g in map(json.loads, groups.read_text().splitlines()) if g["time"] >= fit_started] \
-        if groups.is_file() else []
+    groups_file = placement / "groups.jsonl"
+    # Every worker group this stage ran with, in order (restarts, elastic resizes; earlier launches too).
+    groups = [json.loads(line) for line in groups_file.read_text().splitlines()] if groups_file.is_file() else []
+    if groups_file.is_file():
+        summary["worker_groups"] = [g["world_size"] for g in groups]
+    entered = [g["time"] for g in groups if g["time"] >= fit_started]  # this launch's first group
     summary.update(stage_timeline(fit_started, fit_ended, entered[0] if entered else None,
                                   summary.pop("trained_between", None)))
     if cfg.run.forward_env and placed:  # which forwarded variables every worker received (names only)

@@ -92,19 +92,22 @@ def _text_config(name_or_path: str) -> dict | None:
     return data.get("text_config") or data
 
 
+def _hidden(text: dict) -> int | None:
+    value = text.get("hidden_size") or text.get("d_model") or text.get("n_embd")
+    return int(value) if value else None
+
+
 def hidden_size(name_or_path: str) -> int | None:
     """The (text) model's hidden size from its config.json, or None where none can be read (DeepSpeed then
     keeps its default buffer sizes: a slower or larger run, never a failed one)."""
-    text = _text_config(name_or_path) or {}
-    value = text.get("hidden_size") or text.get("d_model") or text.get("n_embd")
-    return int(value) if value else None
+    return _hidden(_text_config(name_or_path) or {})
 
 
 def largest_matrix(name_or_path: str) -> int | None:
     """Elements of the model's largest weight matrix (an MLP projection or the embedding), from config.json;
     None where none can be read."""
     text = _text_config(name_or_path) or {}
-    hidden = hidden_size(name_or_path)
+    hidden = _hidden(text)
     if not hidden:
         return None
     wider = max(int(text.get("intermediate_size") or text.get("ffn_dim") or 4 * hidden), int(text.get("vocab_size") or 0))
