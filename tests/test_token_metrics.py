@@ -107,3 +107,50 @@ def test_a_step_between_logs_takes_trls_loss_value_and_the_exact_gradient(tiny_b
     assert ours.item() == pytest.approx(exact.item(), rel=1e-6)
     for g, e in zip(grads, torch.autograd.grad(exact, params)):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
+_ONE_RANK = r"""
+import json, os, sys
+from pathlib import Path
+import yaml
+from distft.config import load_config
+from distft.stages.context import StageContext
+from distft.stages.trainer_setup import prepare_worker
+from transformers import TrainingArguments
+
+base, out, prepare = sys.argv[1], Path(sys.argv[2]), sys.argv[3] == "prepare"
+(out / "c.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": base}, "stage": "sft",
+                                             "data": {"train": str(out / "rows.jsonl")},
+                                             "scaling": {"num_workers": 1, "cpus_per_worker": 1}}))
+cfg = load_config(str(out / "c.yaml"))
+if prepare:
+    prepare_worker(cfg, StageContext(run_dir=out, world_size=1))
+args = TrainingArguments(output_dir=str(out / "t"), use_cpu=True)
+print(json.dumps({"type": str(args.distributed_state.distributed_type), "world": args.world_size}))
+"""
+
+
+@pytest.mark.parametrize("prepare", [True, False])
+def test_one_rank_under_a_launcher_trains_without_ddp(tiny_base, tmp_path, prepare):
+    """Ray Train and torchrun set LOCAL_RANK even for one worker; accelerate reads that as distributed and
+    wraps the model in DDP (gradient-bucket copies, a one-rank all-reduce: 6-10% of a small model's step).
+    After prepare_worker a one-rank DDP-strategy worker trains the model unwrapped; without it (the
+    premise), accelerate would pick MULTI_CPU."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "rows.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    r = subprocess.run([sys.executable, "-c", _ONE_RANK, str(tiny_base), str(tmp_path), "prepare" if prepare else "no"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["world"] == 1
+    assert got["type"].endswith("NO" if prepare else "MULTI_CPU"), got

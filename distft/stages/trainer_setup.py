@@ -41,6 +41,13 @@ def prepare_worker(cfg: DistftConfig, ctx: StageContext) -> Path:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     stage_dir = Path(ctx.run_dir) / stage.label()
     torch.set_num_threads(cfg.scaling.threads_per_worker())
+    if ctx.world_size == 1 and strategy.name == "ddp" and (not cfg.scaling.use_gpu or torch.cuda.device_count() <= 1):
+        # One rank has nothing to synchronise, but accelerate reads a LOCAL_RANK (Ray Train and torchrun
+        # set one) as a distributed run and wraps the model in DDP: its gradient-bucket copies and
+        # one-rank all-reduce cost a small model 6-10% of its step (benchmarks/step.py, 1x2). Without
+        # it the Trainer trains the model as is, as it does in a plain `python` process. Not with more
+        # than one visible GPU, where the Trainer would then spread the batch with DataParallel.
+        os.environ.pop("LOCAL_RANK", None)
     quiet_libraries()
     ensure_process_group(ctx.world_size, cfg.scaling.use_gpu, deepspeed=use_deepspeed,
                          timeout_s=cfg.run.collective_timeout_s)
