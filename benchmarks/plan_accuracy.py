@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 # The allocator setting distft gives its CPU workers (launch/train.py, _worker_env), read by glibc at
 # start-up in each spawned rank, so the ranks hold what a `distft train` worker holds. Set before
 # memory.py is imported: its own default (64 KB, for reading model states) would win otherwise.
-from distft.launch.train import MALLOC_MMAP_THRESHOLD  # noqa: E402  (after sys.path; imports no Ray)
+from distft.launch.train import MALLOC_MMAP_THRESHOLD  # noqa: E402  (after sys.path; imports no Ray
 
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
 # benchmarks/memory.py: the same harness, its environment for the ranks (DS_ACCELERATOR=cpu, the hub

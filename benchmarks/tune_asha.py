@@ -63,7 +63,7 @@ def main() -> int:
 
     import ray
 
-    from distft.launch.train import start_private_ray
+    from distft.launch.session import start_private_ray
     from distft.models.bundled import tiny_base_dir
 
     tiny_base_dir()

@@ -57,7 +57,7 @@ def _run_dir(cfg: DistftConfig, config_path: str, address: str | None, reuse: bo
 
 def cmd_validate(args) -> int:
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import cluster_address
+    from distft.launch.session import cluster_address
 
     cfg = _load(args)
     # The memory check first: it needs no cluster, and an over-budget plan is worth seeing even when
@@ -109,7 +109,7 @@ def cmd_plan(args) -> int:
 
 def cmd_train(args) -> int:
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import cluster_address
+    from distft.launch.session import cluster_address
 
     if args.resume:  # `distft train --resume RUN_DIR [overrides]`: the same as `distft resume`
         overrides = [args.config, *args.overrides] if args.config and "=" in args.config else args.overrides
@@ -146,7 +146,8 @@ def cmd_train(args) -> int:
 def cmd_resume(args) -> int:
     """Continue an interrupted run in place: finished stages are skipped, the current one resumes."""
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import cluster_address, start_point
+    from distft.launch.session import cluster_address
+    from distft.launch.resume import start_point
 
     run_dir = Path(args.run_dir).resolve()
     saved = run_dir / "config.yaml"
@@ -169,7 +170,7 @@ def cmd_resume(args) -> int:
 def cmd_pipeline(args) -> int:
     """Run a multi-stage config as one job in a stable run directory; a rerun skips finished stages."""
     from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.train import cluster_address
+    from distft.launch.session import cluster_address
 
     cfg = _load(args)
     force_from = None
@@ -303,7 +304,7 @@ def cmd_tune(args) -> int:
     """A Ray Tune search over the config's `tune.space`; --resume continues one without rerunning finished trials."""
     from distft.config.search import load_search
     from distft.launch.preflight import absolutize_paths, preflight
-    from distft.launch.train import cluster_address
+    from distft.launch.session import cluster_address
 
     if bool(args.resume) == bool(args.config):
         raise UsageError("give a config (distft tune CONFIG) or --resume RUN_DIR, not both or neither.")

@@ -63,7 +63,7 @@ def ray_cluster(_ray_session):
     left in /tmp/ray/ray_current_cluster. A lost cluster is started again, with a warning, instead."""
     import warnings
 
-    from distft.launch.train import start_private_ray
+    from distft.launch.session import start_private_ray
 
     ray = _ray_session["ray"]
     if not ray.is_initialized():

@@ -100,7 +100,7 @@ def test_ray_registers_the_linked_copy_where_storage_shares_the_filesystem(tmp_p
     from ray.train.v2._internal.execution.context import is_managed_checkpoint
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from distft.launch.train import link_upload, linkable_storage
+    from distft.launch.worker import link_upload, linkable_storage
 
     ckpt = sealed(tmp_path / "run" / "sft" / "checkpoints" / "checkpoint-10")
     storage = StorageContext(storage_path=str(tmp_path / "run" / "ray"), experiment_dir_name="sft-attempt")
@@ -118,7 +118,7 @@ def test_ray_registers_the_linked_copy_where_storage_shares_the_filesystem(tmp_p
 def test_storage_that_is_not_this_filesystem_keeps_the_upload(tmp_path, monkeypatch):
     from ray.train.v2._internal.execution.storage import StorageContext
 
-    from distft.launch.train import linkable_storage
+    from distft.launch.worker import linkable_storage
 
     ckpt = sealed(tmp_path / "checkpoint-10")
     # A local path this node does not see as Ray's storage (Ray's marker is missing: another node's disk).

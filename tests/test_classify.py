@@ -136,3 +136,40 @@ def test_a_lora_classifier_merges_into_a_plain_model_with_its_labels(tmp_path):
     ids = tok(["A storm hit the stadium."], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, adapter(**ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_under_torchrun_score_before_and_after(tmp_path):
+    """DeepSpeed ZeRO-3 on 2 ranks (torchrun, no Ray): the held-out score before training is taken outside the
+    Trainer (its predict() would leave an inference engine that train() cannot step), and training then runs."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "distft.stages",
+                        str(REPO / "configs" / "classify_minilm.yaml"), str(tmp_path / "run"),
+                        "strategy.name=deepspeed", "strategy.zero_stage=3", "scaling.torch_threads=1",
+                        "train.max_steps=16", "train.early_stopping=null", "train.eval_every=16", "train.save_every=16",
+                        "evaluate.max_samples=64"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "classify" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["accuracy_before"] < 0.6 < 0.9 < summary["accuracy_after"], summary
+    from transformers import AutoModelForSequenceClassification
+
+    final = tmp_path / "run" / "classify" / "final"  # whole and plain, gathered from the ZeRO-3 shards
+    assert AutoModelForSequenceClassification.from_pretrained(final).config.id2label[0] == "food"
+
+
+def test_fsdp_is_refused_for_classify_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "distft.cli", "validate", str(REPO / "configs" / "classify_minilm.yaml"),
+                        "strategy.name=fsdp"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert "strategy.name: the classify stage runs under ddp or deepspeed, not fsdp. Fix: strategy.name=ddp." \
+        in r.stderr and len(r.stderr.splitlines()) <= 3, r.stderr

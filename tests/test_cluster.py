@@ -26,7 +26,7 @@ import yaml
 from conftest import REPO, write_jsonl
 from distft.config import build_config
 from distft.launch import cluster
-from distft.launch.train import ray_storage_path
+from distft.launch.placement import ray_storage_path
 
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")
 

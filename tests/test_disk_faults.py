@@ -131,7 +131,7 @@ def test_a_failure_while_a_checkpoint_is_staged_names_it(tmp_path):
 def test_ray_train_errors_are_reduced_to_the_failing_rank_and_its_message():
     from ray.train import WorkerGroupError
 
-    from distft.launch.train import stage_failed
+    from distft.launch.errors import stage_failed
 
     cause = RuntimeError("Traceback (most recent call last):\n  File x\nValueError: the real reason")
     e = stage_failed("sft", WorkerGroupError("rank 1 failed", {1: cause}))
@@ -146,7 +146,7 @@ def test_ray_train_errors_are_reduced_to_the_failing_rank_and_its_message():
 
 
 def test_a_checkpoint_upload_that_never_finishes_fails_the_run_with_a_hint(tmp_path):
-    from distft.launch.train import CheckpointUploadTimeout, UploadWatch
+    from distft.launch.worker import CheckpointUploadTimeout, UploadWatch
 
     uploading = tmp_path / "checkpoints" / ".uploading"
     done, stuck = uploading / "checkpoint-10-0a1b2c3d", uploading / "checkpoint-20-4e5f6a7b"
@@ -167,7 +167,7 @@ def test_a_checkpoint_upload_that_never_finishes_fails_the_run_with_a_hint(tmp_p
 
 def test_uploads_still_pending_when_training_ends_are_awaited_within_the_same_timeout(tmp_path):
     """Ray waits for them after the training function returns, with no timeout; distft waits first, bounded."""
-    from distft.launch.train import CheckpointUploadTimeout, UploadWatch
+    from distft.launch.worker import CheckpointUploadTimeout, UploadWatch
 
     slow, stuck = tmp_path / "checkpoint-30-00aa11bb", tmp_path / "checkpoint-40-22cc33dd"
     clock = {"t": 0.0}
@@ -191,7 +191,7 @@ def test_uploads_still_pending_when_training_ends_are_awaited_within_the_same_ti
 def test_a_worker_group_that_cannot_start_in_time_says_what_to_check():
     from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 
-    from distft.launch.train import stage_failed
+    from distft.launch.errors import stage_failed
 
     e = stage_failed("sft", WorkerGroupStartupTimeoutError(num_workers=4))
     assert str(e).startswith("stage sft failed: WorkerGroupStartupTimeoutError")
@@ -210,7 +210,7 @@ def test_a_worker_group_that_cannot_start_in_time_says_what_to_check():
 def test_a_worker_killed_by_the_memory_monitor_is_named_with_the_nodes_figures(text):
     from ray.train import WorkerGroupError
 
-    from distft.launch.train import stage_failed
+    from distft.launch.errors import stage_failed
 
     e = stage_failed("sft", WorkerGroupError("rank 1 failed", {1: RuntimeError(text)}))
     assert str(e).startswith("stage sft failed on rank 1: the worker was killed by Ray's memory monitor")
@@ -220,7 +220,7 @@ def test_a_worker_killed_by_the_memory_monitor_is_named_with_the_nodes_figures(t
 def test_a_worker_process_that_died_says_how_and_what_to_do():
     from ray.train import WorkerGroupError
 
-    from distft.launch.train import stage_failed
+    from distft.launch.errors import stage_failed
 
     died = RuntimeError("ActorDiedError: The actor died unexpectedly before finishing this task.\n\tclass_name: "
                         "RayTrainWorker\nThe actor is dead because its worker process has died. Worker exit type: "
@@ -235,7 +235,7 @@ def test_a_worker_process_that_died_says_how_and_what_to_do():
 def test_stage_failed_writes_every_traceback_to_the_log_and_appends(tmp_path):
     from ray.train import WorkerGroupError
 
-    from distft.launch.train import stage_failed
+    from distft.launch.errors import stage_failed
 
     log = tmp_path / "sft" / "error.log"
     cause = RuntimeError("Traceback (most recent call last):\n  File \"w.py\", line 3\nValueError: deep reason")
@@ -251,15 +251,15 @@ def test_streamed_ray_lines_users_cannot_act_on_are_dropped_and_the_rest_kept(mo
     raylet's dead-worker notice go (error.log has the tracebacks); the run's own lines stay."""
     from ray._private.ray_logging import WorkerStandardStreamDispatcher
 
-    import distft.launch.train as train
+    import distft.launch.session as session
 
     dispatcher = WorkerStandardStreamDispatcher()
     printed: list[str] = []
     dispatcher.add_handler("ray_print_logs", lambda data: printed.extend(data["lines"]))
     monkeypatch.setattr("ray._private.ray_logging.global_worker_stdstream_dispatcher", dispatcher)
     monkeypatch.delenv("DISTFT_VERBOSE", raising=False)
-    train.filter_streamed_logs()
-    train.filter_streamed_logs()  # twice: still one filter
+    session.filter_streamed_logs()
+    session.filter_streamed_logs()  # twice: still one filter
     controller = {"actor_name": "TrainController", "pid": 7, "is_err": True}
     dispatcher.emit({**controller, "lines": [
         "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
@@ -282,7 +282,7 @@ def test_a_sigterm_while_ray_starts_reaches_the_callers_handler():
     as the CLI's own stop (exit 143, the resume hint), not as SystemExit(15)."""
     import signal
 
-    from distft.launch.train import caller_signal_handlers
+    from distft.launch.session import caller_signal_handlers
 
     class Stopped(Exception):
         pass
@@ -309,7 +309,7 @@ def test_resume_from_an_earlier_checkpoint_sets_the_newer_ones_aside(tmp_path):
     so rotation keeps the new line's checkpoints and a later plain resume cannot pick the abandoned line."""
     from distft.config import build_config
     from distft.distributed.checkpoint import build_manifest, complete_checkpoints, write_manifest
-    from distft.launch.train import resume_point, set_aside_newer
+    from distft.launch.resume import resume_point, set_aside_newer
 
     cfg = build_config({"stage": "sft", "data": {"train": "x.jsonl"}})
     run = tmp_path / "run"

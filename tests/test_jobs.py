@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO, write_jsonl
 from distft.config import ConfigError, build_config, load_config
 from distft.launch import jobs
-from distft.launch.train import ClusterError
+from distft.launch.errors import ClusterError
 
 FAKE = "hf_FAKEtoken0123456789abcdefSECRET"
 
@@ -136,30 +136,30 @@ def test_secrets_go_in_a_private_file_never_in_the_config(tmp_path, alpaca_rows)
 
 
 def test_the_entrypoint_takes_the_secrets_out_of_the_package_first(tmp_path, monkeypatch):
-    from distft.launch import job_entrypoint
+    from distft.launch import job_package
 
     (tmp_path / jobs.SECRETS_FILE).write_text(json.dumps({"HF_TOKEN": FAKE}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    assert job_entrypoint.take_secrets() == ["HF_TOKEN"]
+    assert job_package.take_secrets() == ["HF_TOKEN"]
     assert os.environ["HF_TOKEN"] == FAKE and not (tmp_path / jobs.SECRETS_FILE).exists()
 
 
 def test_a_worker_deletes_the_copy_ray_unpacked_on_its_node(tmp_path, monkeypatch):
-    from distft.launch import job_entrypoint
+    from distft.launch import job_package
 
     unpacked = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
     unpacked.mkdir(parents=True)
     (unpacked / jobs.SECRETS_FILE).write_text("{}")
     monkeypatch.chdir(tmp_path)  # a Ray Train worker runs elsewhere; the package is on sys.path
     monkeypatch.setattr("sys.path", [*__import__("sys").path, str(unpacked)])
-    job_entrypoint.scrub_unpacked_secrets()
+    job_package.scrub_unpacked_secrets()
     assert not (unpacked / jobs.SECRETS_FILE).exists()
 
 
 def test_the_shim_for_ray_job_submit_runs_the_same_entrypoint():
     entry = runpy.run_path(str(REPO / "jobs" / "entrypoint.py"))  # not as __main__: the CLI does not run
-    from distft.launch import job_entrypoint
+    from distft import job_entrypoint
 
     assert entry["main"] is job_entrypoint.main
 
@@ -172,10 +172,10 @@ def test_the_entrypoint_works_from_a_copy_next_to_the_outputs(tmp_path, alpaca_r
     jobs.stage_job(cfg, tmp_path, staging, secrets={"HF_TOKEN": FAKE})
     monkeypatch.chdir(staging)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    from distft.launch import job_entrypoint
+    from distft.launch import job_package
 
-    job_entrypoint.take_secrets()
-    home = job_entrypoint.settle(staging / "config.yaml", "distft-r1-abc123")
+    job_package.take_secrets()
+    home = job_package.settle(staging / "config.yaml", "distft-r1-abc123")
     assert home == tmp_path / "out" / ".jobs" / "r1-distft-r1-abc123" and os.getcwd() == str(home)
     assert (home / "files" / "1-train.jsonl").is_file() and (home / "config.yaml").is_file()
     assert not (home / jobs.SECRETS_FILE).exists()

@@ -129,7 +129,7 @@ def test_cpu_workers_get_the_fixed_mmap_threshold_only_for_models_with_layer_siz
     """glibc's fixed 4 MB mmap threshold returns freed layer-sized blocks (issue 20's peaks), and costs step
     time where no block reaches it (benchmarks/step.py): the shipped tiny base gets glibc's default."""
     from distft.config import load_config
-    from distft.launch.train import MALLOC_MMAP_THRESHOLD, _worker_env
+    from distft.launch.worker_env import MALLOC_MMAP_THRESHOLD, _worker_env
     from distft.models.bundled import tiny_base_dir
     from distft.models.shapes import largest_matrix
 

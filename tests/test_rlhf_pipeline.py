@@ -78,7 +78,7 @@ def test_a_damaged_export_is_not_reused(tmp_path):
     """A stage whose final model no longer matches its manifest reruns (with every later stage)."""
     from distft.config import load_config
     from distft.distributed.checkpoint import build_manifest, write_manifest
-    from distft.launch.train import stage_done
+    from distft.launch.resume import stage_done
 
     cfg = load_config(REPO / "configs" / "rlhf_quickstart.yaml")
     run_dir = tmp_path / "run"
@@ -125,7 +125,7 @@ def test_a_rerun_with_every_stage_finished_starts_no_cluster(tmp_path, monkeypat
 def test_a_stage_finished_with_other_settings_restarts_instead_of_resuming_its_checkpoints(tmp_path):
     from distft.config import load_config
     from distft.distributed.checkpoint import build_manifest, write_manifest
-    from distft.launch.train import resume_point
+    from distft.launch.resume import resume_point
 
     cfg = load_config(REPO / "configs" / "rlhf_quickstart.yaml")
     run_dir = tmp_path / "run"
@@ -144,7 +144,7 @@ def test_every_launch_attempt_gets_a_new_ray_train_run_and_the_earlier_ones_are_
     """Ray Train restores a run of the same name from its own checkpoints, whatever distft asks, and without
     verifying them: so a resumed stage gets a new name, and the driver picks the checkpoint (earlier
     attempts' copies included) and passes it explicitly."""
-    from distft.launch.train import earlier_ray_runs, ray_run_name, set_aside
+    from distft.launch.resume import earlier_ray_runs, ray_run_name, set_aside
 
     stage_dir = tmp_path / "run" / "ppo"
     first = ray_run_name(stage_dir)

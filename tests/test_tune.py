@@ -106,7 +106,7 @@ def test_pipelines_and_ppo_are_refused(tmp_path):
 
 
 def test_concurrency_is_what_the_cluster_hosts_and_a_trial_that_never_fits_is_an_error():
-    from distft.launch.train import ClusterError
+    from distft.launch.errors import ClusterError
     from distft.launch.tune import concurrency
 
     _, tune, cfg = load_search(str(QUICKSTART))  # 1 worker x 1 CPU per trial, 2 at a time
@@ -122,7 +122,7 @@ def test_concurrency_is_what_the_cluster_hosts_and_a_trial_that_never_fits_is_an
 
 
 def test_concurrency_places_whole_workers_on_nodes_not_cluster_totals():
-    from distft.launch.train import ClusterError
+    from distft.launch.errors import ClusterError
     from distft.launch.tune import concurrency
 
     _, tune, cfg = load_search(str(QUICKSTART), ["tune.max_concurrent_trials=8", "scaling.num_workers=2",
@@ -139,7 +139,7 @@ def test_concurrency_places_whole_workers_on_nodes_not_cluster_totals():
 def test_concurrency_follows_the_strict_placement_strategies():
     """STRICT_PACK wants a trial's workers on one node and STRICT_SPREAD each on its own: counted the
     PACK way, such a search would start more trials than fit, and they would wait forever."""
-    from distft.launch.train import ClusterError
+    from distft.launch.errors import ClusterError
     from distft.launch.tune import concurrency
 
     nodes = [{"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 4.0}]
@@ -167,7 +167,7 @@ def test_concurrency_follows_the_strict_placement_strategies():
 
 
 def test_place_workers_takes_whole_bundles_and_leaves_the_nodes_untouched_when_they_do_not_fit():
-    from distft.launch.train import place_workers
+    from distft.launch.placement import place_workers
 
     free = [{"CPU": 3.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 0.0}]
     assert not place_workers(free, {"CPU": 1.0, "GPU": 1.0}, 3, "PACK")
@@ -178,7 +178,7 @@ def test_place_workers_takes_whole_bundles_and_leaves_the_nodes_untouched_when_t
 
 
 def test_a_resumed_search_on_a_smaller_cluster_is_refused(tmp_path):
-    from distft.launch.train import ClusterError
+    from distft.launch.errors import ClusterError
     from distft.launch.tune import keep_concurrency
 
     (tmp_path / "search.json").write_text(json.dumps({"cwd": "/x"}))
@@ -439,7 +439,8 @@ def test_a_run_whose_workers_fit_the_totals_but_no_node_is_refused(monkeypatch):
     import ray
 
     from distft.config import load_config
-    from distft.launch.train import ClusterError, check_cluster_resources
+    from distft.launch.errors import ClusterError
+    from distft.launch.placement import check_cluster_resources
 
     nodes = [{"Alive": True, "Resources": {"CPU": 2.0}}, {"Alive": True, "Resources": {"CPU": 2.0}},
              {"Alive": False, "Resources": {"CPU": 8.0}}]

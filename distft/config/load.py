@@ -17,13 +17,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from distft.config.schema import (
+    STAGE_CLASSES,
     STAGE_KINDS,
-    DPOStage,
-    GRPOStage,
-    PPOStage,
-    PretrainStage,
-    RewardStage,
-    SFTStage,
     DataConfig,
     DistftConfig,
     EvaluateConfig,
@@ -46,12 +41,8 @@ STAGE_SECTIONS: dict[str, type[BaseModel]] = {
     "strategy": StrategyConfig,
 }
 SHARED_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "scaling": ScalingConfig, "run": RunConfig}
-STAGE_CLASSES: dict[str, type[StageBase]] = {
-    "sft": SFTStage, "pretrain": PretrainStage, "reward": RewardStage, "ppo": PPOStage, "dpo": DPOStage,
-    "grpo": GRPOStage,
-}
 # Keys of one stage only (never shared defaults); the single-stage shorthand takes them at top level.
-STAGE_ONLY_KEYS = ("name", "init_from", "reward", "ppo", "dpo", "grpo")
+STAGE_ONLY_KEYS = ("name", "init_from", *dict.fromkeys(k for cls in STAGE_CLASSES.values() for k in cls.own_sections))
 # `tune` is read by `distft tune` (config/search.py); every other command runs the base config and ignores it.
 TOP_LEVEL_KEYS = [*SHARED_SECTIONS, *STAGE_SECTIONS, "stage", "stages", *STAGE_ONLY_KEYS, "tune"]
 

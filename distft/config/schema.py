@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -443,6 +443,34 @@ class StrategyConfig(Section):
 
 
 class StageBase(Section):
+    """One stage. What a stage kind can do is declared once, here on its config class: STAGE_CLASSES
+    below is the registry, and the loader, the cross-field rules, `distft tune`, preflight, the plan
+    and the stage runner ask it instead of keeping lists of kinds (docs/ARCHITECTURE.md: adding a
+    stage)."""
+
+    # "module:function" that runs the stage on each worker (resolved by distft.stages.stage_runner).
+    runner: ClassVar[str]
+    # Strategies it runs under.
+    strategies: ClassVar[tuple[str, ...]] = ("ddp", "deepspeed", "fsdp")
+    # Sections only this kind has (`ppo:`, `dpo:` ...): the single-stage shorthand takes them at top level.
+    own_sections: ClassVar[tuple[str, ...]] = ()
+    # Its loop takes the scheduler's early-stop decisions at evals (a HF Trainer with distft's
+    # ReportCallback): `distft tune` may search it.
+    tunable: ClassVar[bool] = True
+    # train.early_stopping applies: its evals score a metric to keep the best checkpoint by (PPO and
+    # GRPO report their reward per step instead).
+    early_stopping: ClassVar[bool] = True
+    # Reads data.streaming (a stream has no length and is read once, in order).
+    streams: ClassVar[bool] = False
+    # Its output is a language model that a later ppo/dpo/grpo stage starts from by default.
+    makes_policy: ClassVar[bool] = False
+    # Starts, by default, from the last earlier stage that makes a policy.
+    from_policy: ClassVar[bool] = False
+    # Trains on preference pairs (chosen/rejected).
+    pairs: ClassVar[bool] = False
+    # Generates rollouts per worker and scores them with a reward model and/or functions (`reward:`).
+    rewarded: ClassVar[bool] = False
+
     name: str | None = Field(None, description="Output sub-directory; default: the stage kind")
     init_from: str | None = Field(
         None, description="Start from an earlier stage's output (its name) or a model directory; default: "
@@ -463,7 +491,7 @@ class StageBase(Section):
             return self
         # A stream has no length and is read once, in order: what needs either is named here.
         needs = [
-            (self.stage in ("sft", "pretrain"), f"an sft or pretrain stage; the {self.stage} stage reads its data "
+            (type(self).streams, f"an sft or pretrain stage; the {self.stage} stage reads its data "
                                                 "whole. Fix: data.streaming=false."),
             (self.train.max_steps is not None, "train.max_steps (a stream has no length to count epochs in). Fix: "
                                                "set train.max_steps."),
@@ -487,11 +515,19 @@ class StageBase(Section):
 class SFTStage(StageBase):
     """Instruction tuning: loss on completions / assistant turns by default."""
 
+    runner = "distft.stages.sft:run"
+    streams = True
+    makes_policy = True
+
     stage: Literal["sft"]
 
 
 class PretrainStage(StageBase):
     """Continued pretraining or full fine-tuning on plain text."""
+
+    runner = "distft.stages.pretrain:run"
+    streams = True
+    makes_policy = True
 
     stage: Literal["pretrain"]
 
@@ -510,6 +546,9 @@ class RewardStage(StageBase):
     preference file scored by pairwise accuracy (chosen scored above rejected) before
     and after training.
     """
+
+    runner = "distft.stages.reward:run"
+    pairs = True
 
     stage: Literal["reward"]
 
@@ -540,6 +579,11 @@ class RewardStage(StageBase):
 class ClassifyStage(StageBase):
     """Sequence classification (AutoModelForSequenceClassification) on `text` + `label` rows; accuracy,
     precision, recall and F1 (macro and per class) on the eval split and `evaluate.data`, before and after."""
+
+    runner = "distft.stages.classify:run"
+    # FSDP2 fails inside torch 2.13's fully_shard on the MiniLM (BERT) classifier ("Invariant
+    # encountered: value was None", in _init_sharding_spec_tp), measured; not offered until it works.
+    strategies = ("ddp", "deepspeed")
 
     stage: Literal["classify"]
 
@@ -619,6 +663,13 @@ class PPOStage(StageBase):
     """PPO RLHF (distft's own; TRL removed its PPOTrainer): `data` holds the prompts (alpaca, messages or
     prompt/completion rows, whose answers feed reward functions); the policy starts from `init_from`."""
 
+    runner = "distft.stages.ppo:run"
+    own_sections = ("reward", "ppo")
+    tunable = False  # distft's own PPO loop, not a HF Trainer
+    early_stopping = False
+    from_policy = True
+    rewarded = True
+
     stage: Literal["ppo"]
     reward: RewardSpec = RewardSpec()
     ppo: PPOSettings = PPOSettings()
@@ -632,6 +683,11 @@ class DPOSettings(Section):
 
 class DPOStage(StageBase):
     """Direct preference optimisation with TRL's DPOTrainer on chosen/rejected pairs."""
+
+    runner = "distft.stages.dpo:run"
+    own_sections = ("dpo",)
+    from_policy = True
+    pairs = True
 
     stage: Literal["dpo"]
     dpo: DPOSettings = DPOSettings()
@@ -651,6 +707,12 @@ class GRPOSettings(Section):
 
 class GRPOStage(StageBase):
     """Group relative policy optimisation with TRL's GRPOTrainer: prompts in `data`, scored by `reward`."""
+
+    runner = "distft.stages.grpo:run"
+    early_stopping = False
+    own_sections = ("reward", "grpo")
+    from_policy = True
+    rewarded = True
 
     stage: Literal["grpo"]
     reward: RewardSpec = RewardSpec()
@@ -704,12 +766,18 @@ def grpo_group_errors(where: str, stage: GRPOStage, world_size: int) -> list[str
     return errors
 
 
-Stage = Annotated[Union[SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage, ClassifyStage],
-                  Field(discriminator="stage")]
-STAGE_KINDS = ("sft", "pretrain", "reward", "ppo", "dpo", "grpo", "classify")
+# The stage registry: every stage kind, by its `stage:` tag. A new kind is its config class (above)
+# added here, and its runner module.
+STAGE_CLASSES: dict[str, type[StageBase]] = {
+    cls.model_fields["stage"].annotation.__args__[0]: cls
+    for cls in (SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage, ClassifyStage)
+}
+Stage = Annotated[Union[tuple(STAGE_CLASSES.values())], Field(discriminator="stage")]
+STAGE_KINDS = tuple(STAGE_CLASSES)
 # Stages whose policy starts, by default, from the last earlier sft/pretrain stage.
-POLICY_STAGES = ("ppo", "dpo", "grpo")
-PREFERENCE_STAGES = ("reward", "dpo")
+POLICY_STAGES = tuple(k for k, cls in STAGE_CLASSES.items() if cls.from_policy)
+PREFERENCE_STAGES = tuple(k for k, cls in STAGE_CLASSES.items() if cls.pairs)
+POLICY_MAKERS = tuple(k for k, cls in STAGE_CLASSES.items() if cls.makes_policy)
 
 
 def _batch_error(i: int, t, world: int, scaling: ScalingConfig) -> str:
@@ -733,7 +801,7 @@ def _elastic_fits(i: int, st, scaling: ScalingConfig) -> list[str]:
         return []
     errors = []
     where = f"stages.{i}"
-    if st.stage in ("ppo", "grpo"):
+    if type(st).rewarded:
         errors.append(f"{where}: elastic training (scaling.num_workers=[min, max]) covers Trainer stages "
                       f"(sft, pretrain, reward, dpo), not {st.stage}, whose rollouts are sized per worker. "
                       "Fix: a fixed scaling.num_workers for this config.")
@@ -897,13 +965,13 @@ class DistftConfig(Section):
         if stage.init_from:
             return stage.init_from
         if stage.stage in POLICY_STAGES:
-            return self._earlier(index, ("sft", "pretrain")) or self.model.name_or_path
+            return self._earlier(index, POLICY_MAKERS) or self.model.name_or_path
         return self.model.name_or_path
 
     def reward_source(self, index: int) -> str | None:
         """The reward model of a ppo/grpo stage: `reward.model`, else the last earlier reward stage."""
         stage = self.stages[index]
-        if stage.stage not in ("ppo", "grpo"):
+        if not type(stage).rewarded:
             return None
         return stage.reward.model or self._earlier(index, ("reward",))
 
@@ -932,7 +1000,7 @@ class DistftConfig(Section):
         errors = []
         for i, st in enumerate(self.stages):
             refs = [("init_from", st.init_from)]
-            if st.stage in ("ppo", "grpo"):
+            if type(st).rewarded:
                 refs.append(("reward.model", st.reward.model))
                 if not self.reward_source(i) and not st.reward.functions:
                     errors.append(
@@ -948,10 +1016,14 @@ class DistftConfig(Section):
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
                                   "support qlora. Fix: method.name=lora (or full).")
-            if st.train.early_stopping and st.stage not in ("sft", "pretrain", "reward", "dpo", "classify"):
-                errors.append(f"stages.{i}.train.early_stopping: supported in sft, pretrain, reward, dpo and classify "
-                              "stages, "
-                              f"not {st.stage}. Fix: remove it (PPO and GRPO report their reward per step).")
+            if st.strategy.name not in type(st).strategies:
+                errors.append(f"stages.{i}.strategy.name: the {st.stage} stage runs under "
+                              f"{' or '.join(type(st).strategies)}, not {st.strategy.name}. "
+                              f"Fix: strategy.name={type(st).strategies[0]}.")
+            if st.train.early_stopping and not type(st).early_stopping:
+                errors.append(f"stages.{i}.train.early_stopping: supported in the "
+                              f"{', '.join(k for k, c in STAGE_CLASSES.items() if c.early_stopping)} stages, "
+                              f"not {st.stage}. Fix: remove it ({st.stage} reports its reward per step).")
             allowed = METHOD_STAGES.get(st.method.name)
             if allowed and st.stage not in allowed:
                 errors.append(f"stages.{i}.method.name: {st.method.name} is supported by distft in stage(s) "

@@ -27,11 +27,11 @@ from distft.config.load import (
     read_yaml,
     unknown_keys,
 )
-from distft.config.schema import DistftConfig, Section
+from distft.config.schema import STAGE_CLASSES, DistftConfig, Section
 
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
 # Stages whose training loop is a HF Trainer with ReportCallback, which honours early stops.
-TUNABLE_STAGES = ("sft", "pretrain", "reward", "dpo", "grpo")
+TUNABLE_STAGES = tuple(k for k, cls in STAGE_CLASSES.items() if cls.tunable)
 
 
 class Domain(Section):

@@ -27,9 +27,12 @@ DeepSpeed's own estimators are shown beside ours as a second opinion (`deepspeed
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from distft.config.schema import DistftConfig, MethodConfig, StrategyConfig
-from distft.models.shapes import ModelShape
+
+if TYPE_CHECKING:  # the planner is handed a shape; counting one (models.shapes) is the layer above's job
+    from distft.models.shapes import ModelShape
 
 GiB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 * 0.5  # 4-bit weights + double-quantized absmax per 64-block (about 4.13 bits)
@@ -196,8 +199,8 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
     act = 4 if strategy.resolved_precision(dtype) == "fp32" else 2
     seq = cfg.model.max_seq_len
     mem = model_states(shape, method, strategy, dtype, world)
-    if stage.stage not in ("ppo", "grpo"):
-        pairs = 2 if stage.stage in ("reward", "dpo") else 1  # chosen and rejected go through together
+    if not type(stage).rewarded:
+        pairs = 2 if type(stage).pairs else 1  # chosen and rejected go through together
         mem.activations = activation_bytes(shape, stage.train.micro_batch_size * pairs, seq,
                                            strategy.gradient_checkpointing, act)
         if stage.stage == "dpo" and not method.uses_adapter():  # TRL's frozen reference copy

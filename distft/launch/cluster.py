@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from distft.launch.train import ClusterError
+from distft.launch.errors import ClusterError
 
 DEFAULT_PORT = 6379
 DEFAULT_DASHBOARD_PORT = 8265

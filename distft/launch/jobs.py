@@ -5,7 +5,7 @@ What a job carries
 `submit` checks the config here first (the same preflight as `distft train`), then stages a
 small working directory: the resolved config, every local file or model directory it names
 (rewritten to paths inside the job). Ray zips and uploads it; the job's driver
-(distft/launch/job_entrypoint.py) runs `distft train` (one stage) or `distft pipeline`
+(distft/job_entrypoint.py) runs `distft train` (one stage) or `distft pipeline`
 (several) on the cluster with `--address auto`. Sizes are checked against Ray's package limit before uploading.
 Code the config names as `package.module:function` (reward functions, a rollout engine) goes too
 when it is imported from under the submitting directory: its top-level module or package is
@@ -42,9 +42,9 @@ import uuid
 from pathlib import Path
 
 from distft.config import DistftConfig, dump_config
-from distft.launch.job_entrypoint import SECRETS_FILE
+from distft.launch.job_package import SECRETS_FILE
 from distft.launch.preflight import map_local_paths
-from distft.launch.train import ClusterError
+from distft.launch.errors import ClusterError
 
 # Ray keeps a job's working directory in the GCS, which refuses packages above this size
 # (ray._private.runtime_env.packaging.GCS_STORAGE_MAX_SIZE).
@@ -275,7 +275,7 @@ def _size(path: Path) -> int:
 
 def submit(cfg: DistftConfig, config_path: str, address: str | None, log=print) -> tuple[str, object, Path]:
     """Submit the (preflighted) config as a job; returns (job id, client, run directory on the cluster)."""
-    from distft.launch.train import forwarded_secrets
+    from distft.launch.worker_env import forwarded_secrets
 
     client = connect(address)
     cwd = Path.cwd()
@@ -292,7 +292,7 @@ def submit(cfg: DistftConfig, config_path: str, address: str | None, log=print) 
         for key in cfg.run.forward_env:
             log(f"forwarding {key} to the job and its workers (value not shown)")
         _call(client, "submitting the job", lambda: client.submit_job(
-            entrypoint=f"python -m distft.launch.job_entrypoint {job_id} {command} config.yaml --address auto",
+            entrypoint=f"python -m distft.job_entrypoint {job_id} {command} config.yaml --address auto",
             submission_id=job_id,
             runtime_env={"working_dir": str(staging)},
             # Never values: Ray lists job metadata to anyone who can reach the job server.

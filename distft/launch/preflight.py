@@ -31,7 +31,7 @@ def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
     for st in cfg.stages:
         if st.init_from and cfg.stage_named(st.init_from) is None:
             st.init_from = model_fn(st.init_from)
-        if st.stage in ("ppo", "grpo") and st.reward.model and cfg.stage_named(st.reward.model) is None:
+        if type(st).rewarded and st.reward.model and cfg.stage_named(st.reward.model) is None:
             st.reward.model = model_fn(st.reward.model)
         if st.stage == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
             st.ppo.critic_from = model_fn(st.ppo.critic_from)
@@ -222,7 +222,7 @@ def check_sources(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list
     for i, st in enumerate(cfg.stages):
         where = "" if len(cfg.stages) == 1 else f"stages.{i}."
         fields = [("init_from", st.init_from)]
-        if st.stage in ("ppo", "grpo"):
+        if type(st).rewarded:
             fields.append(("reward.model", st.reward.model))
             for name in st.reward.functions:
                 try:
@@ -393,10 +393,10 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         lines.append(f"  strategy {strat.label()} ({', '.join(offload)})")
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
-        loss_on = f", loss on {st.loss_on()}, packing {st.data.packing}" if st.stage in ("sft", "pretrain") else ""
+        loss_on = f", loss on {st.loss_on()}, packing {st.data.packing}" if type(st).makes_policy else ""
         if st.stage in ("ppo", "dpo", "grpo") or st.init_from:
             lines.append(f"  from    {cfg.init_source(i)}")
-        if st.stage in ("ppo", "grpo"):
+        if type(st).rewarded:
             scored = ([f"reward model {cfg.reward_source(i)} x{st.reward.model_weight:g}"] if cfg.reward_source(i) else [])
             scored += [f"{name} x{w:g}" for name, w in st.reward.functions.items()]
             lines.append(f"  reward  {' + '.join(scored)}")

@@ -35,7 +35,7 @@ def stage_shapes(cfg: DistftConfig, index: int, cache: dict) -> dict:
 
     out = {"shape": get(cfg.init_source(index))}
     stage = cfg.stages[index]
-    if stage.stage in ("ppo", "grpo"):
+    if type(stage).rewarded:
         out["reward"] = get(cfg.reward_source(index))
     if stage.stage == "ppo":
         out["critic"] = get(cfg.critic_source(index)) or out["shape"]

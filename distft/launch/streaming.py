@@ -111,7 +111,7 @@ def _tokenizer(cfg_json: str, stage_index: int, run_dir: str, secrets=None):
         if secrets is not None:  # run.forward_env's values (HF_TOKEN for a gated tokenizer), as the workers get them
             import ray
 
-            from distft.launch.job_entrypoint import scrub_unpacked_secrets
+            from distft.launch.job_package import scrub_unpacked_secrets
 
             os.environ.update(ray.get(secrets))
             # This task's node may host no Train worker, which would delete the job package's copy.

@@ -11,7 +11,7 @@ The V1 integration avoids it but is deprecated (ray-project/ray issue 49454).
 So Tune never stops a trial here. `CooperativeASHA` is Tune's own ASHAScheduler, asked as usual
 for a decision on every result; it posts the decision to a `DecisionBoard` actor and tells Tune
 to continue. At every eval, rank 0 of the trial's worker group waits for the decision on that
-eval's step (`stop_asker`), every rank gets the answer (`StageContext.should_stop`), and on a
+eval's step (`SchedulerDecisions`), every rank gets the answer (`StageContext.should_stop`), and on a
 stop the HF Trainer ends its loop like EarlyStoppingCallback does. The stage then finishes
 normally (export, summary), `TorchTrainer.fit` returns, Train releases the worker group, and
 Tune records the trial as finished. Trials are asked only at evals, at the same step on every
@@ -24,6 +24,8 @@ take the CPUs. The concurrency is what the cluster can host at once (never more 
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import csv
 import json
@@ -40,9 +42,12 @@ from ray.tune.search.optuna import OptunaSearch  # imports without optuna instal
 
 from distft.config import DistftConfig, dump_config
 from distft.config.search import TuneSettings, trial_config
-from distft.launch.train import (ClusterError, caller_signal_handlers, check_storage, cluster_address, error_line,
-                                 forwarded_env, forwarded_secrets, init_ray, place_workers, placement_problem,
-                                 resume_point, train_stage)
+from distft.launch.errors import ClusterError, error_line
+from distft.launch.session import caller_signal_handlers, cluster_address, init_ray
+from distft.launch.placement import check_storage, place_workers, placement_problem
+from distft.launch.worker_env import forwarded_env, forwarded_secrets
+from distft.launch.resume import resume_point
+from distft.launch.train import train_stage
 
 TRIAL_ACTOR_CPU = 0.01  # a trial's Tune actor only waits on `fit`
 SEARCH_FILE = "search.yaml"  # the config with its tune section, as the search ran it (for --resume)
@@ -125,27 +130,37 @@ def is_judged(metric: str, metrics: dict) -> bool:
     return False
 
 
-def stop_asker(hook: dict):
-    """The StageContext.stop_fn of a trial's rank 0: block at an eval until the scheduler has decided."""
-    import ray
+@dataclass(frozen=True)
+class SchedulerDecisions:
+    """A trial's early-stop hook, handed to `train_stage`: rank 0's `stop_fn` blocks at each judged
+    eval until the scheduler has decided. It travels to the workers as an object (pickled by
+    reference to this module), so the worker entry calls it without importing Tune's side of launch."""
 
-    board = ray.get_actor(hook["board"])
+    board: str
+    trial_id: str
+    metric: str
+    timeout: float
 
-    def ask(metrics: dict) -> bool:
-        if "step" not in metrics or not is_judged(hook["metric"], metrics):
-            return False
-        deadline = time.monotonic() + hook["timeout"]
-        while True:
-            decision = ray.get(board.decision.remote(hook["trial_id"], metrics["step"]))
-            if decision is not None:
-                return decision
-            if time.monotonic() > deadline:
-                print(f"[tune] no scheduler decision for step {metrics['step']} after {hook['timeout']:.0f}s; "
-                      "the trial goes on (tune.decision_timeout_s)", flush=True)
+    def stop_fn(self):
+        import ray
+
+        board = ray.get_actor(self.board)
+
+        def ask(metrics: dict) -> bool:
+            if "step" not in metrics or not is_judged(self.metric, metrics):
                 return False
-            time.sleep(0.05)
+            deadline = time.monotonic() + self.timeout
+            while True:
+                decision = ray.get(board.decision.remote(self.trial_id, metrics["step"]))
+                if decision is not None:
+                    return decision
+                if time.monotonic() > deadline:
+                    print(f"[tune] no scheduler decision for step {metrics['step']} after {self.timeout:.0f}s; "
+                          "the trial goes on (tune.decision_timeout_s)", flush=True)
+                    return False
+                time.sleep(0.05)
 
-    return ask
+        return ask
 
 
 def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: str | None, metric: str,
@@ -168,7 +183,7 @@ def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: st
         return
     dump_config(cfg, trial_dir / "config.yaml")
     (trial_dir / "params.json").write_text(json.dumps(params))
-    hook = {"board": board, "trial_id": trial_id, "metric": metric, "timeout": timeout} if board else None
+    hook = SchedulerDecisions(board, trial_id, metric, timeout) if board else None
     train_stage(cfg, 0, trial_dir, resume_from=resume_from, callbacks=[TuneReportCallback()], stop_hook=hook,
                 forwarded=forwarded, secrets=secrets)
 

@@ -1,5 +1,6 @@
 """Training stages. Each `run(cfg, ctx)` builds model, data and trainer, then trains; none imports Ray."""
 
+import pkgutil
 import time
 from functools import wraps
 
@@ -34,23 +35,11 @@ def stage_runner(kind: str):
     from distft.stages.quiet import quiet_libraries
 
     quiet_libraries()  # before the stage's module imports transformers (and with it bitsandbytes)
-    if kind == "sft":
-        from distft.stages.sft import run
-    elif kind == "pretrain":
-        from distft.stages.pretrain import run
-    elif kind == "reward":
-        from distft.stages.reward import run
-    elif kind == "ppo":
-        from distft.stages.ppo import run
-    elif kind == "dpo":
-        from distft.stages.dpo import run
-    elif kind == "grpo":
-        from distft.stages.grpo import run
-    elif kind == "classify":
-        from distft.stages.classify import run
-    else:
+    from distft.config.schema import STAGE_CLASSES
+
+    if kind not in STAGE_CLASSES:
         raise ValueError(f"unknown stage kind {kind!r}")
-    return _writes_explained(run)
+    return _writes_explained(pkgutil.resolve_name(STAGE_CLASSES[kind].runner))
 
 
 __all__ = ["StageContext", "StageWriteError", "stage_runner"]

@@ -14,6 +14,8 @@ import time
 from distft.config import DistftConfig
 from distft.data.formats import DataError
 from distft.data.loading import load_checked, split_rows
+from distft.distributed import fsdp
+from distft.distributed.checkpoint import local_leader_first
 from distft.models.loading import load_classifier, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
@@ -24,6 +26,7 @@ from distft.stages.trainer_setup import (
     prepare_worker,
     ready,
     run_summary,
+    score_on_rank0,
     stage_callbacks,
     total_steps,
     train,
@@ -71,6 +74,26 @@ def classification_metrics(labels: list[str]):
     return compute
 
 
+def scores_as_loaded(model, ds, tokenizer, compute, batch: int) -> dict:
+    """Held-out scores of the model as loaded, outside the Trainer, before training. Rank 0 scores
+    alone (score_on_rank0) and shares the result: under FSDP2 only it holds weights then."""
+    import numpy as np
+    import torch
+    from transformers import DataCollatorWithPadding, EvalPrediction
+
+    collate = DataCollatorWithPadding(tokenizer)
+    logits, gold = [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(ds), batch):
+            b = collate([ds[i] for i in range(start, min(start + batch, len(ds)))])
+            gold.append(b.pop("labels").numpy())
+            logits.append(model(**{k: v.to(model.device) for k, v in b.items()}).logits.float().cpu().numpy())
+    model.train()
+    metrics = compute(EvalPrediction(predictions=np.concatenate(logits), label_ids=np.concatenate(gold)))
+    return {f"heldout_{k}": v for k, v in metrics.items()}
+
+
 def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -82,20 +105,25 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
     # Data: the label set is the training rows'; held-out rows must use the same labels.
     tokenizer = load_tokenizer(model_cfg)
-    train_rows, eval_rows, _ = split_rows(data_cfg, stage.train.seed)
-    labels = label_names(train_rows)
-    train_ds = encode(train_rows, tokenizer, labels, data_cfg.text_field, max_len, "data.train")
-    eval_ds = encode(eval_rows, tokenizer, labels, data_cfg.text_field, max_len, "data.eval")
-    held_ds = eval_ds
-    if stage.evaluate.data:
-        held_rows, _ = load_checked(stage.evaluate.data, data_cfg, "evaluate.data", fmt="classification")
-        if stage.evaluate.max_samples:
-            held_rows = held_rows.select(range(min(len(held_rows), stage.evaluate.max_samples)))
-        held_ds = encode(held_rows, tokenizer, labels, data_cfg.text_field, max_len, "evaluate.data")
+    with local_leader_first(ctx.local_rank):  # once per node; the others read the datasets cache
+        train_rows, eval_rows, _ = split_rows(data_cfg, stage.train.seed)
+        labels = label_names(train_rows)
+        train_ds = encode(train_rows, tokenizer, labels, data_cfg.text_field, max_len, "data.train")
+        eval_ds = encode(eval_rows, tokenizer, labels, data_cfg.text_field, max_len, "data.eval")
+        held_ds = eval_ds
+        if stage.evaluate.data:
+            held_rows, _ = load_checked(stage.evaluate.data, data_cfg, "evaluate.data", fmt="classification")
+            if stage.evaluate.max_samples:
+                held_rows = held_rows.select(range(min(len(held_rows), stage.evaluate.max_samples)))
+            held_ds = encode(held_rows, tokenizer, labels, data_cfg.text_field, max_len, "evaluate.data")
     ctx.log(f"[{stage.label()}] data: {len(train_ds)} training rows, {len(eval_ds)} eval, {len(held_ds)} held-out; "
             f"labels {labels}")
 
-    model = load_classifier(model_cfg, stage.method, labels, cfg.scaling.use_gpu, log=ctx.log)
+    # Under FSDP2 only local rank 0 reads the weights; the others build on the meta device and get
+    # their shards at prepare time (as sft and reward do).
+    sharded_at_load = stage.strategy.name == "fsdp" and ctx.world_size > 1
+    with fsdp.load_env(sharded_at_load):
+        model = load_classifier(model_cfg, stage.method, labels, cfg.scaling.use_gpu, log=ctx.log)
     params = count_params(model)
     steps = total_steps(cfg, ctx, len(train_ds))
     trainer = Trainer(
@@ -116,7 +144,14 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     ready(trainer, stage, ctx)
 
     # predict() neither logs nor triggers evaluation callbacks: the held-out score is not an eval step.
-    before = trainer.predict(held_ds, metric_key_prefix="heldout").metrics if stage.evaluate.before else {}
+    before = {}
+    # The Trainer's predict() before training would prepare a DeepSpeed model as an inference engine
+    # that train() then cannot step ("'NoneType' object has no attribute 'backward'", measured).
+    if stage.evaluate.before and (sharded_at_load or stage.strategy.name == "deepspeed"):
+        before = score_on_rank0(lambda: scores_as_loaded(model, held_ds, tokenizer, classification_metrics(labels),
+                                                         stage.train.micro_batch_size), ctx)
+    elif stage.evaluate.before:
+        before = trainer.predict(held_ds, metric_key_prefix="heldout").metrics
     result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()
     after = trainer.predict(held_ds, metric_key_prefix="heldout").metrics
