@@ -300,11 +300,12 @@ def unknown_keys(obj: Any, model: type[BaseModel], path: str, extra_allowed: tup
     return problems
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """`over` laid on a copy of `base`, mapping by mapping (a nested dict merges, anything else replaces)."""
     out = copy.deepcopy(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -362,7 +363,7 @@ def build_config(raw: dict, source: str = "<config>") -> DistftConfig:
         if not shorthand:
             cls = STAGE_CLASSES.get(st.get("stage")) if isinstance(st.get("stage"), str) else None
             problems.extend(unknown_keys(st, cls or StageBase, f"stages.{i}", extra_allowed=("stage",)))
-        stages.append(_deep_merge(shared, st))
+        stages.append(deep_merge(shared, st))
     if structural:
         raise ConfigError(source, problems + structural)
     raw["stages"] = stages

@@ -34,11 +34,11 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 from distft.errors import UserError
+from distft.distributed.collectives import broadcast_from_rank0
 
 MANIFEST = "distft_manifest.json"
 STAGING = ".partial"
@@ -536,64 +536,6 @@ class CheckpointPublisher:
         return doomed
 
 
-# Collectives over torch.distributed, when a process group exists (none with one process).
-
-def _group_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def barrier() -> None:
-    if not _group_ready():
-        return
-    import torch
-    import torch.distributed as dist
-
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
-
-
-@contextmanager
-def local_leader_first(local_rank: int):
-    """The body runs on each node's local rank 0 first, then on the others at once: work that
-    fills a node-local cache (tokenization) is done once per node, and the rest read it.
-    Every rank must enter it, exactly once per use. A leader that fails still releases the
-    others (they then fail on the same input themselves) rather than leave them at the barrier."""
-    if local_rank != 0:
-        barrier()
-        yield
-        return
-    try:
-        yield
-    finally:
-        barrier()
-
-
-def from_main(value):
-    """Rank 0's `value` on every rank (a small picklable object)."""
-    if not _group_ready():
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def on_every_rank(value) -> list:
-    """Every rank's `value` (a small picklable object), in rank order, on every rank; [value] with one process."""
-    if not _group_ready():
-        return [value]
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def check_resume_on_ranks(ckpt_dir: str | Path, *, world_size: int, strategy: str, is_main: bool,
                           search: list[str | Path] = ()) -> None:
     """`check_resume` on rank 0 only (hashing once, not once per rank); every rank raises its verdict."""
@@ -603,6 +545,6 @@ def check_resume_on_ranks(ckpt_dir: str | Path, *, world_size: int, strategy: st
             check_resume(ckpt_dir, world_size=world_size, strategy=strategy, search=search)
         except CheckpointError as e:
             error = str(e)
-    error = from_main(error)
+    error = broadcast_from_rank0(error)
     if error:
         raise CheckpointError(error)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from distft.config.load import deep_merge
 from distft.config.schema import StrategyConfig, TrainConfig
 
 
@@ -29,13 +30,6 @@ def _offload(device: str, nvme_path: str | None) -> dict | None:
     out = {"device": device, "pin_memory": True}
     if device == "nvme":
         out["nvme_path"] = nvme_path
-    return out
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
@@ -83,5 +77,5 @@ def build_deepspeed_config(strategy: StrategyConfig, train: TrainConfig, precisi
         "wall_clock_breakdown": False,
     }
     if strategy.deepspeed_config:
-        config = _merge(config, json.loads(Path(strategy.deepspeed_config).read_text()))
+        config = deep_merge(config, json.loads(Path(strategy.deepspeed_config).read_text()))
     return config

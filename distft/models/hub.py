@@ -125,9 +125,9 @@ def fetch_first(cfg: DistftConfig, ctx, fetch_fn=fetch) -> list[str]:
 
     if ctx.world_size == 1 or not dist.is_initialized() or os.environ.get("HF_HUB_OFFLINE") == "1":
         return []  # one process downloads once anyway; offline, there is nothing to fetch
-    from distft.distributed.checkpoint import from_main
+    from distft.distributed.collectives import broadcast_from_rank0
 
-    sources = from_main(hub_sources(cfg, ctx.stage_index))  # rank 0's view: every rank takes the same path
+    sources = broadcast_from_rank0(hub_sources(cfg, ctx.stage_index))  # rank 0's view: every rank takes the same path
     if not sources:
         return []
     # Its own group, with a timeout fit for downloads, and gloo so that it works beside NCCL.

@@ -9,7 +9,7 @@ other `package.module:function` is imported by name.
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from collections.abc import Callable, Sequence
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence["str | None"]], Sequence[float]]
@@ -42,8 +42,8 @@ def resolve(name: str) -> RewardFn:
             f"reward.functions: {name!r} is neither a built-in ({', '.join(BUILTIN)}) nor 'package.module:function'."
         )
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
+        fn = pkgutil.resolve_name(name)
+    except (ImportError, AttributeError, ValueError) as e:
         raise RewardFunctionError(f"reward.functions: cannot import {name!r}: {e}. Fix: the module must be "
                                   "importable on every worker (installed, or on PYTHONPATH).") from None
     if not callable(fn):

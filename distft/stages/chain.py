@@ -16,7 +16,7 @@ from pathlib import Path
 
 from distft.config import DistftConfig
 from distft.config.schema import ModelConfig
-from distft.distributed.checkpoint import barrier
+from distft.distributed.collectives import barrier
 from distft.models.loading import final_model_dir, resolve_model_path
 from distft.owned import building, publish
 from distft.stages.context import StageContext

@@ -15,7 +15,7 @@ from distft.config import DistftConfig
 from distft.data.formats import DataError
 from distft.data.loading import load_checked, split_rows
 from distft.distributed import fsdp
-from distft.distributed.checkpoint import local_leader_first
+from distft.distributed.collectives import local_leader_first
 from distft.models.loading import load_classifier, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model

@@ -46,9 +46,9 @@ class StageContext:
 
     def should_stop(self, metrics: dict) -> bool:
         """Rank 0's answer from `stop_fn` (False without one). Call on every rank when `stop_fn` is set."""
-        from distft.distributed.checkpoint import from_main
+        from distft.distributed.collectives import broadcast_from_rank0
 
-        return bool(from_main(self.stop_fn(metrics) if self.is_main else None))
+        return bool(broadcast_from_rank0(self.stop_fn(metrics) if self.is_main else None))
 
     def dataset_shard(self, name: str):
         return self.shard_fn(name) if self.shard_fn else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distft.data.formats import generation_prompt, reference_answer
+from distft.distributed.collectives import sum_over_ranks
 from distft.rl.rewards import normalize_answer
 
 
@@ -62,15 +63,8 @@ def exact_match(model, tokenizer, rows, fmt: str, max_new_tokens: int, batch_siz
         model.train()
     correct = sum(normalize_answer(g) == normalize_answer(r) for g, r in zip(got, refs))
     total = len(rows)
-    if world_size > 1:
-        import torch
-        import torch.distributed as dist
-
-        counts = torch.tensor([correct, total], dtype=torch.long)
-        if dist.get_backend() == "nccl":
-            counts = counts.cuda()
-        dist.all_reduce(counts)
-        correct, total = (int(x) for x in counts.tolist())
+    if world_size > 1:  # not when rank 0 scores alone (score_on_rank0): the others are elsewhere
+        correct, total = (int(x) for x in sum_over_ranks([correct, total]))
     return ExactMatch(correct, total, list(zip(prompts, refs, got))[:3])
 
 
@@ -130,21 +124,16 @@ def pairwise_accuracy(model, pad_token_id: int, chosen: list[list[int]], rejecte
     good = reward_scores(model, [chosen[i] for i in mine], pad_token_id, batch_size)
     bad = reward_scores(model, [rejected[i] for i in mine], pad_token_id, batch_size)
     wins = (good > bad).long()
-    # counts: correct, total, then (correct, total) per kind; the margin sum travels separately as a float
+    # counts: correct, total, then (correct, total) per kind; the margin's sum goes with them
     counts = torch.tensor([int(wins.sum()), len(wins)] + [0] * (2 * len(names)), dtype=torch.long)
     for win, i in zip(wins.tolist(), mine):
         if names:
             k = 2 + 2 * names.index(kinds[i])
             counts[k] += win
             counts[k + 1] += 1
-    margin = torch.tensor([float((good - bad).sum())], dtype=torch.float64)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if dist.get_backend() == "nccl":
-            counts, margin = counts.cuda(), margin.cuda()
-        dist.all_reduce(counts)
-        dist.all_reduce(margin)
-    c = counts.tolist()
+    c, margin = counts.tolist(), float((good - bad).sum())
+    if world_size > 1:  # not when rank 0 scores alone (score_on_rank0): the others are elsewhere
+        *sums, margin = sum_over_ranks([*c, margin])
+        c = [int(x) for x in sums]
     by_kind = {name: (c[2 + 2 * j], c[3 + 2 * j]) for j, name in enumerate(names)}
-    return Pairwise(c[0], c[1], float(margin.item()), by_kind)
+    return Pairwise(c[0], c[1], float(margin), by_kind)

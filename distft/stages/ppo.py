@@ -33,7 +33,8 @@ from pathlib import Path
 from distft.config import DistftConfig
 from distft.data.formats import DataError, generation_prompt, reference_answer, scored_ids, to_messages
 from distft.data.loading import load_checked
-from distft.distributed.checkpoint import CheckpointPublisher, barrier, from_main, staging_dir
+from distft.distributed.checkpoint import CheckpointPublisher, staging_dir
+from distft.distributed.collectives import barrier, broadcast_from_rank0, sum_over_ranks
 from distft.distributed.engine import TrainEngine, build_engine, frozen
 from distft.distributed.sharding import full_parameters, optimizer_shard, parameter_shard
 from distft.models.loading import load_model, load_reward_for_inference, load_reward_model, load_tokenizer
@@ -332,11 +333,10 @@ def resolve_generator(name: str):
     """A built-in generator, or `package.module:function` with `hf_generate`'s signature and return value."""
     if name in GENERATORS:
         return GENERATORS[name]
-    import importlib
+    import pkgutil
 
-    module_name, _, attr = name.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        return pkgutil.resolve_name(name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ValueError(f"ppo.generation: cannot use {name!r} ({e}). Fix: hf, or an importable "
                          "'package.module:function'.") from None
@@ -532,15 +532,8 @@ def _global_means(values: dict, world: int) -> dict:
     """Each rank's batch means -> means over all ranks (equal batch sizes), for the log and the KL controller."""
     if world <= 1:
         return values
-    import torch
-    import torch.distributed as dist
-
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+    return {k: v / world for k, v in zip(keys, sum_over_ranks([values[k] for k in keys]))}
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -552,8 +545,6 @@ def _mean(rows: list[dict], key: str) -> float | None:
 
 def evaluate(actor: TrainEngine, held_out: list[Prompt], tokenizer, scorer: Scorer, stage, ctx: StageContext) -> dict:
     """Greedy answers to held-out prompts: exact match against the references and the mean reward."""
-    import torch
-
     mine = held_out[ctx.rank :: ctx.world_size]
     real = len(mine)
     # Every rank runs the same number of equal batches (collectives under ZeRO-3): pad, count only real items.
@@ -571,14 +562,9 @@ def evaluate(actor: TrainEngine, held_out: list[Prompt], tokenizer, scorer: Scor
             correct += sum(p.reference is not None and normalize_answer(t) == normalize_answer(p.reference)
                            for p, t in zip(batch[:keep], rollout.texts[:keep]))
             reward_sum += float(scores[:keep].sum())
-    totals = torch.tensor([correct, reward_sum, float(real)], dtype=torch.float64)
+    items = real
     if ctx.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.get_backend() == "nccl":
-            totals = totals.cuda()
-        dist.all_reduce(totals)
-    correct, reward_sum, items = totals.tolist()
+        correct, reward_sum, items = sum_over_ranks([correct, reward_sum, real])
     return {"exact_match": correct / max(items, 1), "reward": reward_sum / max(items, 1), "items": int(items)}
 
 
@@ -606,7 +592,7 @@ def save_checkpoint(actor: TrainEngine, value: TrainEngine, kl_coef: float, step
         dump_config(cfg, staged / "distft_config.yaml")
     barrier()  # every rank's files are written before rank 0 hashes them
     ready = publisher.publish(step) if publisher else None
-    ready = from_main(str(ready) if ready else None)
+    ready = broadcast_from_rank0(str(ready) if ready else None)
     return Path(ready) if ready and ctx.is_main else None
 
 

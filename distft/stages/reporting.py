@@ -21,8 +21,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from distft.config import dump_config
-from distft.distributed.checkpoint import (CheckpointPublisher, barrier, checkpoint_step, from_main, on_every_rank,
-                                          staging_dir)
+from distft.distributed.checkpoint import CheckpointPublisher, checkpoint_step, staging_dir
+from distft.distributed.collectives import barrier, broadcast_from_rank0, gather_from_every_rank
 from distft.distributed.memory import peak_rss_bytes
 
 PROGRESS_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
@@ -278,7 +278,7 @@ class ReportCallback(TrainerCallback):
         self.rss.sample()  # the last sample: the final eval and the export are not training
         # Every rank passes here once (the collective below needs that), unlike on_log.
         peak = peak_rss_bytes()
-        self.peak_rss_mib_per_rank = on_every_rank(mib(peak) if peak is not None else None)
+        self.peak_rss_mib_per_rank = gather_from_every_rank(mib(peak) if peak is not None else None)
         self.training_over = True
         if self.metrics is not None:
             self.metrics.close()
@@ -286,7 +286,7 @@ class ReportCallback(TrainerCallback):
         # the newest one not yet registered is registered now. Rank 0 alone knows whether
         # there is one, and every rank must make the same reports: it tells them.
         ready = self.checkpoints.finish() if self.ctx.is_main else None
-        if from_main(ready is not None):
+        if broadcast_from_rank0(ready is not None):
             self._report(state, ready)
 
     def _report(self, state, checkpoint: Path | None) -> None:

@@ -15,7 +15,7 @@ from distft.config import DistftConfig
 from distft.data.formats import DataError, encode_preference
 from distft.data.loading import load_checked, split_rows, tokenize_preferences
 from distft.distributed import fsdp
-from distft.distributed.checkpoint import local_leader_first
+from distft.distributed.collectives import local_leader_first
 from distft.distributed.sharding import full_parameters
 from distft.models.loading import load_reward_model, load_tokenizer
 from distft.models.methods import count_params

@@ -13,7 +13,7 @@ from distft.config import DistftConfig
 from distft.data.loading import split_rows, streamed_split, tokenize_dataset
 from distft.data.packing import uses_varlen_kernel
 from distft.distributed import fsdp
-from distft.distributed.checkpoint import local_leader_first
+from distft.distributed.collectives import local_leader_first
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model

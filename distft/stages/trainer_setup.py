@@ -16,7 +16,8 @@ from typing import NamedTuple
 from transformers import TrainerCallback
 
 from distft.config import DistftConfig
-from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks, from_main, staging_dir, write_manifest
+from distft.distributed.checkpoint import build_manifest, check_resume_on_ranks, staging_dir, write_manifest
+from distft.distributed.collectives import broadcast_from_rank0
 from distft.distributed.plan import architecture_of
 from distft.distributed.process_group import ensure_process_group
 from distft.distributed.strategy import trainer_strategy_kwargs
@@ -188,7 +189,7 @@ def ready(trainer, stage, ctx: StageContext) -> None:
 def score_on_rank0(score, ctx: StageContext):
     """Run `score()` on rank 0 only and share its result: before training under FSDP2, the other
     ranks hold meta tensors until `fully_shard` hands them their shards."""
-    return from_main(score() if ctx.is_main else None)
+    return broadcast_from_rank0(score() if ctx.is_main else None)
 
 
 class HeldOut(NamedTuple):
