@@ -16,6 +16,9 @@ KNOWN_NOTICES = (
     # kernel for 4-bit CPU matmuls at import and falls back to its own, even for models that are not
     # quantized; the notice says to install `kernels`, which would fetch code from the hub.
     ("bitsandbytes.backends.cpu.ops", "from kernels-community"),
+    # A one-rank worker trains without DDP on purpose (trainer_setup.prepare_worker: nothing to
+    # synchronise); the process group Ray Train or torchrun made stays, and transformers notices.
+    ("transformers.training_args", "process group is initialized, but parallel_mode != ParallelMode.DISTRIBUTED"),
 )
 # Only in the CLI's own process, which computes nothing with DeepSpeed: accelerate imports it when
 # saving a model (export, the tiny base) just to look for a DeepSpeed wrapper, and on a machine
