@@ -75,13 +75,14 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
     if strategy.name == "deepspeed":
         import deepspeed  # noqa: F401
     import distft.stages.sft as sft
+    import distft.stages.trainer_stage as skeleton
     from distft.distributed.memory import (live_tensor_bytes, model_state_bytes, peak_rss_bytes, reset_peak_rss,
                                            rss_bytes, touch_local_parameters, trim_allocator)
     from distft.distributed.process_group import leave_process_group
     from distft.stages.context import context_from_env
 
     seen: dict = {"rank": rank}
-    load_model = sft.load_model
+    load_model = skeleton.load_model
 
     def measuring_load_model(model_cfg, *args, **kwargs):
         # Warm-up: the first load in a process costs a fixed ~100 MB whatever the model size (lazy
@@ -119,9 +120,10 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
                         sharded_param_bytes=model_state_bytes(model, None)["params"], sharded_live=live_tensor_bytes())
             raise _Done
 
-    # The stage looks both names up at call time (its callbacks come from trainer_setup.stage_callbacks);
+    # The skeleton looks both names up at call time (the recipe's default load_model is trainer_stage's,
+    # its callbacks come from trainer_setup.stage_callbacks);
     # patched in this worker process only.
-    sft.load_model, setup.ReportCallback = measuring_load_model, Probe
+    skeleton.load_model, setup.ReportCallback = measuring_load_model, Probe
     try:
         sft.run(cfg, context_from_env(Path(out_dir) / "run"))
     except _Done:

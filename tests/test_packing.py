@@ -48,9 +48,9 @@ def raw_config(model_dir, train_file, packing: bool, method: str = "full") -> di
 
 
 def stage_trainer(monkeypatch, tmp_path, raw: dict):
-    """The SFTTrainer exactly as the SFT stage configures it: taken when the stage calls `ready` on it,
-    after it has set its own collator and before any training."""
-    from distft.stages import sft
+    """The SFTTrainer exactly as the SFT stage configures it: taken when the stage skeleton calls `ready` on
+    it, after it has set its own collator and before any training."""
+    from distft.stages import sft, trainer_stage
 
     built = {}
 
@@ -58,7 +58,7 @@ def stage_trainer(monkeypatch, tmp_path, raw: dict):
         built["trainer"] = trainer
         raise TrainerBuilt
 
-    monkeypatch.setattr(sft, "ready", capture)
+    monkeypatch.setattr(trainer_stage, "ready", capture)
     with pytest.raises(TrainerBuilt):
         sft.run(build_config(raw), StageContext(run_dir=tmp_path / "run"))
     trainer = built["trainer"]

@@ -1,154 +1,121 @@
 """Group relative policy optimisation (Shao et al. 2024) with TRL's GRPOTrainer.
 
-Reads top to bottom: prompts -> rewards -> policy (by default the last earlier SFT
-output) -> held-out exact match before -> trainer -> train -> exact match after ->
-export. For each prompt the policy samples `grpo.num_generations` answers; each answer's
-advantage is its reward relative to its group's, so no critic is needed. The reward is
-`reward.model_weight * RM(prompt, answer) + sum(weight * function(...))`: the reward
-model (`reward.model`, else the last earlier reward stage) scores the chat-rendered
-conversation as the reward stage trained it, and each `reward.functions` entry is a
-distft reward function (see distft/rl/rewards.py) given the row's reference answer.
-With `grpo.beta > 0` a KL penalty holds the policy near its start: with lora/qlora the
-model with adapters disabled, with full a frozen copy. Like every stage it runs in one
-process, under torchrun, or in a Ray Train worker.
+The steps of its own, in the order the shared skeleton runs them (stages/trainer_stage.py): prompts
+-> rewards and GRPOConfig -> policy (by default the last earlier SFT output) -> held-out exact match
+before -> GRPOTrainer -> ... -> exact match after. For each prompt the policy samples
+`grpo.num_generations` answers; each answer's advantage is its reward relative to its group's, so no
+critic is needed. The reward is `reward.model_weight * RM(prompt, answer) + sum(weight *
+function(...))`: the reward model (`reward.model`, else the last earlier reward stage) scores the
+chat-rendered conversation as the reward stage trained it, and each `reward.functions` entry is a
+distft reward function (see distft/rl/rewards.py) given the row's reference answer. With `grpo.beta
+> 0` a KL penalty holds the policy near its start: with lora/qlora the model with adapters disabled,
+with full a frozen copy. Like every stage it runs in one process, under torchrun, or in a Ray Train
+worker.
 """
 
 from __future__ import annotations
-
-import time
 
 from distft.config import DistftConfig
 from distft.config.schema import grpo_group_errors
 from distft.data.formats import DataError, policy_prompt, reference_answer, scored_ids
 from distft.data.loading import split_rows
-from distft.distributed import fsdp
-from distft.models.loading import load_model, load_reward_for_inference, load_tokenizer
-from distft.models.methods import count_params
+from distft.models.loading import load_reward_for_inference
 from distft.rl.rewards import resolve, weighted_scores
-from distft.stages.chain import source_path, stage_model
+from distft.stages.chain import source_path
 from distft.stages.context import StageContext
 from distft.stages.evaluate import reward_scores
-from distft.stages.trainer_setup import (
-    base_as_reference,
-    export_model,
-    finish,
-    held_out_task,
-    logged_value,
-    prepare_worker,
-    ready,
-    run_summary,
-    score_held_out,
-    stage_callbacks,
-    total_steps,
-    train,
-    trainer_arguments,
-)
+from distft.stages.trainer_setup import base_as_reference, logged_value
+from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
 
 PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
 
 
+class GRPO(TrainerRecipe):
+    def __init__(self):
+        from trl import GRPOConfig
+
+        self.arguments_class = GRPOConfig
+
+    def check(self, cfg: DistftConfig, ctx: StageContext) -> None:
+        check_groups(cfg, ctx.stage_index, ctx.world_size)
+
+    def load_data(self, b: Built) -> StageData:
+        # Prompts (chat turns when the rows are chat-shaped, so TRL renders them with the template,
+        # exactly as the exact-match evaluation does) and each row's reference answer for reward functions.
+        data_cfg, grpo = b.stage.data, b.stage.grpo
+        train_rows, eval_rows, fmt = split_rows(data_cfg, b.stage.train.seed)
+        if fmt not in PROMPT_FORMATS:
+            raise DataError(f"data.train: the grpo stage samples answers to prompts (alpaca, messages or "
+                            f"prompt_completion rows, whose answers feed reward functions); {data_cfg.train} has "
+                            f"format {fmt}.")
+        train_ds = prompt_dataset(train_rows, fmt, b.tokenizer)
+        eval_ds = prompt_dataset(eval_rows, fmt, b.tokenizer)
+        # A step takes global_batch_size samples: num_generations per prompt.
+        return StageData(train_ds, eval_ds, len(train_ds) * grpo.num_generations,
+                         f"({fmt}): {len(train_ds)} prompts, {grpo.num_generations} samples each")
+
+    def arguments(self, b: Built) -> dict:
+        # The reward weights are GRPOConfig's, so the rewards are set up here: the reward model first,
+        # then the functions, with their weights in the same order.
+        stage, ctx, cfg = b.stage, b.ctx, b.cfg
+        for name in stage.reward.functions:
+            resolve(name)  # an unknown or unimportable name fails now, not at the first rollout
+        reward_funcs, weights = [], []
+        source = cfg.reward_source(ctx.stage_index)
+        if source:
+            rm, rm_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, source),
+                                                         cfg.model.trust_remote_code, cfg.model.allow_pickle_weights)
+            if cfg.scaling.use_gpu:
+                rm.to(f"cuda:{ctx.local_rank}")
+            reward_funcs.append(reward_model_function(rm, rm_tokenizer, stage.evaluate.batch_size))
+            weights.append(stage.reward.model_weight)
+            ctx.log(f"[{stage.label()}] reward model {source} (weight {stage.reward.model_weight})")
+        for name, weight in stage.reward.functions.items():
+            reward_funcs.append(trl_reward_function(name, b.tokenizer))
+            weights.append(weight)
+        if stage.reward.functions:
+            ctx.log(f"[{stage.label()}] reward functions: "
+                    + ", ".join(f"{n} (weight {w})" for n, w in stage.reward.functions.items()))
+        if not reward_funcs:  # the schema refuses this config; a hand-built one gets the same fix
+            raise ValueError(f"stages.{ctx.stage_index}.reward: nothing scores the samples. Fix: reward.model=<reward "
+                             "model dir or stage name>, and/or reward.functions={exact_match: 1.0}.")
+        b.data.extra["reward_funcs"] = reward_funcs
+        grpo = stage.grpo
+        return {"num_generations": grpo.num_generations, "max_completion_length": grpo.max_new_tokens,
+                "temperature": grpo.temperature, "beta": grpo.beta, "epsilon": grpo.epsilon,
+                "reward_weights": weights}
+
+    def build_trainer(self, b: Built, model, args, callbacks: list):
+        from trl import GRPOTrainer
+
+        funcs = b.data.extra["reward_funcs"]
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=b.data.train,
+            eval_dataset=b.data.eval,
+            processing_class=b.tokenizer,
+            reward_processing_classes=[None] * len(funcs),
+            callbacks=callbacks,
+        )
+        base_as_reference(trainer)
+        return trainer
+
+    def summary(self, b: Built, trainer, eval_metrics: dict) -> dict:
+        history, task = trainer.state.log_history, b.data.extra["task"]
+        return {
+            "eval_items": len(task.rows) if task else 0,
+            "mean_reward_first": logged_value(history, "reward", 0),  # per logging window, over its samples
+            "mean_reward_last": logged_value(history, "reward", -1),
+            "kl_last": logged_value(history, "kl", -1),  # logged only with grpo.beta > 0
+            "eval_reward": eval_metrics.get("eval_reward"),  # the mean weighted reward of sampled answers
+            "train_prompts": len(b.data.train),
+        }
+
+
 def run(cfg: DistftConfig, ctx: StageContext) -> dict:
-    from trl import GRPOConfig, GRPOTrainer
-
-    stage = cfg.stages[ctx.stage_index]
-    train_cfg, data_cfg, strategy, grpo = stage.train, stage.data, stage.strategy, stage.grpo
-    use_fsdp = strategy.name == "fsdp"
-    started = time.time()
-    check_groups(cfg, ctx.stage_index, ctx.world_size)  # before anything is set up or loaded
-    stage_dir = prepare_worker(cfg, ctx)
-    model_cfg = stage_model(cfg, ctx)  # the last earlier sft/pretrain output, else the base
-
-    # Data: prompts (chat turns when the rows are chat-shaped, so TRL renders them with the template,
-    # exactly as the exact-match evaluation does) and each row's reference answer for reward functions.
-    tokenizer = load_tokenizer(model_cfg)
-    train_rows, eval_rows, fmt = split_rows(data_cfg, train_cfg.seed)
-    if fmt not in PROMPT_FORMATS:
-        raise DataError(f"data.train: the grpo stage samples answers to prompts (alpaca, messages or "
-                        f"prompt_completion rows, whose answers feed reward functions); {data_cfg.train} has "
-                        f"format {fmt}.")
-    train_ds = prompt_dataset(train_rows, fmt, tokenizer)
-    eval_ds = prompt_dataset(eval_rows, fmt, tokenizer)
-    ctx.log(f"[{stage.label()}] data ({fmt}): {len(train_ds)} prompts, {grpo.num_generations} samples each")
-
-    # Rewards: the reward model first, then the functions, with their weights in the same order.
-    for name in stage.reward.functions:
-        resolve(name)  # an unknown or unimportable name fails now, not at the first rollout
-    reward_funcs, weights, reward_tokenizers = [], [], []
-    source = cfg.reward_source(ctx.stage_index)
-    if source:
-        rm, rm_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, source),
-                                                     cfg.model.trust_remote_code, cfg.model.allow_pickle_weights)
-        if cfg.scaling.use_gpu:
-            rm.to(f"cuda:{ctx.local_rank}")
-        reward_funcs.append(reward_model_function(rm, rm_tokenizer, stage.evaluate.batch_size))
-        weights.append(stage.reward.model_weight)
-        reward_tokenizers.append(None)
-        ctx.log(f"[{stage.label()}] reward model {source} (weight {stage.reward.model_weight})")
-    for name, weight in stage.reward.functions.items():
-        reward_funcs.append(trl_reward_function(name, tokenizer))
-        weights.append(weight)
-        reward_tokenizers.append(None)
-    if stage.reward.functions:
-        ctx.log(f"[{stage.label()}] reward functions: "
-                + ", ".join(f"{n} (weight {w})" for n, w in stage.reward.functions.items()))
-    if not reward_funcs:  # the schema refuses this config; a hand-built one gets the same fix
-        raise ValueError(f"stages.{ctx.stage_index}.reward: nothing scores the samples. Fix: "
-                         "reward.model=<reward model dir or stage name>, and/or reward.functions={exact_match: 1.0}.")
-
-    steps = total_steps(cfg, ctx, len(train_ds) * grpo.num_generations)  # a step takes global_batch_size samples
-    args = GRPOConfig(
-        **trainer_arguments(cfg, ctx, stage_dir),
-        num_generations=grpo.num_generations,
-        max_completion_length=grpo.max_new_tokens,
-        temperature=grpo.temperature,
-        beta=grpo.beta,
-        epsilon=grpo.epsilon,
-        reward_weights=weights,
-    )
-    # The policy, with the method's adapters attached. Under FSDP2 only local rank 0 reads the weights.
-    with fsdp.load_env(use_fsdp and ctx.world_size > 1):
-        model = load_model(model_cfg, stage.method, cfg.scaling.use_gpu, log=ctx.log)
-    params = count_params(model)
-
-    # Held-out task score before training (greedy), so the summary shows what training bought.
-    task = held_out_task(stage)
-    before = score_held_out(model, tokenizer, task, stage, ctx, "before")
-
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        reward_processing_classes=reward_tokenizers,
-        callbacks=stage_callbacks(cfg, ctx, stage_dir, steps),
-    )
-    base_as_reference(trainer)
-    ready(trainer, stage, ctx)
-    result = train(trainer, ctx)
-    eval_metrics = trainer.evaluate()  # eval split: eval_reward, the mean weighted reward of sampled answers
-
-    after = score_held_out(trainer.model, tokenizer, task, stage, ctx, "after")
-
-    # Export: a full HF model, or the adapter (its config points at the starting model).
-    final_dir = stage_dir / "final"
-    export_model(trainer, final_dir, ctx)
-    history = trainer.state.log_history
-    summary = {
-        **run_summary(cfg, ctx, trainer, result, eval_metrics, params, started, final_dir),
-        "exact_match_before": before,
-        "exact_match_after": after,
-        "eval_items": len(task.rows) if task else 0,
-        "mean_reward_first": logged_value(history, "reward", 0),  # per logging window, over its samples
-        "mean_reward_last": logged_value(history, "reward", -1),
-        "kl_last": logged_value(history, "kl", -1),  # logged only with grpo.beta > 0
-        "eval_reward": eval_metrics.get("eval_reward"),
-        "train_prompts": len(train_ds),
-    }
-    if ctx.is_main:
-        model.generation_config.save_pretrained(str(final_dir))
-    return finish(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
+    return run_trainer_stage(cfg, ctx, GRPO())
 
 
 def check_groups(cfg: DistftConfig, index: int, world_size: int) -> None:

@@ -1,0 +1,151 @@
+"""The skeleton every Trainer stage runs, in one place: sft (and pretrain), reward, dpo, grpo, classify.
+
+    prepare the worker -> tokenizer -> data (once per node) -> Trainer arguments -> model (under
+    FSDP2 read by local rank 0 alone) -> held-out score before -> Trainer -> train -> eval split
+    -> held-out score after -> export -> summary
+
+A stage is a recipe (torchtune's word): an object whose methods are the steps particular to it
+(its data, its TRL trainer and arguments, what it scores and reports), and a `run(cfg, ctx)` that
+hands it to `run_trainer_stage`. The order of the steps and what they share (resume, FSDP2
+loading, early stopping, export, the summary) live here once, so the stages cannot drift apart.
+The arguments are built before the model on purpose: under ZeRO-3 transformers then loads the
+weights straight into partitions (zero.Init) instead of one whole copy per worker.
+
+PPO keeps its own loop (stages/ppo.py): TRL 1.16 has no PPO trainer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distft.config import DistftConfig
+from distft.config.schema import ModelConfig, StageBase
+from distft.distributed import fsdp
+from distft.distributed.collectives import local_leader_first
+from distft.models.loading import load_model, load_tokenizer
+from distft.models.methods import count_params
+from distft.stages.chain import stage_model
+from distft.stages.context import StageContext
+from distft.stages.trainer_setup import (
+    export_model,
+    finish,
+    held_out_task,
+    prepare_worker,
+    ready,
+    run_summary,
+    score_held_out,
+    stage_callbacks,
+    total_steps,
+    train,
+    trainer_arguments,
+)
+
+
+@dataclass
+class StageData:
+    """What a recipe's data step returns."""
+
+    train: object  # the Trainer's train_dataset (or a stream)
+    eval: object  # its eval_dataset
+    items: int  # training items per epoch, for the step count (0 for a stream: train.max_steps counts)
+    described: str  # logged as "[label] data <described>"
+    extra: dict = field(default_factory=dict)  # what the recipe's later steps need (stats, labels, held-out rows)
+
+
+@dataclass
+class Built:
+    """What the skeleton has built so far, handed to each step of the recipe."""
+
+    cfg: DistftConfig
+    ctx: StageContext
+    stage: StageBase
+    stage_dir: Path
+    model_cfg: ModelConfig  # what the stage starts from: the base, or an earlier stage's output
+    tokenizer: object
+    data: StageData | None = None
+
+    def sharded_at_load(self) -> bool:
+        """FSDP2 over several ranks: only local rank 0 reads the weights; the others build on the meta
+        device and get their shards when the Trainer prepares the model."""
+        return self.stage.strategy.name == "fsdp" and self.ctx.world_size > 1
+
+
+class TrainerRecipe:
+    """The steps of a Trainer stage that are its own. Subclasses set the two class attributes and
+    implement the methods without a default; `check` and `arguments` have one."""
+
+    arguments_class: type  # a TrainingArguments subclass: SFTConfig, DPOConfig ...
+
+    def check(self, cfg: DistftConfig, ctx: StageContext) -> None:
+        """Before anything is set up or loaded: what only the real world size can tell."""
+
+    def load_data(self, b: Built) -> StageData:
+        raise NotImplementedError
+
+    def arguments(self, b: Built) -> dict:
+        """Keyword arguments for `arguments_class` beyond the ones every stage shares."""
+        return {}
+
+    def load_model(self, b: Built):
+        """The policy: a causal LM with the method's adapters attached (a stage with a head loads its own)."""
+        return load_model(b.model_cfg, b.stage.method, b.cfg.scaling.use_gpu, log=b.ctx.log)
+
+    def score(self, b: Built, model, when: str) -> dict:
+        """Held-out scores `when` ("before" or "after") training, as summary keys. By default greedy
+        answers to `evaluate.data`, scored by exact match (read in the training format, if the
+        data step recorded one as `fmt`)."""
+        task = b.data.extra.setdefault("task", held_out_task(b.stage, b.data.extra.get("fmt")))
+        return {f"exact_match_{when}": score_held_out(model, b.tokenizer, task, b.stage, b.ctx, when)}
+
+    def build_trainer(self, b: Built, model, args, callbacks: list):
+        raise NotImplementedError
+
+    def evaluated(self, b: Built, eval_metrics: dict) -> None:
+        """Right after the eval split's evaluation: a stage may log what its metrics say."""
+
+    def summary(self, b: Built, trainer, eval_metrics: dict) -> dict:
+        """The stage's own summary keys (task metrics, data counts)."""
+        raise NotImplementedError
+
+    def exported(self, b: Built, model, final_dir: Path) -> None:
+        """On rank 0, after the export: what goes beside the weights. A language model's generation
+        config, by default; a score or classification head has none."""
+        model.generation_config.save_pretrained(str(final_dir))
+
+
+def run_trainer_stage(cfg: DistftConfig, ctx: StageContext, recipe: TrainerRecipe) -> dict:
+    stage = cfg.stages[ctx.stage_index]
+    started = time.time()
+    recipe.check(cfg, ctx)
+    stage_dir = prepare_worker(cfg, ctx)
+    model_cfg = stage_model(cfg, ctx)  # the base, or an earlier stage's output
+    b = Built(cfg, ctx, stage, stage_dir, model_cfg, load_tokenizer(model_cfg))
+
+    with local_leader_first(ctx.local_rank):  # once per node; the others read the datasets cache
+        b.data = recipe.load_data(b)
+    ctx.log(f"[{stage.label()}] data {b.data.described}")
+
+    steps = total_steps(cfg, ctx, b.data.items)
+    args = recipe.arguments_class(**trainer_arguments(cfg, ctx, stage_dir), **recipe.arguments(b))
+    with fsdp.load_env(b.sharded_at_load()):
+        model = recipe.load_model(b)
+    params = count_params(model)
+
+    before = recipe.score(b, model, "before")  # so the summary shows what training bought
+    trainer = recipe.build_trainer(b, model, args, stage_callbacks(cfg, ctx, stage_dir, steps))
+    ready(trainer, stage, ctx)
+    result = train(trainer, ctx)
+    eval_metrics = trainer.evaluate()
+    recipe.evaluated(b, eval_metrics)
+    after = recipe.score(b, trainer.model, "after")
+
+    # Export: a full HF model, or the adapter alone (its config points at the model it started from).
+    final_dir = stage_dir / "final"
+    export_model(trainer, final_dir, ctx)
+    summary = {**run_summary(cfg, ctx, trainer, result, eval_metrics, params, started, final_dir),
+               **before, **after, **recipe.summary(b, trainer, eval_metrics)}
+    if ctx.is_main:
+        recipe.exported(b, model, final_dir)
+    return finish(cfg, ctx, stage_dir, final_dir, summary, b.tokenizer)
