@@ -267,6 +267,15 @@ def split_rows(data, seed: int):
     return train, held_out, fmt
 
 
+def split_preference_rows(data, seed: int, kind: str):
+    """`split_rows` for a stage that trains on preference pairs (reward, dpo); other rows are refused."""
+    train_rows, eval_rows, fmt = split_rows(data, seed)
+    if fmt != "preference":
+        raise DataError(f"data.train: the {kind} stage trains on preference pairs (chosen/rejected, optional "
+                        f"prompt); {data.train} has format {fmt}.")
+    return train_rows, eval_rows
+
+
 def streamed_split(data, shard):
     """(the stream of this worker's shard, eval rows, format) under `data.streaming`: the eval rows
     come from `data.eval`, capped at `data.max_eval_samples` as in memory."""

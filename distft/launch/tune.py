@@ -5,7 +5,7 @@ Design: the trial stops itself (a cooperative stop)
 With Ray 2.60's Train V2, a trial that Tune stops early is killed from outside: Tune terminates
 the trial actor, the placement group that Train's controller created for the worker group
 outlives it, and its CPUs/GPUs stay taken. Later trials then time out starting their workers
-and the search stalls (ray-project/ray issue 54305; reproduced here, see ../shared/NOTES.md).
+and the search stalls (ray-project/ray issue 54305; reproduced with Ray 2.60 on CPU).
 The V1 integration avoids it but is deprecated (ray-project/ray issue 49454).
 
 So Tune never stops a trial here. `CooperativeASHA` is Tune's own ASHAScheduler, asked as usual

@@ -12,8 +12,7 @@ Like every stage it runs in one process, under torchrun, or in a Ray Train worke
 from __future__ import annotations
 
 from distft.config import DistftConfig
-from distft.data.formats import DataError
-from distft.data.loading import fitting_preferences, split_rows
+from distft.data.loading import fitting_preferences, split_preference_rows
 from distft.stages.context import StageContext
 from distft.stages.trainer_setup import base_as_reference
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
@@ -30,10 +29,7 @@ class DPO(TrainerRecipe):
         # A pair longer than max_seq_len is dropped and counted, as in the reward stage: TRL would
         # truncate it, often cutting away exactly the tokens where chosen and rejected differ.
         data_cfg, max_len = b.stage.data, b.cfg.model.max_seq_len
-        train_rows, eval_rows, fmt = split_rows(data_cfg, b.stage.train.seed)
-        if fmt != "preference":
-            raise DataError(f"data.train: the dpo stage trains on preference pairs (chosen/rejected, optional "
-                            f"prompt); {data_cfg.train} has format {fmt}.")
+        train_rows, eval_rows = split_preference_rows(data_cfg, b.stage.train.seed, "dpo")
         train_rows, stats = fitting_preferences(train_rows, b.tokenizer, max_len, "data.train")
         eval_rows, _ = fitting_preferences(eval_rows, b.tokenizer, max_len, "data.eval")
         return StageData(train_rows, eval_rows, len(train_rows), f"(preference): {stats.describe(max_len)}",

@@ -10,8 +10,8 @@ process, under torchrun, or in a Ray Train worker; the environment comes in thro
 from __future__ import annotations
 
 from distft.config import DistftConfig
-from distft.data.formats import DataError, encode_preference
-from distft.data.loading import load_checked, split_rows, tokenize_preferences
+from distft.data.formats import encode_preference
+from distft.data.loading import load_checked, split_preference_rows, tokenize_preferences
 from distft.distributed.sharding import full_parameters
 from distft.models.loading import load_reward_model
 from distft.stages.context import StageContext
@@ -30,10 +30,7 @@ class Reward(TrainerRecipe):
         # Validated pairs -> chosen/rejected token ids. We tokenize (as TRL would), so the held-out
         # scoring reads exactly what training read, and over-long pairs are counted.
         data_cfg, max_len = b.stage.data, b.cfg.model.max_seq_len
-        train_rows, eval_rows, fmt = split_rows(data_cfg, b.stage.train.seed)
-        if fmt != "preference":
-            raise DataError(f"data.train: the reward stage trains on preference pairs (chosen/rejected, optional "
-                            f"prompt); {data_cfg.train} has format {fmt}.")
+        train_rows, eval_rows = split_preference_rows(data_cfg, b.stage.train.seed, "reward")
         train_ds, stats = tokenize_preferences(train_rows, b.tokenizer, max_len, "data.train")
         eval_ds, _ = tokenize_preferences(eval_rows, b.tokenizer, max_len, "data.eval")
         held_out = _held_out_pairs(b.stage, data_cfg, b.tokenizer) if b.stage.evaluate.data else None
