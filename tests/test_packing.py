@@ -48,7 +48,7 @@ def raw_config(model_dir, train_file, packing: bool, method: str = "full") -> di
 
 
 def stage_trainer(monkeypatch, tmp_path, raw: dict):
-    """The SFTTrainer exactly as the SFT stage configures it: taken when the stage skeleton calls `ready` on
+    """The SFTTrainer exactly as the SFT stage configures it: taken when the stage skeleton calls `prepare_trainer` on
     it, after it has set its own collator and before any training."""
     from distft.stages import sft, trainer_stage
 
@@ -58,7 +58,7 @@ def stage_trainer(monkeypatch, tmp_path, raw: dict):
         built["trainer"] = trainer
         raise TrainerBuilt
 
-    monkeypatch.setattr(trainer_stage, "ready", capture)
+    monkeypatch.setattr(trainer_stage, "prepare_trainer", capture)
     with pytest.raises(TrainerBuilt):
         sft.run(build_config(raw), StageContext(run_dir=tmp_path / "run"))
     trainer = built["trainer"]

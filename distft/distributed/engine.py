@@ -2,7 +2,7 @@
 
 `TrainEngine.backward(loss)` then `.step()` once per micro-batch, DeepSpeed-style: the
 loss is scaled by 1 / accumulation, and the optimizer (clipping, scheduler) runs at the
-accumulation boundary. `frozen(...)` prepares a model that never trains (PPO's
+accumulation boundary. `prepare_frozen(...)` prepares a model that never trains (PPO's
 reference and reward models): under ZeRO-3 it is partitioned too, otherwise each rank
 holds it as is. The DeepSpeed dict comes from the same `build_deepspeed_config` as the
 Trainer stages, so a PPO run shards exactly like an SFT run with the same section.
@@ -148,7 +148,7 @@ def build_engine(model, strategy: StrategyConfig, train: TrainConfig, lr: float,
     return TrainEngine(model, wrapped, optimizer, scheduler, accum, train.max_grad_norm, False)
 
 
-def frozen(model, strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int):
+def prepare_frozen(model, strategy: StrategyConfig, train: TrainConfig, precision: str, world_size: int):
     """A model that only runs no-grad forwards: a ZeRO-3 inference engine's module, else `model`."""
     for p in model.parameters():
         p.requires_grad_(False)

@@ -35,7 +35,7 @@ from distft.data.formats import DataError, generation_prompt, reference_answer, 
 from distft.data.loading import load_checked
 from distft.distributed.checkpoint import CheckpointPublisher, staging_dir
 from distft.distributed.collectives import barrier, broadcast_from_rank0, sum_over_ranks
-from distft.distributed.engine import TrainEngine, build_engine, frozen
+from distft.distributed.engine import TrainEngine, build_engine, prepare_frozen
 from distft.distributed.sharding import full_parameters, optimizer_shard, parameter_shard
 from distft.models.loading import load_model, load_reward_for_inference, load_reward_model, load_tokenizer
 from distft.models.methods import count_params
@@ -46,7 +46,7 @@ from distft.stages.chain import plain_model_dir, source_path, stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import reward_scores
 from distft.stages.reporting import MetricsLog, _fmt_seconds
-from distft.stages.trainer_setup import finish, prepare_worker
+from distft.stages.trainer_setup import complete_stage, prepare_worker
 
 PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
 
@@ -95,14 +95,14 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     reference = None
     if not stage.method.uses_adapter():  # LoRA's reference is the policy with its adapters disabled
         reference = load_model(policy_cfg, stage.method.model_copy(update={"name": "full"}), use_gpu, log=lambda m: None)
-        reference = frozen(reference, strategy, train_cfg, precision, world)
+        reference = prepare_frozen(reference, strategy, train_cfg, precision, world)
     reward_model, reward_tokenizer = None, None
     reward_src = cfg.reward_source(ctx.stage_index)
     if reward_src:
         reward_model, reward_tokenizer = load_reward_for_inference(source_path(cfg, ctx.run_dir, reward_src),
                                                                    cfg.model.trust_remote_code,
                                                                    cfg.model.allow_pickle_weights)
-        reward_model = frozen(reward_model, strategy, train_cfg, precision, world)
+        reward_model = prepare_frozen(reward_model, strategy, train_cfg, precision, world)
     del ds_marker
     ctx.log(f"[{stage.label()}] reward: " + " + ".join(
         ([f"{stage.reward.model_weight:g} x reward model {reward_src}"] if reward_src else [])
@@ -241,7 +241,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
     }
-    return finish(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
+    return complete_stage(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
 
 
 # ---------------------------------------------------------------- data

@@ -174,7 +174,7 @@ class _ReplicasSynced(TrainerCallback):
                                f"wrap the model in DDP (it is a {type(t.model_wrapped).__name__}).")
 
 
-def ready(trainer, stage, ctx: StageContext) -> None:
+def prepare_trainer(trainer, stage, ctx: StageContext) -> None:
     """After building a Trainer: ReportCallback prints progress (not the Trainer's PrinterCallback), and
     FSDP2 is switched on for CPU workers, where accelerate alone would silently run DDP."""
     from transformers.trainer_callback import PrinterCallback
@@ -369,7 +369,7 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
     }
 
 
-def finish(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_dir: Path, summary: dict, tokenizer) -> dict:
+def complete_stage(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_dir: Path, summary: dict, tokenizer) -> dict:
     """Rank 0 completes the export (tokenizer, resolved config) and writes the summary; every rank reports done."""
     import json
 

@@ -30,10 +30,10 @@ from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
 from distft.stages.trainer_setup import (
     export_model,
-    finish,
+    complete_stage,
     held_out_task,
     prepare_worker,
-    ready,
+    prepare_trainer,
     run_summary,
     score_held_out,
     stage_callbacks,
@@ -135,7 +135,7 @@ def run_trainer_stage(cfg: DistftConfig, ctx: StageContext, recipe: TrainerRecip
 
     before = recipe.score(b, model, "before")  # so the summary shows what training bought
     trainer = recipe.build_trainer(b, model, args, stage_callbacks(cfg, ctx, stage_dir, steps))
-    ready(trainer, stage, ctx)
+    prepare_trainer(trainer, stage, ctx)
     result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()
     recipe.evaluated(b, eval_metrics)
@@ -148,4 +148,4 @@ def run_trainer_stage(cfg: DistftConfig, ctx: StageContext, recipe: TrainerRecip
                **before, **after, **recipe.summary(b, trainer, eval_metrics)}
     if ctx.is_main:
         recipe.exported(b, model, final_dir)
-    return finish(cfg, ctx, stage_dir, final_dir, summary, b.tokenizer)
+    return complete_stage(cfg, ctx, stage_dir, final_dir, summary, b.tokenizer)
