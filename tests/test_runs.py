@@ -193,3 +193,22 @@ def test_a_search_directory_points_at_its_trials(tmp_path, capsys):
     assert main(["runs", "show", str(tmp_path)]) == 2
     assert f"is a `distft tune` search, not a run. Fix: its trials are runs: distft runs list {tmp_path}/trials" in (
         capsys.readouterr().err)
+
+
+def test_a_stage_summary_is_typed_when_written_and_a_bad_one_reads_as_none(tmp_path):
+    """`<stage>/summary.json` goes through one writer and one reader (distft/stages/summary.py)."""
+    import pytest
+    from pydantic import ValidationError
+
+    from distft.stages.summary import read_stage_summary, write_stage_summary
+
+    good = {"stage": "sft", "kind": "sft", "steps": 12, "world_size": 2, "exact_match_after": 0.5}
+    write_stage_summary(tmp_path, good)
+    assert read_stage_summary(tmp_path) == good  # the stage's own keys kept, in its order
+    with pytest.raises(ValidationError, match="steps"):
+        write_stage_summary(tmp_path, {**good, "steps": "twelve"})
+    assert read_stage_summary(tmp_path) == good  # the refused write left the file as it was
+    for damaged in ('{"steps": 12}', '{"stage": "sft", "world_size": "two"}', '{"stage": "sf', ""):
+        (tmp_path / "summary.json").write_text(damaged)
+        assert read_stage_summary(tmp_path) is None
+    assert read_stage_summary(tmp_path / "missing") is None

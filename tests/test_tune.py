@@ -338,7 +338,7 @@ def test_result_rows_have_one_curve_point_per_step_and_the_stage_summary_decides
     _, tune, _ = load_search(str(QUICKSTART))
     (tmp_path / "trials" / "a1" / "sft").mkdir(parents=True)
     (tmp_path / "trials" / "a1" / "sft" / "summary.json").write_text(json.dumps(
-        {"steps": 10, "stopped_early_at": 10, "wall_seconds": 12.5}))
+        {"stage": "sft", "steps": 10, "stopped_early_at": 10, "wall_seconds": 12.5}))
     # Tune's rows: loss-only logs, two evals, then the checkpoint's and the stage's reports repeating step 10's.
     df = pd.DataFrame({"step": [5, 5, 8, 10, 10, 10],
                        "loss": [3.0, None, 2.5, None, None, None],

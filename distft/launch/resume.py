@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
@@ -69,11 +68,12 @@ def stage_done(cfg: DistftConfig, run_dir: Path, stage_index: int) -> dict | Non
     """
     from distft.distributed.checkpoint import verify_checkpoint
 
+    from distft.stages.summary import read_stage_summary
+
     stage_dir = run_dir / cfg.stages[stage_index].label()
-    path = stage_dir / "summary.json"
-    if not path.is_file() or verify_checkpoint(stage_dir / "final"):
+    summary = read_stage_summary(stage_dir)
+    if summary is None or verify_checkpoint(stage_dir / "final"):
         return None
-    summary = json.loads(path.read_text())
     return summary if summary.get("fingerprint") == cfg.stage_fingerprint(stage_index) else None
 
 

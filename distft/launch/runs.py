@@ -20,6 +20,7 @@ from distft.config import ConfigError, build_config, read_yaml
 from distft.errors import UserError
 from distft.distributed.checkpoint import complete_checkpoints, read_manifest
 from distft.launch.provenance import PACKAGES, read_provenance
+from distft.stages.summary import read_stage_summary
 
 # Directories inside a run that are not stages: Ray Train's copies and the export link.
 NOT_STAGES = {"ray", "final"}
@@ -85,7 +86,7 @@ def read_run(run_dir: str | Path) -> dict:
     stages = []
     for st in _stages_of(run_dir):
         stage_dir = run_dir / st["label"]
-        summary = by_label.get(st["label"]) or _read_json(stage_dir / "summary.json")
+        summary = by_label.get(st["label"]) or read_stage_summary(stage_dir)
         checkpoint = None
         sealed = complete_checkpoints(stage_dir / "checkpoints")
         if sealed:

@@ -18,6 +18,7 @@ from distft.launch.resume import checkpoint_label, ray_run_name, resume_point, s
 from distft.launch.session import caller_signal_handlers, cluster_address, init_ray
 from distft.launch.worker import _worker_entry
 from distft.launch.worker_env import _worker_env, forwarded_secrets
+from distft.stages.summary import read_stage_summary
 
 
 
@@ -95,7 +96,9 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
     if result.error:  # the Ray versions that return it instead
         raise stage_failed(stage.label(), result.error, error_log) from None
     fit_ended = time.time()
-    summary = json.loads((run_dir / stage.label() / "summary.json").read_text())
+    summary = read_stage_summary(run_dir / stage.label())
+    if summary is None:  # every stage writes one before it reports done
+        raise RuntimeError(f"stage {stage.label()} ended without a readable summary.json")
     placement = run_dir / stage.label() / "placement"
     # Files of an earlier, larger worker group (an elastic run that shrank) are not this one's.
     placed = [p for p in map(json.loads, (f.read_text() for f in placement.glob("rank-*.json")))

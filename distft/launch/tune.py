@@ -48,6 +48,7 @@ from distft.launch.placement import check_storage, place_workers, placement_prob
 from distft.launch.worker_env import forwarded_env, forwarded_secrets
 from distft.launch.resume import resume_point
 from distft.launch.train import train_stage
+from distft.stages.summary import read_stage_summary
 
 TRIAL_ACTOR_CPU = 0.01  # a trial's Tune actor only waits on `fit`
 SEARCH_FILE = "search.yaml"  # the config with its tune section, as the search ran it (for --resume)
@@ -445,7 +446,7 @@ def result_rows(grid, run_dir: Path, tune_cfg: TuneSettings) -> list[dict]:
         trial_id = Path(result.path).name
         trial_dir = run_dir / "trials" / trial_id
         summary_path = next(iter(sorted(trial_dir.glob("*/summary.json"))), None)
-        summary = json.loads(summary_path.read_text()) if summary_path else {}
+        summary = (read_stage_summary(summary_path.parent) if summary_path else None) or {}
         df = result.metrics_dataframe
         curve = []
         if df is not None and tune_cfg.metric in df and "step" in df:

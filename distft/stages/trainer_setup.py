@@ -371,9 +371,8 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
 
 def complete_stage(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_dir: Path, summary: dict, tokenizer) -> dict:
     """Rank 0 completes the export (tokenizer, resolved config) and writes the summary; every rank reports done."""
-    import json
-
     from distft.config import dump_config
+    from distft.stages.summary import write_stage_summary
 
     summary["fingerprint"] = cfg.stage_fingerprint(ctx.stage_index)
     if ctx.is_main:
@@ -383,7 +382,7 @@ def complete_stage(cfg: DistftConfig, ctx: StageContext, stage_dir: Path, final_
         # before reusing this stage's output.
         write_manifest(final_dir, build_manifest(final_dir, step=int(summary.get("steps") or 0),
                                                  world_size=ctx.world_size, strategy=summary.get("strategy", "")))
-        (stage_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_stage_summary(stage_dir, summary)
     # Not `done`: Tune reads a result with done=True as the end of the trial and kills its actor at
     # once, taking Ray Train's controller down before it frees the workers (their CPUs leak).
     ctx.report({"stage_done": 1, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}})
