@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from unittest import mock
 from pathlib import Path
 
 from distft.launch.errors import ClusterError
@@ -85,18 +86,16 @@ def private_ray_environ():
     loopback node IP. This process's own environment is restored afterwards."""
     from ray._private import ray_constants
 
-    saved = dict(os.environ)
     switch = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ.clear()
-    os.environ.update({**worker_environ(saved), **LOOPBACK_NODE_ENV})
     ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init picks the node IP; the env var only at import
     try:
-        yield
+        with mock.patch.dict(os.environ, {**worker_environ(), **LOOPBACK_NODE_ENV}, clear=True):
+            yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
         if switch is not None:
             ray_constants.ENABLE_RAY_CLUSTER = switch
+
+
 # Ray's smallest object store is 75 MiB; each raylet otherwise claims 30% of RAM for its own.
 MIN_OBJECT_STORE = 100 * 1024**2
 
