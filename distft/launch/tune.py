@@ -483,6 +483,12 @@ def result_rows(grid, run_dir: Path, tune_cfg: TuneSettings) -> list[dict]:
 
 
 def pick_best(rows: list[dict], mode: str) -> dict | None:
+    """The best trial by its final metric, among those that finished (completed, or stopped by ASHA).
+
+    Not `ResultGrid.get_best_result(scope="last")`: Tune cannot tell a trial interrupted by a ^C or a
+    lost node (no summary.json) from one that finished, and ranks it too; the rows here know (status).
+    trials.csv likewise is written from these rows, not `ResultGrid.get_dataframe()`, for the same
+    columns (how each trial ended, its held-out score) on a resumed search as on a fresh one."""
     ranked = [r for r in rows if r["status"] in ("completed", "stopped") and r["final"] is not None]
     if not ranked:
         return None
