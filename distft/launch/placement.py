@@ -8,7 +8,6 @@ from distft.config import DistftConfig
 from distft.launch.errors import ClusterError
 
 
-
 def place_workers(free: list[dict], per: dict, workers: int, strategy: str) -> bool:
     """Take `workers` bundles of `per` from the nodes' `free` resources (in place), as the worker group's
     placement group would under `strategy`; False, with `free` untouched, when they do not fit.
@@ -16,6 +15,11 @@ def place_workers(free: list[dict], per: dict, workers: int, strategy: str) -> b
     A bundle is whole on one node. PACK and SPREAD are preferences (Ray falls back to any node),
     so any node that fits will do; STRICT_PACK needs one node for them all and STRICT_SPREAD a
     different node for each.
+
+    Not a trial placement group with a timeout: that asks whether the group fits what is free now,
+    and on a busy cluster it would refuse a run that Ray Train can start once other work ends; this
+    asks whether it can ever fit, against the nodes' totals, before any resource is taken. Tune's
+    trial packing (tune.py) uses it to size how many trials run at once.
     """
     need = {k: v for k, v in per.items() if v > 0}
 
