@@ -9,7 +9,7 @@ micro-batch 1, fp32, on a randomly initialised Llama of the named size (built on
 under the distft cache). After the last step each rank reads its own peak resident memory from the kernel
 (`VmHWM`, over the whole process: imports, loading and every step), and the parent also samples each
 rank's RSS every 0.2 s as a cross-check. Nothing samples inside the ranks. The ranks get the allocator
-setting distft's CPU workers get (MALLOC_MMAP_THRESHOLD_, see launch/train.py).
+setting distft's CPU workers get (MALLOC_MMAP_THRESHOLD_, see launch/worker_env.py).
 
 The plan is `distft.distributed.plan.host_peak` for the same config: what `distft plan` prints for a CPU
 config (and `validate` checks against the node's memory). The ratio column is measured / plan; the target
@@ -36,10 +36,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# The allocator setting distft gives its CPU workers (launch/train.py, _worker_env), read by glibc at
+# The allocator setting distft gives its CPU workers (launch/worker_env.py, _worker_env), read by glibc at
 # start-up in each spawned rank, so the ranks hold what a `distft train` worker holds. Set before
 # memory.py is imported: its own default (64 KB, for reading model states) would win otherwise.
-from distft.launch.train import MALLOC_MMAP_THRESHOLD  # noqa: E402  (after sys.path; imports no Ray
+from distft.launch.worker_env import MALLOC_MMAP_THRESHOLD  # noqa: E402  (after sys.path; imports no Ray)
 
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
 # benchmarks/memory.py: the same harness, its environment for the ranks (DS_ACCELERATOR=cpu, the hub

@@ -697,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C: workers stopped, checkpoints kept.
     if getattr(args, "verbose", False):
-        os.environ["DISTFT_VERBOSE"] = "1"  # launch keeps every line Ray streams (launch/train.py)
+        os.environ["DISTFT_VERBOSE"] = "1"  # launch keeps every line Ray streams (launch/session.py)
     _STOPPING.clear()
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
