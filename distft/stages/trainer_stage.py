@@ -73,8 +73,9 @@ class Built:
 
 
 class TrainerRecipe:
-    """The steps of a Trainer stage that are its own. Subclasses set the two class attributes and
-    implement the methods without a default; `check` and `arguments` have one."""
+    """The steps of a Trainer stage that are its own. A stage sets `arguments_class` and implements
+    `load_data`, `build_trainer` and `summary`; the other steps have defaults that fit a policy
+    (a causal LM scored by held-out exact match), which a stage with a head overrides."""
 
     arguments_class: type  # a TrainingArguments subclass: SFTConfig, DPOConfig ...
 
