@@ -81,10 +81,7 @@ def scores_as_loaded(model, ds, tokenizer, compute, batch: int) -> dict:
 
 
 class Classify(TrainerRecipe):
-    def __init__(self):
-        from transformers import TrainingArguments
-
-        self.arguments_class = TrainingArguments
+    arguments_class = "transformers:TrainingArguments"
 
     def load_data(self, b: Built) -> StageData:
         # The label set is the training rows'; held-out rows must use the same labels.

@@ -19,10 +19,7 @@ from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_tra
 
 
 class DPO(TrainerRecipe):
-    def __init__(self):
-        from trl import DPOConfig
-
-        self.arguments_class = DPOConfig
+    arguments_class = "trl:DPOConfig"
 
     def load_data(self, b: Built) -> StageData:
         # Validated pairs, strings or chat turns; TRL tokenizes them (chat turns through the template).

@@ -31,10 +31,7 @@ PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
 
 
 class GRPO(TrainerRecipe):
-    def __init__(self):
-        from trl import GRPOConfig
-
-        self.arguments_class = GRPOConfig
+    arguments_class = "trl:GRPOConfig"
 
     def check(self, cfg: DistftConfig, ctx: StageContext) -> None:
         check_groups(cfg, ctx.stage_index, ctx.world_size)

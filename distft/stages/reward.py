@@ -21,10 +21,7 @@ from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_tra
 
 
 class Reward(TrainerRecipe):
-    def __init__(self):
-        from trl import RewardConfig
-
-        self.arguments_class = RewardConfig
+    arguments_class = "trl:RewardConfig"
 
     def load_data(self, b: Built) -> StageData:
         # Validated pairs -> chosen/rejected token ids. We tokenize (as TRL would), so the held-out

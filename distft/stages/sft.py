@@ -19,10 +19,7 @@ from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_tra
 
 
 class SFT(TrainerRecipe):
-    def __init__(self):
-        from trl import SFTConfig
-
-        self.arguments_class = SFTConfig
+    arguments_class = "trl:SFTConfig"
 
     def load_data(self, b: Built) -> StageData:
         stage, data_cfg, max_len = b.stage, b.stage.data, b.cfg.model.max_seq_len

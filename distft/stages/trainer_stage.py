@@ -16,6 +16,7 @@ PPO keeps its own loop (stages/ppo.py): TRL 1.16 has no PPO trainer.
 
 from __future__ import annotations
 
+import pkgutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +78,9 @@ class TrainerRecipe:
     `load_data`, `build_trainer` and `summary`; the other steps have defaults that fit a policy
     (a causal LM scored by held-out exact match), which a stage with a head overrides."""
 
-    arguments_class: type  # a TrainingArguments subclass: SFTConfig, DPOConfig ...
+    # Its TrainingArguments subclass as "module:Class" (e.g. "trl:SFTConfig"), imported when the stage
+    # runs: the stage modules stay cheap to import (tests, the CLI) and TRL is imported in workers only.
+    arguments_class: str
 
     def check(self, cfg: DistftConfig, ctx: StageContext) -> None:
         """Before anything is set up or loaded: what only the real world size can tell."""
@@ -129,7 +132,8 @@ def run_trainer_stage(cfg: DistftConfig, ctx: StageContext, recipe: TrainerRecip
     ctx.log(f"[{stage.label()}] data {b.data.described}")
 
     steps = total_steps(cfg, ctx, b.data.items)
-    args = recipe.arguments_class(**trainer_arguments(cfg, ctx, stage_dir), **recipe.arguments(b))
+    args = pkgutil.resolve_name(recipe.arguments_class)(**trainer_arguments(cfg, ctx, stage_dir),
+                                                        **recipe.arguments(b))
     with fsdp.load_env(b.sharded_at_load()):
         model = recipe.load_model(b)
     params = count_params(model)
