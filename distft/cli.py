@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
-from distft.config import DistftConfig, dump_config, load_config
+from distft.config import DistftConfig, load_config
 from distft.errors import UserError
+from distft.launch.rundir import ResumeHint
 
 EPILOG = """examples:
   distft train configs/quickstart.yaml
@@ -38,24 +37,8 @@ def _load(args) -> DistftConfig:
     return absolutize_paths(load_config(args.config, args.overrides))
 
 
-def _check_paths(cfg: DistftConfig, address: str | None) -> list[str]:
-    """Where the run writes, checked before any cluster is taken (`validate` prints the notes)."""
-    from distft.launch.rundir import check_run_paths
-
-    return check_run_paths(cfg.run.output_dir, private_cluster=address is None)
-
-
-def _run_dir(cfg: DistftConfig, config_path: str, address: str | None, reuse: bool = False):
-    """Check the paths, then claim the run directory (mkdir is the claim: concurrent runs never share one).
-    `reuse`: the stable directory of `pipeline`, which may hold earlier attempts."""
-    from distft.launch.rundir import claim_run_dir
-
-    _check_paths(cfg, address)
-    stem = Path(config_path).stem
-    return claim_run_dir(cfg.run.output_dir, cfg.run.name or (stem if reuse else None), stem, reuse=reuse)
-
-
 def cmd_validate(args) -> int:
+    from distft.launch.lifecycle import check_paths
     from distft.launch.preflight import describe_plan, preflight
     from distft.launch.session import cluster_address
 
@@ -71,7 +54,7 @@ def cmd_validate(args) -> int:
         if not warnings:
             print(f"check   memory: every stage fits {cfg.scaling.gpu_memory_gib:g} GiB per GPU (see `distft plan`)")
     notes = preflight(cfg, cluster_address(cfg, args.address))
-    notes += _check_paths(cfg, cluster_address(cfg, args.address))
+    notes += check_paths(cfg, cluster_address(cfg, args.address))
     print(describe_plan(cfg))
     for note in notes:
         print(f"check   {note}")
@@ -108,246 +91,58 @@ def cmd_plan(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.session import cluster_address
+    from distft.launch.lifecycle import start_run
 
     if args.resume:  # `distft train --resume RUN_DIR [overrides]`: the same as `distft resume`
         overrides = [args.config, *args.overrides] if args.config and "=" in args.config else args.overrides
         if args.config and "=" not in args.config:
             raise UsageError("give a config (distft train CONFIG) or --resume RUN_DIR, not both.")
-        args.run_dir_hint = Path(args.resume).resolve()  # for the hint if this is interrupted too
         return cmd_resume(argparse.Namespace(run_dir=args.resume, overrides=overrides, address=args.address,
-                                             start_from=args.start_from))
+                                             start_from=args.start_from, hint=args.hint))
     if args.start_from:
         raise UsageError(f"--from {args.start_from} picks the checkpoint of a run to resume. Fix: distft train "
                          f"--resume RUN_DIR --from {args.start_from}, or distft resume RUN_DIR --from {args.start_from}.")
     if not args.config:
         raise UsageError("distft train needs a config. Fix: distft train CONFIG [a.b=c ...], or "
                          "distft train --resume RUN_DIR.")
-    cfg = _load(args)
-    address = cluster_address(cfg, args.address)
-    preflight(cfg, address)
-    claim = _run_dir(cfg, args.config, address)
-    run_dir = claim.path
-    try:
-        cfg.run.name = run_dir.name
-        print(describe_plan(cfg, run_dir), flush=True)
-        claim.write("config.yaml", lambda path: dump_config(cfg, path))
-        args.run_dir_hint = run_dir
-        return _launch(cfg, run_dir, args.address, resume=False)
-    except BaseException as e:
-        # Failed before the first stage started (Ray, the cluster, a write): no half-made run may block
-        # the name. Only what this invocation made goes; an interrupted run with its config stays resumable.
-        if claim.release_after(e, resumable=getattr(args, "run_dir_hint", None) is not None):
-            args.run_dir_hint = None
-        raise
+    return _print_finished(start_run(_load(args), args.config, args.address, args.hint))
 
 
 def cmd_resume(args) -> int:
     """Continue an interrupted run in place: finished stages are skipped, the current one resumes."""
-    from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.session import cluster_address
-    from distft.launch.resume import start_point
+    from distft.launch.lifecycle import resume_run
 
-    run_dir = Path(args.run_dir).resolve()
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UsageError(f"{run_dir} is not a distft run directory (no config.yaml). Fix: pass runs/<run>.")
-    if (run_dir / "summary.json").is_file():
-        raise UsageError(f"{run_dir} already finished (summary.json exists); nothing to resume.")
-    cfg = load_config(saved, args.overrides)
-    preflight(cfg, cluster_address(cfg, args.address))
-    # `--from checkpoint-N`: found and verified before anything is written or any cluster is taken.
-    start = start_point(cfg, run_dir, args.start_from) if getattr(args, "start_from", None) else None
-    print(describe_plan(cfg, run_dir), flush=True)
-    args.run_dir_hint = run_dir
-    if args.overrides:  # keep what the run started with; the new resolved config is the current one
-        saved.rename(run_dir / f"config.before-resume-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-        dump_config(cfg, saved)
-    return _launch(cfg, run_dir, args.address, resume=True, start_from=start)
+    return _print_finished(resume_run(args.run_dir, args.overrides, args.address,
+                                      getattr(args, "start_from", None), args.hint))
 
 
 def cmd_pipeline(args) -> int:
     """Run a multi-stage config as one job in a stable run directory; a rerun skips finished stages."""
-    from distft.launch.preflight import describe_plan, preflight
-    from distft.launch.session import cluster_address
+    from distft.launch.lifecycle import start_pipeline
 
-    cfg = _load(args)
-    force_from = None
-    if args.force:
-        force_from = 0 if args.force == "all" else cfg.stage_named(args.force)
-        if force_from is None:
-            names = ", ".join(st.label() for st in cfg.stages)
-            raise UsageError(f"--force {args.force}: no such stage; this config has {names} (or --force all).")
-    address = cluster_address(cfg, args.address)
-    preflight(cfg, address)
-    claim = _run_dir(cfg, args.config, address, reuse=True)
-    run_dir = claim.path
-    try:
-        cfg.run.name = run_dir.name
-        print(describe_plan(cfg, run_dir), flush=True)
-        saved = run_dir / "config.yaml"
-        if saved.is_file() and load_config(saved) != cfg:  # keep what earlier attempts ran with
-            saved.rename(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-        claim.write("config.yaml", lambda path: dump_config(cfg, path))
-        (run_dir / "summary.json").unlink(missing_ok=True)  # rewritten when every stage has finished
-        args.run_dir_hint = run_dir
-        return _launch(cfg, run_dir, args.address, resume=True, force_from=force_from)
-    except BaseException as e:  # a first attempt that never started leaves nothing (earlier attempts stay)
-        if claim.release_after(e, resumable=getattr(args, "run_dir_hint", None) is not None):
-            args.run_dir_hint = None
-        raise
+    return _print_finished(start_pipeline(_load(args), args.config, args.address, args.force, args.hint))
 
 
-def _launch(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool, force_from: int | None = None,
-            start_from: tuple[int, str] | None = None) -> int:
-    from distft.launch.train import launch
+def _print_finished(done) -> int:
+    from distft.launch.runs import render_summary
 
-    started = time.time()
-    summaries = launch(cfg, run_dir, address, resume=resume, force_from=force_from, start_from=start_from)
-    final = run_dir / cfg.stages[-1].label() / "final"
-    link = run_dir / "final"
-    if not link.is_symlink():
-        link.symlink_to(final.relative_to(run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
-    print(render_summary(run_dir, summaries, time.time() - started))
+    print(render_summary(done.run_dir, done.summaries, done.seconds))
     return 0
-
-
-def stage_result(s: dict) -> str:
-    """The held-out outcome of one stage, in words."""
-    from distft.launch.runs import before_after
-
-    parts = []
-    em = before_after(s, "exact_match", ".1%")
-    if em:
-        parts.append(f"exact match {em} ({s.get('eval_items', 0)} items)")
-    pairwise = before_after(s, "pairwise_accuracy", ".1%")
-    if pairwise:
-        parts.append(f"pairwise accuracy {pairwise} (margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
-    accuracy = before_after(s, "accuracy", ".1%")
-    if accuracy:
-        f1 = before_after(s, "f1_macro", ".3f")
-        parts.append(f"accuracy {accuracy}, macro F1 {f1} ({s.get('heldout_rows', 0)} rows)")
-    reward = before_after(s, "heldout_reward", ".3f")
-    if reward:
-        parts.append(f"mean reward {reward}")
-    if s.get("kl_last") is not None:
-        target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
-        parts.append(f"KL {s['kl_last']:.3f}{target}")
-    return "; ".join(parts) or "-"
-
-
-def start_and_finish(summaries: list[dict]) -> str | None:
-    """Where the time around the training steps went: the first stage's start-up and the last one's finish."""
-    ran = [s for s in summaries if not s.get("skipped")]
-    if not ran or not ran[0].get("startup_s"):
-        return None
-    start, finish = ran[0]["startup_s"], ran[-1].get("after_training_s") or {}
-
-    def phases(d: dict) -> str:
-        return f"{sum(d.values()):.1f}s (" + ", ".join(f"{k} {v:.1f}" for k, v in d.items()) + ")"
-
-    return f"time         start {phases(start)}" + (f"; after training {phases(finish)}" if finish else "")
-
-
-def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
-    lines = ["", "=" * 64, f"distft run finished in {seconds:.0f}s: {run_dir}"]
-    rows = [("stage", "kind", "method", "steps", "time", "held-out result")]
-    for s in summaries:
-        took = "skipped" if s.get("skipped") else f"{s.get('wall_seconds', 0):.0f}s"
-        rows.append((s["stage"], s["kind"], s["method"], str(s["steps"]), took, stage_result(s)))
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    for r in rows:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
-    for s in summaries:
-        pct = 100.0 * s["trainable_params"] / max(s["total_params"], 1)
-        lines.append(f"stage {s['stage']} ({s['kind']}, {s['method']}): {s['trainable_params']:,} trainable params ({pct:.2f}%)")
-        if s.get("train_loss") is not None:
-            first, last = s.get("first_logged_loss"), s.get("last_logged_loss")
-            loss = f"{first:.3f} -> {last:.3f}" if first is not None else f"{s['train_loss']:.3f} (mean)"
-            lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
-        if s.get("reward_last") is not None:
-            lines.append(f"  rollout reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, "
-                         f"{s['steps']} rollouts on {s['world_size']} workers")
-        full = s.get("param_elements_full")
-        if full and s.get("world_size", 1) > 1:
-            shares = [f"parameters {100 * s['param_elements_local'] / full:.1f}%"]
-            if "optimizer_fp32_elements_local" in s:
-                shares.append(f"optimizer state {100 * s['optimizer_fp32_elements_local'] / full:.1f}%")
-            lines.append(f"  per rank     {', '.join(shares)} of the model, measured ({s.get('strategy', 'ddp')})")
-        if s.get("peak_rss_mib") is not None:
-            per_rank = s.get("peak_rss_mib_per_rank") or []
-            ranks = f" (ranks: {', '.join(f'{p / 1024:.2f}' for p in per_rank)})" if len(per_rank) > 1 else ""
-            lines.append(f"  peak memory  {s['peak_rss_mib'] / 1024:.2f} GiB per rank at most{ranks}, "
-                         "the kernel's high-water mark (VmHWM)")
-        result = stage_result(s)
-        if result != "-":
-            lines.append(f"  held-out     {result}")
-        if s.get("early_stopped_at") is not None or s.get("best_step") not in (None, s.get("steps")):
-            lines.append(f"  early stop   at step {s.get('early_stopped_at') or s['steps']}; exported the best, step "
-                         f"{s['best_step']} ({s['early_stopping_metric']} {s['best_metric']:.4g})")
-        if s.get("overfitting"):
-            lines.append(f"  overfitting  eval - train loss grew to {s['loss_gap']:.3f} from {s['loss_gap_smallest']:.3f}")
-    timing = start_and_finish(summaries)
-    if timing:
-        lines.append(timing)
-    lines.append(f"model        {run_dir / 'final'}")
-    if summaries and summaries[-1].get("kind") not in ("reward", "classify"):  # these score; they do not generate
-        lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
-        lines.append(f"score it     distft eval {run_dir} --data <held-out file>")
-    lines.append("=" * 64)
-    return "\n".join(lines)
 
 
 def cmd_tune(args) -> int:
     """A Ray Tune search over the config's `tune.space`; --resume continues one without rerunning finished trials."""
-    from distft.config.search import load_search
-    from distft.launch.preflight import absolutize_paths, preflight
-    from distft.launch.session import cluster_address
+    from distft.launch.lifecycle import run_search, start_search
+    from distft.launch.tune import markdown_table
 
-    if bool(args.resume) == bool(args.config):
-        raise UsageError("give a config (distft tune CONFIG) or --resume RUN_DIR, not both or neither.")
-    if args.resume and args.overrides:
-        raise UsageError("--resume continues the search as it was started; overrides cannot change it. "
-                         "Fix: drop the overrides, or start a new search with them.")
-    if args.resume:
-        run_dir = Path(args.resume).resolve()
-        meta_path = run_dir / "search.json"
-        if not meta_path.is_file():
-            raise UsageError(f"{run_dir} is not a search directory (no search.json). Fix: pass the directory "
-                             "`distft tune` printed, e.g. runs/<name>.")
-        meta = json.loads(meta_path.read_text())
-        config_path, cwd = str(run_dir / "search.yaml"), meta["cwd"]
-        if not (run_dir / "tune").is_dir():
-            raise UsageError(f"{run_dir} has no Tune state (tune/); the search never started. Fix: start it again.")
-    else:
-        config_path, cwd = args.config, str(Path.cwd())
-    raw, tune_cfg, cfg = load_search(config_path, args.overrides if not args.resume else [])
-    preflight(absolutize_paths(cfg, Path(cwd)), cluster_address(cfg, args.address))
-    claim = None
+    start = start_search(args.config, args.overrides, args.resume, args.address)
+    run_dir, tune_cfg = start.run_dir, start.tune_cfg
     if args.resume:
         print(f"[tune] resuming {run_dir}: finished trials are kept, unfinished ones continue", flush=True)
-    else:
-        claim = _run_dir(cfg, args.config, cluster_address(cfg, args.address))
-        run_dir = claim.path
-    try:
-        if claim is not None:
-            claim.write_text("search.yaml", Path(args.config).read_text() if not args.overrides else yaml_dump(raw))
-            claim.write_text("search.json", json.dumps({"cwd": cwd, "config": str(Path(args.config).resolve()),
-                                                        "overrides": args.overrides}, indent=1))
-        print(f"search  {run_dir}", flush=True)
-        for path, d in tune_cfg.space.items():
-            print(f"  {path}: {d.kind} {d.values}")
-        base = {k: v for k, v in raw.items() if k != "tune"}
-        from distft.launch.tune import markdown_table, search
-
-        args.resume_hint = f"distft tune --resume {run_dir}"
-        out = search(base, tune_cfg, cfg, run_dir, cwd, args.address, restore=args.resume)
-    except BaseException:
-        if claim is not None and claim.release():  # a search that never started leaves nothing (tune/ keeps it)
-            args.resume_hint = None
-        raise
+    print(f"search  {run_dir}", flush=True)
+    for path, d in tune_cfg.space.items():
+        print(f"  {path}: {d.kind} {d.values}")
+    out = run_search(start, args.address, args.hint)
     print(markdown_table(out["rows"], tune_cfg.metric, out["best"]))
     if out["interrupted"]:
         what = "terminated (SIGTERM)" if out.get("terminated") else "interrupted"
@@ -365,12 +160,6 @@ def cmd_tune(args) -> int:
     print(f"        model  {best['model_dir']}")
     print(f"results {run_dir / 'trials.csv'}, {run_dir / 'results.md'}, curves {run_dir / 'curves.png'}")
     return 0
-
-
-def yaml_dump(raw: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def cmd_tiny_model(args) -> int:
@@ -692,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.hint = ResumeHint()  # the command that continues the run, once there is one (printed on an interrupt)
     from distft.errors import DistftError, StageFailed
     from distft.launch.preflight import PreflightError
 
@@ -716,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        hint = _resume_hint(args)
+        hint = args.hint.command
         resume = f" (resume with: {hint})" if hint else ""
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"{what}{resume}", file=sys.stderr)
@@ -724,11 +514,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():  # in-process callers (tests) get their own handlers back
             signal.signal(sig, handler)
-
-
-def _resume_hint(args) -> str | None:
-    return getattr(args, "resume_hint", None) or (
-        f"distft resume {args.run_dir_hint}" if getattr(args, "run_dir_hint", None) else None)
 
 
 def _explain_failure(args, e) -> None:
@@ -742,9 +527,8 @@ def _explain_failure(args, e) -> None:
                 pass
         print(f"  details  {log} (every rank's traceback{'' if args.verbose else '; or rerun with --verbose'})",
               file=sys.stderr)
-    hint = _resume_hint(args)
-    if hint:
-        print(f"  resume   {hint}", file=sys.stderr)
+    if args.hint.command:
+        print(f"  resume   {args.hint.command}", file=sys.stderr)
 
 
 if __name__ == "__main__":

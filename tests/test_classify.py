@@ -99,7 +99,7 @@ def test_methods_on_a_bert_encoder_train_what_they_should(method, trained, tmp_p
 
 
 def test_the_run_summary_reports_classification_early_stopping_and_overfitting():
-    from distft.cli import render_summary
+    from distft.launch.runs import render_summary
 
     s = {"stage": "classify", "kind": "classify", "method": "bitfit", "steps": 60, "wall_seconds": 40,
          "trainable_params": 27652, "total_params": 22714756, "accuracy_before": 0.318, "accuracy_after": 1.0,

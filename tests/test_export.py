@@ -132,3 +132,12 @@ def test_generate_switches_between_adapters_on_one_base(lora_runs, tiny_base, ca
     assert out.index("[adapter a]") < out.index("[adapter b]")
     assert main(["generate", str(tiny_base), "--adapter", f"a{a}", "--prompt", "x"]) == 2
     assert "is not NAME=PATH" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_adapter_as_the_base_in_one_line(lora_runs):
+    """As a user meets it: the `distft` command, exit 2, one line naming the fix, no traceback."""
+    from faults import check_failure, run_distft
+
+    a, b = lora_runs["a"] / "sft" / "final", lora_runs["b"] / "sft" / "final"
+    r = run_distft("generate", a, "--adapter", f"b={b}", "--prompt", "x", timeout=300)
+    check_failure(r, 2, ("is itself an adapter", "Fix: pass its base model"), max_lines=1)

@@ -442,6 +442,20 @@ class StrategyConfig(Section):
         return self
 
 
+def kind_defaults(values, data_format: str | None = None, metric: str | None = None):
+    """Before validation: a stage kind's own data format and held-out metric, where the config gives none."""
+    if not isinstance(values, dict):
+        return values
+    if data_format and isinstance(values.get("data"), dict):
+        values["data"].setdefault("format", data_format)
+    if metric:
+        if values.get("evaluate") is None:
+            values["evaluate"] = {}
+        if isinstance(values["evaluate"], dict):
+            values["evaluate"].setdefault("metric", metric)
+    return values
+
+
 class StageBase(Section):
     """One stage. What a stage kind can do is declared once, here on its config class: STAGE_CLASSES
     below is the registry, and the loader, the cross-field rules, `distft tune`, preflight, the plan
@@ -482,8 +496,13 @@ class StageBase(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     strategy: StrategyConfig = StrategyConfig()
 
+    @property
+    def kind(self) -> str:
+        """The stage kind (its `stage:` tag, e.g. "sft"): what code asks, since `stage.stage` reads as nothing."""
+        return self.stage  # type: ignore[attr-defined]
+
     def label(self) -> str:
-        return self.name or self.stage  # type: ignore[attr-defined]
+        return self.name or self.kind
 
     @model_validator(mode="after")
     def _streaming_needs(self):
@@ -491,7 +510,7 @@ class StageBase(Section):
             return self
         # A stream has no length and is read once, in order: what needs either is named here.
         needs = [
-            (type(self).streams, f"an sft or pretrain stage; the {self.stage} stage reads its data "
+            (type(self).streams, f"an sft or pretrain stage; the {self.kind} stage reads its data "
                                                 "whole. Fix: data.streaming=false."),
             (self.train.max_steps is not None, "train.max_steps (a stream has no length to count epochs in). Fix: "
                                                "set train.max_steps."),
@@ -534,9 +553,7 @@ class PretrainStage(StageBase):
     @model_validator(mode="before")
     @classmethod
     def _text_by_default(cls, values):
-        if isinstance(values, dict) and isinstance(values.get("data"), dict):
-            values["data"].setdefault("format", "text")
-        return values
+        return kind_defaults(values, data_format="text")
 
 
 class RewardStage(StageBase):
@@ -555,12 +572,7 @@ class RewardStage(StageBase):
     @model_validator(mode="before")
     @classmethod
     def _pairwise_by_default(cls, values):
-        if isinstance(values, dict):
-            if values.get("evaluate") is None:
-                values["evaluate"] = {}
-            if isinstance(values["evaluate"], dict):
-                values["evaluate"].setdefault("metric", "pairwise_accuracy")
-        return values
+        return kind_defaults(values, metric="pairwise_accuracy")
 
     @model_validator(mode="after")
     def _preference_data(self):
@@ -590,14 +602,7 @@ class ClassifyStage(StageBase):
     @model_validator(mode="before")
     @classmethod
     def _classification_by_default(cls, values):
-        if isinstance(values, dict):
-            if isinstance(values.get("data"), dict):
-                values["data"].setdefault("format", "classification")
-            if values.get("evaluate") is None:
-                values["evaluate"] = {}
-            if isinstance(values["evaluate"], dict):
-                values["evaluate"].setdefault("metric", "classification")
-        return values
+        return kind_defaults(values, data_format="classification", metric="classification")
 
     @model_validator(mode="after")
     def _classification_data(self):
@@ -727,10 +732,10 @@ class GRPOStage(StageBase):
 def _require_formats(stage, allowed: tuple[str, ...], what: str):
     errors = []
     if stage.data.format not in allowed:
-        errors.append(f"data.format: the {stage.stage} stage {what}, got {stage.data.format}. "
+        errors.append(f"data.format: the {stage.kind} stage {what}, got {stage.data.format}. "
                       f"Fix: data.format={allowed[-1] if len(allowed) == 2 else 'auto'}.")
     if stage.evaluate.metric != "exact_match":
-        errors.append(f"evaluate.metric: the {stage.stage} stage scores held-out prompts by exact_match, got "
+        errors.append(f"evaluate.metric: the {stage.kind} stage scores held-out prompts by exact_match, got "
                       f"{stage.evaluate.metric}. Fix: evaluate.metric=exact_match (or leave it unset).")
     if errors:
         raise ValueError("\n".join(errors))
@@ -803,7 +808,7 @@ def _elastic_fits(i: int, st, scaling: ScalingConfig) -> list[str]:
     where = f"stages.{i}"
     if type(st).rewarded:
         errors.append(f"{where}: elastic training (scaling.num_workers=[min, max]) covers Trainer stages "
-                      f"(sft, pretrain, reward, dpo), not {st.stage}, whose rollouts are sized per worker. "
+                      f"(sft, pretrain, reward, dpo), not {st.kind}, whose rollouts are sized per worker. "
                       "Fix: a fixed scaling.num_workers for this config.")
     elif st.strategy.fsdp_sharding == "hybrid":
         errors.append(f"{where}.strategy.fsdp_sharding: hybrid shards within groups of fsdp_shard_size, which "
@@ -956,7 +961,7 @@ class DistftConfig(Section):
 
     def _earlier(self, index: int, kinds: tuple[str, ...]) -> str | None:
         """The label of the last stage before `index` whose kind is in `kinds`."""
-        found = [st.label() for st in self.stages[:index] if st.stage in kinds]
+        found = [st.label() for st in self.stages[:index] if st.kind in kinds]
         return found[-1] if found else None
 
     def init_source(self, index: int) -> str:
@@ -964,7 +969,7 @@ class DistftConfig(Section):
         stage = self.stages[index]
         if stage.init_from:
             return stage.init_from
-        if stage.stage in POLICY_STAGES:
+        if stage.kind in POLICY_STAGES:
             return self._earlier(index, POLICY_MAKERS) or self.model.name_or_path
         return self.model.name_or_path
 
@@ -978,7 +983,7 @@ class DistftConfig(Section):
     def critic_source(self, index: int) -> str | None:
         """PPO's critic initialisation: `ppo.critic_from`, else the reward model (None: the policy's init, new head)."""
         stage = self.stages[index]
-        if stage.stage != "ppo":
+        if stage.kind != "ppo":
             return None
         return stage.ppo.critic_from or self.reward_source(index)
 
@@ -1004,30 +1009,30 @@ class DistftConfig(Section):
                 refs.append(("reward.model", st.reward.model))
                 if not self.reward_source(i) and not st.reward.functions:
                     errors.append(
-                        f"stages.{i}.reward: stage {st.stage} needs something to score responses, and this config "
+                        f"stages.{i}.reward: stage {st.kind} needs something to score responses, and this config "
                         "has no earlier reward stage. Fix: reward.model=<reward model dir or stage name>, and/or "
                         "reward.functions={exact_match: 1.0}."
                     )
-            if st.stage == "grpo":
+            if st.kind == "grpo":
                 errors += grpo_group_errors(f"stages.{i}", st, self.scaling.num_workers)
-            if st.stage == "ppo":
+            if st.kind == "ppo":
                 refs.append(("ppo.critic_from", st.ppo.critic_from))
                 errors += _ppo_fits(f"stages.{i}", st, self.scaling.num_workers)
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
                                   "support qlora. Fix: method.name=lora (or full).")
             if st.strategy.name not in type(st).strategies:
-                errors.append(f"stages.{i}.strategy.name: the {st.stage} stage runs under "
+                errors.append(f"stages.{i}.strategy.name: the {st.kind} stage runs under "
                               f"{' or '.join(type(st).strategies)}, not {st.strategy.name}. "
                               f"Fix: strategy.name={type(st).strategies[0]}.")
             if st.train.early_stopping and not type(st).early_stopping:
                 errors.append(f"stages.{i}.train.early_stopping: supported in the "
                               f"{', '.join(k for k, c in STAGE_CLASSES.items() if c.early_stopping)} stages, "
-                              f"not {st.stage}. Fix: remove it ({st.stage} reports its reward per step).")
+                              f"not {st.kind}. Fix: remove it ({st.kind} reports its reward per step).")
             allowed = METHOD_STAGES.get(st.method.name)
-            if allowed and st.stage not in allowed:
+            if allowed and st.kind not in allowed:
                 errors.append(f"stages.{i}.method.name: {st.method.name} is supported by distft in stage(s) "
-                              f"{', '.join(allowed)}, not {st.stage}. Fix: method.name=lora (or full, freeze).")
+                              f"{', '.join(allowed)}, not {st.kind}. Fix: method.name=lora (or full, freeze).")
             for field, ref in refs:
                 j = self.stage_named(ref) if ref else None
                 if j is not None and j >= i:

@@ -203,7 +203,7 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
         pairs = 2 if type(stage).pairs else 1  # chosen and rejected go through together
         mem.activations = activation_bytes(shape, stage.train.micro_batch_size * pairs, seq,
                                            strategy.gradient_checkpointing, act)
-        if stage.stage == "dpo" and not method.uses_adapter():  # TRL's frozen reference copy
+        if stage.kind == "dpo" and not method.uses_adapter():  # TRL's frozen reference copy
             mem = mem.add(model_states(shape, method, strategy, dtype, world, trainable=False))
         return mem
     # RL stages: the policy above, then reference, critic and reward model, then generation.
@@ -212,16 +212,16 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
         mem.notes.append("reference: a frozen copy of the policy")
     else:
         mem.notes.append("reference: the policy with adapters disabled (no copy)")
-    if stage.stage == "ppo":
+    if stage.kind == "ppo":
         mem = mem.add(model_states(critic or shape, method, strategy, dtype, world))
     if reward is not None or cfg.reward_source(index):
         mem = mem.add(model_states(reward or shape, MethodConfig(name="full"), strategy, dtype, world,
                                    trainable=False))
-    rollout = stage.ppo.rollout_batch_size // world if stage.stage == "ppo" else stage.train.micro_batch_size
+    rollout = stage.ppo.rollout_batch_size // world if stage.kind == "ppo" else stage.train.micro_batch_size
     kv = kv_cache_bytes(shape, rollout, seq, act)
     gathered = shape.params * dtype_bytes(dtype) if zero_stage(strategy) == 3 else 0.0
     train_act = activation_bytes(shape, stage.train.micro_batch_size, seq, strategy.gradient_checkpointing, act)
-    if stage.stage == "ppo":
+    if stage.kind == "ppo":
         train_act *= 2  # actor and critic forwards of a minibatch
     mem.activations = max(train_act, kv + gathered)
     if gathered:

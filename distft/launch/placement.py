@@ -6,6 +6,8 @@ from pathlib import Path
 
 from distft.config import DistftConfig
 from distft.launch.errors import ClusterError
+from distft.launch.cluster import is_remote_uri, shared_storage_node_ids, storage_problem
+from distft.launch.streaming import spare_cpu_problem
 
 
 def place_workers(free: list[dict], per: dict, workers: int, strategy: str) -> bool:
@@ -68,7 +70,6 @@ def check_cluster_resources(cfg: DistftConfig) -> None:
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     if not place_workers([dict(n) for n in nodes], s.resources_per_worker(), workers, s.placement_strategy):
         raise ClusterError(placement_problem(cfg, workers, nodes))
-    from distft.launch.streaming import spare_cpu_problem
 
     problem = spare_cpu_problem(cfg, total.get("CPU", 0))
     if problem:
@@ -108,7 +109,6 @@ def check_storage(cfg: DistftConfig, run_dir: Path) -> None:
     """On a cluster of several nodes, refuse run storage that only one node can see."""
     import ray
 
-    from distft.launch.cluster import shared_storage_node_ids, storage_problem
 
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     problem = storage_problem(cfg.run, run_dir, alive, shared_storage_node_ids())
@@ -118,8 +118,6 @@ def check_storage(cfg: DistftConfig, run_dir: Path) -> None:
 
 def ray_storage_path(cfg: DistftConfig, run_dir: Path) -> str:
     """Ray Train's checkpoint copies: <run.storage_path>/<run name>, else <run dir>/ray."""
-    from distft.launch.cluster import is_remote_uri
-
     run = cfg.run
     if not run.storage_path:
         return str(run_dir / "ray")

@@ -33,7 +33,7 @@ def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
             st.init_from = model_fn(st.init_from)
         if type(st).rewarded and st.reward.model and cfg.stage_named(st.reward.model) is None:
             st.reward.model = model_fn(st.reward.model)
-        if st.stage == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
+        if st.kind == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
             st.ppo.critic_from = model_fn(st.ppo.critic_from)
         st.data.train = data_fn(st.data.train)
         st.data.eval = data_fn(st.data.eval)
@@ -183,7 +183,7 @@ def check_data(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[l
             except DataError as e:
                 problems.append(str(e))
                 continue
-            problem = _format_mismatch(name, src, fmt, st.stage, field)
+            problem = _format_mismatch(name, src, fmt, st.kind, field)
             if problem:
                 problems.append(problem)
     return problems, notes
@@ -229,7 +229,7 @@ def check_sources(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list
                     resolve(name)
                 except RewardFunctionError as e:
                     problems.append(f"{where}{e}")
-        if st.stage == "ppo":
+        if st.kind == "ppo":
             fields.append(("ppo.critic_from", st.ppo.critic_from))
         for field, ref in fields:
             if not ref or cfg.stage_named(ref) is not None or ref == TINY_BASE or ref in elsewhere:
@@ -380,7 +380,7 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         f"cluster {cfg.run.address or os.environ.get('RAY_ADDRESS') or 'private local Ray cluster'}",
     ]
     for i, st in enumerate(cfg.stages):
-        lines.append(f"stage {i + 1}/{len(cfg.stages)}: {st.label()} ({st.stage}, method {st.method.name})")
+        lines.append(f"stage {i + 1}/{len(cfg.stages)}: {st.label()} ({st.kind}, method {st.method.name})")
         for world in (s.min_workers, s.num_workers) if s.elastic() else (s.num_workers,):
             lines.append(f"  batch   {st.train.batch_plan(world)}")
         strat = st.strategy
@@ -394,7 +394,7 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
         loss_on = f", loss on {st.loss_on()}, packing {st.data.packing}" if type(st).makes_policy else ""
-        if st.stage in ("ppo", "dpo", "grpo") or st.init_from:
+        if st.kind in ("ppo", "dpo", "grpo") or st.init_from:
             lines.append(f"  from    {cfg.init_source(i)}")
         if type(st).rewarded:
             scored = ([f"reward model {cfg.reward_source(i)} x{st.reward.model_weight:g}"] if cfg.reward_source(i) else [])

@@ -10,6 +10,19 @@ from pathlib import Path
 
 from distft.config import DistftConfig
 from distft.launch.placement import ray_storage_path
+from distft.distributed.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    copy_label,
+    first_verified,
+    read_manifest,
+    sealed_copies,
+    summarize_problems,
+    verify_checkpoint,
+)
+from distft.launch.cluster import is_remote_uri
+from distft.stages.reporting import MetricsLog, last_step
+from distft.stages.summary import read_stage_summary
 
 
 
@@ -43,17 +56,12 @@ def earlier_ray_runs(stage_dir: Path) -> list[str]:
 
 
 def _logged_before(stage_dir: Path) -> bool:
-    from distft.stages.reporting import last_step
-
     return last_step(stage_dir / "metrics.jsonl") is not None
 
 
 def _mark_resume(stage_dir: Path, checkpoint: str, source: str, rank: int) -> None:
     """On rank 0, the restart marker in metrics.jsonl: the steps logged after it from the checkpoint's on redo
     earlier ones, and a reader can tell them apart."""
-    from distft.distributed.checkpoint import checkpoint_step, read_manifest
-    from distft.stages.reporting import MetricsLog
-
     if rank != 0:
         return
     step = (read_manifest(checkpoint) or {}).get("step", checkpoint_step(checkpoint))
@@ -66,10 +74,6 @@ def stage_done(cfg: DistftConfig, run_dir: Path, stage_index: int) -> dict | Non
     Finished means: summary.json, and a `final/` whose manifest verifies (it is written last) for the
     same stage fingerprint (model, this stage's and every earlier stage's settings).
     """
-    from distft.distributed.checkpoint import verify_checkpoint
-
-    from distft.stages.summary import read_stage_summary
-
     stage_dir = run_dir / cfg.stages[stage_index].label()
     summary = read_stage_summary(stage_dir)
     if summary is None or verify_checkpoint(stage_dir / "final"):
@@ -82,9 +86,6 @@ def checkpoint_copies(cfg: DistftConfig, run_dir: Path, stage_index: int, log=pr
     `<stage>/checkpoints/checkpoint-N`, and the copies Ray Train registered for the stage's earlier
     launch attempts in their storage (`<run>/ray/<run name>/checkpoint_*`, or run.storage_path).
     Copies in remote storage (s3://, ...) are not read from here: local checkpoints only, said once."""
-    from distft.distributed.checkpoint import sealed_copies
-    from distft.launch.cluster import is_remote_uri
-
     stage_dir = run_dir / cfg.stages[stage_index].label()
     names = earlier_ray_runs(stage_dir)
     storage = ray_storage_path(cfg, run_dir)
@@ -97,8 +98,6 @@ def checkpoint_copies(cfg: DistftConfig, run_dir: Path, stage_index: int, log=pr
 
 def checkpoint_label(path: str | Path, run_dir: Path) -> str:
     """`checkpoint-20` for a local checkpoint, `checkpoint-20 (Ray's copy ray/...)` for one of Ray's copies."""
-    from distft.distributed.checkpoint import copy_label, read_manifest
-
     path = Path(path)
     if path.parent.name == "checkpoints":
         return path.name
@@ -110,8 +109,6 @@ def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int, log=print) 
 
     Local checkpoints and Ray's copies from earlier attempts are candidates alike; each damaged one
     newer than the choice is reported (`log`) on one line and skipped, never deleted."""
-    from distft.distributed.checkpoint import first_verified
-
     done = stage_done(cfg, run_dir, stage_index)
     if done is not None:
         return done, None
@@ -132,8 +129,6 @@ def resume_point(cfg: DistftConfig, run_dir: Path, stage_index: int, log=print) 
 def start_point(cfg: DistftConfig, run_dir: Path, start_from: str, log=print) -> tuple[int, str]:
     """`--from checkpoint-N`: (the first unfinished stage, its copy of step N that verifies), or CheckpointError
     (exit 2, before any cluster is taken) naming what is wrong and the checkpoints that verify."""
-    from distft.distributed.checkpoint import CheckpointError, copy_label, summarize_problems, verify_checkpoint
-
     m = re.fullmatch(r"(?:checkpoint-)?(\d+)", start_from.strip())
     if not m:
         raise CheckpointError(f"--from {start_from}: not a checkpoint name. Fix: --from checkpoint-N, N a step "
@@ -174,8 +169,6 @@ def set_aside_newer(cfg: DistftConfig, run_dir: Path, stage_index: int, chosen: 
     moved (never deleted) to `<their dir>.after-<N>-<time>` beside them: left in place, the rotation (which
     keeps the highest steps) would delete the new line's checkpoints first, and a later plain `distft
     resume` would silently pick the abandoned line's newest."""
-    from distft.distributed.checkpoint import read_manifest
-
     step = (read_manifest(chosen) or {}).get("step")
     if step is None:
         return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +31,14 @@ LAUNCH_FILES = ("provenance.json",)
 
 class RunDirError(UserError):
     """The run directory cannot be claimed (taken, or the wrong kind of path); the message names it."""
+
+
+@dataclass
+class ResumeHint:
+    """The command that continues a run, once there is one to continue: printed when it is interrupted.
+    The command line makes it (this module is cheap to import); launch/lifecycle.py keeps it current."""
+
+    command: str | None = None
 
 
 class Claim:

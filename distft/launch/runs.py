@@ -1,4 +1,4 @@
-"""`distft runs show|list`: what a run directory holds, read from its files alone.
+"""`distft runs show|list`, and the summary `distft train` prints: what a run directory holds, read from its files alone.
 
 A run directory is what `distft train`, `resume` and `pipeline` write (README, "Run directory"):
 `config.yaml` from the start, `<stage>/summary.json` once a stage finished, `summary.json` once
@@ -64,7 +64,7 @@ def _stages_of(run_dir: Path) -> list[dict]:
                 and any((d / f).exists() for f in ("summary.json", "metrics.jsonl", "checkpoints"))]
         return [{"label": d.name, "kind": None, "method": None, "strategy": None}
                 for d in sorted(dirs, key=lambda d: d.stat().st_mtime)]
-    return [{"label": st.label(), "kind": st.stage, "method": st.method.name, "strategy": st.strategy.label()}
+    return [{"label": st.label(), "kind": st.kind, "method": st.method.name, "strategy": st.strategy.label()}
             for st in cfg.stages]
 
 
@@ -164,6 +164,90 @@ def key_metrics(s: dict) -> list[str]:
     if s.get("stopped_early_at") is not None:
         lines.append(f"stopped early at step {s['stopped_early_at']} by a search's scheduler")
     return lines
+
+
+def stage_result(s: dict) -> str:
+    """The held-out outcome of one stage, in words."""
+    parts = []
+    em = before_after(s, "exact_match", ".1%")
+    if em:
+        parts.append(f"exact match {em} ({s.get('eval_items', 0)} items)")
+    pairwise = before_after(s, "pairwise_accuracy", ".1%")
+    if pairwise:
+        parts.append(f"pairwise accuracy {pairwise} (margin {s['mean_margin_after']:.2f}, {s['eval_pairs']} pairs)")
+    accuracy = before_after(s, "accuracy", ".1%")
+    if accuracy:
+        f1 = before_after(s, "f1_macro", ".3f")
+        parts.append(f"accuracy {accuracy}, macro F1 {f1} ({s.get('heldout_rows', 0)} rows)")
+    reward = before_after(s, "heldout_reward", ".3f")
+    if reward:
+        parts.append(f"mean reward {reward}")
+    if s.get("kl_last") is not None:
+        target = f" (target {s['kl_target']:g})" if s.get("kl_target") else ""
+        parts.append(f"KL {s['kl_last']:.3f}{target}")
+    return "; ".join(parts) or "-"
+
+
+def start_and_finish(summaries: list[dict]) -> str | None:
+    """Where the time around the training steps went: the first stage's start-up and the last one's finish."""
+    ran = [s for s in summaries if not s.get("skipped")]
+    if not ran or not ran[0].get("startup_s"):
+        return None
+    start, finish = ran[0]["startup_s"], ran[-1].get("after_training_s") or {}
+
+    def phases(d: dict) -> str:
+        return f"{sum(d.values()):.1f}s (" + ", ".join(f"{k} {v:.1f}" for k, v in d.items()) + ")"
+
+    return f"time         start {phases(start)}" + (f"; after training {phases(finish)}" if finish else "")
+
+
+def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
+    lines = ["", "=" * 64, f"distft run finished in {seconds:.0f}s: {run_dir}"]
+    rows = [("stage", "kind", "method", "steps", "time", "held-out result")]
+    for s in summaries:
+        took = "skipped" if s.get("skipped") else f"{s.get('wall_seconds', 0):.0f}s"
+        rows.append((s["stage"], s["kind"], s["method"], str(s["steps"]), took, stage_result(s)))
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[5])
+    for s in summaries:
+        pct = 100.0 * s["trainable_params"] / max(s["total_params"], 1)
+        lines.append(f"stage {s['stage']} ({s['kind']}, {s['method']}): {s['trainable_params']:,} trainable params ({pct:.2f}%)")
+        if s.get("train_loss") is not None:
+            first, last = s.get("first_logged_loss"), s.get("last_logged_loss")
+            loss = f"{first:.3f} -> {last:.3f}" if first is not None else f"{s['train_loss']:.3f} (mean)"
+            lines.append(f"  train loss   {loss}, eval loss {s['eval_loss']:.3f}, {s['steps']} steps on {s['world_size']} workers")
+        if s.get("reward_last") is not None:
+            lines.append(f"  rollout reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}, "
+                         f"{s['steps']} rollouts on {s['world_size']} workers")
+        full = s.get("param_elements_full")
+        if full and s.get("world_size", 1) > 1:
+            shares = [f"parameters {100 * s['param_elements_local'] / full:.1f}%"]
+            if "optimizer_fp32_elements_local" in s:
+                shares.append(f"optimizer state {100 * s['optimizer_fp32_elements_local'] / full:.1f}%")
+            lines.append(f"  per rank     {', '.join(shares)} of the model, measured ({s.get('strategy', 'ddp')})")
+        if s.get("peak_rss_mib") is not None:
+            per_rank = s.get("peak_rss_mib_per_rank") or []
+            ranks = f" (ranks: {', '.join(f'{p / 1024:.2f}' for p in per_rank)})" if len(per_rank) > 1 else ""
+            lines.append(f"  peak memory  {s['peak_rss_mib'] / 1024:.2f} GiB per rank at most{ranks}, "
+                         "the kernel's high-water mark (VmHWM)")
+        result = stage_result(s)
+        if result != "-":
+            lines.append(f"  held-out     {result}")
+        if s.get("early_stopped_at") is not None or s.get("best_step") not in (None, s.get("steps")):
+            lines.append(f"  early stop   at step {s.get('early_stopped_at') or s['steps']}; exported the best, step "
+                         f"{s['best_step']} ({s['early_stopping_metric']} {s['best_metric']:.4g})")
+        if s.get("overfitting"):
+            lines.append(f"  overfitting  eval - train loss grew to {s['loss_gap']:.3f} from {s['loss_gap_smallest']:.3f}")
+    timing = start_and_finish(summaries)
+    if timing:
+        lines.append(timing)
+    lines.append(f"model        {run_dir / 'final'}")
+    if summaries and summaries[-1].get("kind") not in ("reward", "classify"):  # these score; they do not generate
+        lines.append(f"sample it    distft generate {run_dir} --prompt \"...\"")
+        lines.append(f"score it     distft eval {run_dir} --data <held-out file>")
+    lines.append("=" * 64)
+    return "\n".join(lines)
 
 
 def _short(node_or_sha: str) -> str:

@@ -13,12 +13,12 @@ from contextlib import contextmanager
 
 from distft.config import DistftConfig
 from distft.launch.errors import ClusterError, error_line
+from distft.launch.cluster import free_port, private_ray_environ, resolve_address, secure_token_file, use_cluster_auth
+from distft.launch.reaper import start_reaper
 
 
 
 def cluster_address(cfg: DistftConfig, address: str | None = None) -> str | None:
-    from distft.launch.cluster import resolve_address
-
     return resolve_address(address or cfg.run.address or os.environ.get("RAY_ADDRESS") or None)
 
 
@@ -39,7 +39,6 @@ def start_private_ray(num_cpus: int, **init_kwargs) -> None:
     """
     import ray
 
-    from distft.launch.cluster import free_port, private_ray_environ, secure_token_file
 
     port = free_port()
     init_kwargs.setdefault("logging_level", "warning")
@@ -62,7 +61,6 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
     if ray.is_initialized():
         return ray
     if address:
-        from distft.launch.cluster import use_cluster_auth
 
         use_cluster_auth(address)  # token auth on; the token of a `distft cluster up` cluster found by path
         try:
@@ -85,7 +83,6 @@ def init_ray(cfg: DistftConfig, address: str | None, num_cpus: int | None = None
                 "(RAY_TMPDIR, default /tmp/ray) is writable and has free space (its logs say more), or use an "
                 "existing cluster (--address)."
             ) from None
-        from distft.launch.reaper import start_reaper
 
         start_reaper(os.getpid())  # if this process is killed outright, its cluster goes too
     filter_streamed_logs()

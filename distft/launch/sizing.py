@@ -37,7 +37,7 @@ def stage_shapes(cfg: DistftConfig, index: int, cache: dict) -> dict:
     stage = cfg.stages[index]
     if type(stage).rewarded:
         out["reward"] = get(cfg.reward_source(index))
-    if stage.stage == "ppo":
+    if stage.kind == "ppo":
         out["critic"] = get(cfg.critic_source(index)) or out["shape"]
     return out
 
@@ -57,7 +57,7 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
     gpu = gpu_gib * GiB
     cpu = not cfg.scaling.use_gpu
     lines = [
-        f"stage {stage.label()} ({stage.stage}, method {stage.method.name}) on {world} "
+        f"stage {stage.label()} ({stage.kind}, method {stage.method.name}) on {world} "
         f"{'CPU worker(s)' if cpu else 'GPU(s)'}, {strategy.label()}, "
         f"{strategy.resolved_precision(cfg.model.dtype)}: {shape.name}, {_count(shape.params)} parameters, "
         f"{_count(shape.trainable(stage.method))} trainable",
@@ -94,7 +94,7 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
         lines.append(f"  DeepSpeed's own estimate of model states (a second opinion): {_gib(second)} GiB per GPU")
     fits = []
     for name, spec in plan.CANDIDATES.items():
-        if stage.stage == "ppo" and spec["name"] == "fsdp":
+        if stage.kind == "ppo" and spec["name"] == "fsdp":
             continue  # the ppo stage runs under DDP or DeepSpeed
         candidate = StrategyConfig(**spec, precision=strategy.precision,
                                    gradient_checkpointing=strategy.gradient_checkpointing)
@@ -207,7 +207,7 @@ def host_fixes(cfg: DistftConfig, index: int, shapes: dict, room: float) -> list
     for label, spec in (("strategy.name=fsdp", {"name": "fsdp"}),
                         ("strategy.name=deepspeed strategy.zero_stage=3", {"name": "deepspeed", "zero_stage": 3})):
         label_of = StrategyConfig(**spec).label()
-        if (stage.strategy.label() == label_of or (stage.stage == "ppo" and spec["name"] == "fsdp")
+        if (stage.strategy.label() == label_of or (stage.kind == "ppo" and spec["name"] == "fsdp")
                 or label_of not in METHOD_STRATEGIES.get(stage.method.name, ALL_STRATEGIES)
                 or (spec["name"] == "fsdp" and stage.method.name == "qlora")):
             continue  # what it is already, or what the config would refuse (the ppo stage: DDP or DeepSpeed)

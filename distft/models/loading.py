@@ -20,6 +20,7 @@ from distft.models.methods import (
     count_params,
     torch_dtype,
 )
+from distft.models.verify import ModelFilesError
 
 def cache_dir() -> Path:
     return Path(os.environ.get("DISTFT_CACHE", Path.home() / ".cache" / "distft")).expanduser()
@@ -234,7 +235,7 @@ def final_model_dir(path: str | Path) -> Path:
 def _inference_tokenizer(path: Path, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
-    from distft.models.verify import ModelFilesError, tokenizer_failure
+    from distft.models.verify import tokenizer_failure
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -295,7 +296,7 @@ def load_reward_for_inference(path: str | Path, trust_remote_code: bool = False,
             use_safetensors=safetensors_only(allow_pickle),
         )
         if info["missing_keys"]:
-            raise ValueError(f"{path} is not a trained reward model: {sorted(info['missing_keys'])} missing. "
+            raise ModelFilesError(f"{path} is not a trained reward model: {sorted(info['missing_keys'])} missing. "
                              "Fix: pass the output of a `stage: reward` run.")
     net.config.pad_token_id = tokenizer.pad_token_id
     net.eval()
@@ -337,7 +338,8 @@ def load_with_adapters(base: str | Path, adapters: dict[str, str], trust_remote_
 
     model, tokenizer = load_for_inference(base, trust_remote_code, allow_pickle)
     if hasattr(model, "peft_config"):
-        raise ValueError(f"{base} is itself an adapter. Fix: pass its base model, and the adapters with --adapter.")
+        raise ModelFilesError(f"{base} is itself an adapter. Fix: pass its base model, and the adapters with "
+                              "--adapter.")
     for i, (name, path) in enumerate(adapters.items()):
         path = inference_source(path, "adapter")
         if not (Path(path) / "adapter_config.json").is_file():

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for i, stage in enumerate(cfg.stages):
-        stage_runner(stage.stage)(cfg, context_from_env(Path(a.run_dir), stage_index=i))
+        stage_runner(stage.kind)(cfg, context_from_env(Path(a.run_dir), stage_index=i))
     leave_process_group()
     return 0
 

@@ -220,6 +220,12 @@ def held_out_task(stage, fmt: str | None = None) -> HeldOut | None:
     return HeldOut(rows, fmt)
 
 
+def sharded_at_load(stage, ctx: StageContext) -> bool:
+    """FSDP2 over several ranks: only local rank 0 reads the weights; the others build on the meta device
+    and get their shards when the Trainer prepares the model. Until then, rank 0 alone can score."""
+    return stage.strategy.name == "fsdp" and ctx.world_size > 1
+
+
 def score_held_out(model, tokenizer, task: HeldOut | None, stage, ctx: StageContext, when: str) -> float | None:
     """Held-out exact match `when` ("before" or "after") training, logged. None without `evaluate.data`,
     and before training when `evaluate.before` is off or the run resumes (the start was scored already)."""
@@ -235,7 +241,7 @@ def score_held_out(model, tokenizer, task: HeldOut | None, stage, ctx: StageCont
             return exact_match(model, tokenizer, task.rows, task.fmt, ev.max_new_tokens, ev.batch_size,
                                rank, world_size).accuracy
 
-    if when == "before" and stage.strategy.name == "fsdp":  # only rank 0 holds weights before they are sharded
+    if when == "before" and sharded_at_load(stage, ctx):
         accuracy = score_on_rank0(lambda: score(0, 1), ctx)
     else:
         accuracy = score(ctx.rank, ctx.world_size)
@@ -342,7 +348,7 @@ def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metr
     early = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStopping)]
     return {
         "stage": stage.label(),
-        "kind": stage.stage,
+        "kind": stage.kind,
         "method": stage.method.name,
         "trainable_params": params.trainable,
         "total_params": params.total,

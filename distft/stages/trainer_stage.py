@@ -37,6 +37,7 @@ from distft.stages.trainer_setup import (
     prepare_trainer,
     run_summary,
     score_held_out,
+    sharded_at_load,
     stage_callbacks,
     total_steps,
     train,
@@ -68,9 +69,7 @@ class Built:
     data: StageData | None = None
 
     def sharded_at_load(self) -> bool:
-        """FSDP2 over several ranks: only local rank 0 reads the weights; the others build on the meta
-        device and get their shards when the Trainer prepares the model."""
-        return self.stage.strategy.name == "fsdp" and self.ctx.world_size > 1
+        return sharded_at_load(self.stage, self.ctx)
 
 
 class TrainerRecipe:
