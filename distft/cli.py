@@ -10,7 +10,6 @@ from pathlib import Path
 
 from distft.config import DistftConfig, load_config
 from distft.errors import UserError
-from distft.launch.rundir import ResumeHint
 
 EPILOG = """examples:
   distft train configs/quickstart.yaml
@@ -481,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from distft.launch.rundir import ResumeHint  # after parsing: `--help` stays as quick as it was
+
     args.hint = ResumeHint()  # the command that continues the run, once there is one (printed on an interrupt)
     from distft.errors import DistftError, StageFailed
     from distft.launch.preflight import PreflightError

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from unittest import mock
 from pathlib import Path
 
 from distft.launch.errors import ClusterError
@@ -84,6 +83,8 @@ LOOPBACK_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 def private_ray_environ():
     """For the `ray.init(address="local")` inside: Ray's processes start with `worker_environ` and a
     loopback node IP. This process's own environment is restored afterwards."""
+    from unittest import mock  # here, not at the top: `distft --help` imports this module (13 ms of asyncio)
+
     from ray._private import ray_constants
 
     switch = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)

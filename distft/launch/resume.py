@@ -21,7 +21,6 @@ from distft.distributed.checkpoint import (
     verify_checkpoint,
 )
 from distft.launch.cluster import is_remote_uri
-from distft.stages.reporting import MetricsLog, last_step
 from distft.stages.summary import read_stage_summary
 
 
@@ -56,12 +55,18 @@ def earlier_ray_runs(stage_dir: Path) -> list[str]:
 
 
 def _logged_before(stage_dir: Path) -> bool:
+    # stages.reporting imports transformers' trainer utilities (peft, bitsandbytes: 3.9 s): in the function,
+    # the driver imports them only when a run resumes, not for every `distft train`.
+    from distft.stages.reporting import last_step
+
     return last_step(stage_dir / "metrics.jsonl") is not None
 
 
 def _mark_resume(stage_dir: Path, checkpoint: str, source: str, rank: int) -> None:
     """On rank 0, the restart marker in metrics.jsonl: the steps logged after it from the checkpoint's on redo
     earlier ones, and a reader can tell them apart."""
+    from distft.stages.reporting import MetricsLog  # (see _logged_before)
+
     if rank != 0:
         return
     step = (read_manifest(checkpoint) or {}).get("step", checkpoint_step(checkpoint))
