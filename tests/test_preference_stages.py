@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, write_jsonl
 from distft.config import build_config
 from distft.data.formats import DataError
+from distft.models.verify import ModelFilesError
 from distft.stages import StageContext, stage_runner
 
 FACTS_TRAIN = REPO / "configs" / "data" / "facts_train.jsonl"
@@ -179,7 +180,7 @@ def test_stages_refuse_the_wrong_data_and_a_missing_reward(tiny_base, tmp_path):
         stage_cfg("grpo", tiny_base, FACTS_TRAIN, grpo={"num_generations": 4})
     # a reward model that is a language model (no trained score head) is refused, not scored with a random head
     cfg = stage_cfg("grpo", tiny_base, FACTS_TRAIN, reward={"model": str(tiny_base)}, grpo={"num_generations": 4})
-    with pytest.raises(ValueError, match="is not a trained reward model: .*score.weight"):
+    with pytest.raises(ModelFilesError, match="is not a trained reward model: .*score.weight"):
         stage_runner("grpo")(cfg, ctx)
     cfg = stage_cfg("grpo", tiny_base, FACTS_TRAIN, reward={"model": str(tmp_path / "nowhere")},
                     grpo={"num_generations": 4})

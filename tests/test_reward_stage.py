@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, write_jsonl
 from distft.config import build_config, load_config
 from distft.data.formats import DataError, encode_preference, encode_row
+from distft.models.verify import ModelFilesError
 from distft.data.loading import load_checked
 from distft.stages import StageContext, stage_runner
 
@@ -230,7 +231,7 @@ def test_lora_reward_adapter_exports_its_head_and_reloads(tiny_base, tmp_path):
 def test_reward_loader_refuses_a_model_without_a_trained_head(tiny_base):
     from distft.models.loading import load_reward_for_inference
 
-    with pytest.raises(ValueError, match="not a trained reward model: .*score.weight"):
+    with pytest.raises(ModelFilesError, match="not a trained reward model: .*score.weight"):
         load_reward_for_inference(tiny_base)
 
 
