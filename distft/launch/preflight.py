@@ -38,6 +38,10 @@ def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
         st.data.train = data_fn(st.data.train)
         st.data.eval = data_fn(st.data.eval)
         st.evaluate.data = data_fn(st.evaluate.data)
+        for retain in st.evaluate.retain or []:
+            retain.data = data_fn(retain.data)
+        if st.data.replay:
+            st.data.replay.source = data_fn(st.data.replay.source)
         if st.strategy.deepspeed_config:
             st.strategy.deepspeed_config = data_fn(st.strategy.deepspeed_config)
     return cfg
@@ -186,6 +190,39 @@ def check_data(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[l
             problem = _format_mismatch(name, src, fmt, st.kind, field)
             if problem:
                 problems.append(problem)
+    return problems, notes
+
+
+def check_retain(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple[list[str], list[str]]:
+    """(problems, notes): each stage's retain sets and replay rows read as the stage will read them, and replay
+    checked to share no row with a retain set. Sources that are datasets names, or only on a cluster, are
+    left to the workers."""
+    from distft.models.bundled import BundledModelError
+    from distft.stages.retain import load_retain_sets, replay_texts
+
+    problems, notes = [], []
+    prefix = "" if len(cfg.stages) == 1 else "stages.{i}."
+    for i, st in enumerate(cfg.stages):
+        sources = [r.data for r in cfg.retain_for(st)] + ([st.data.replay.source] if st.data.replay else [])
+        if not sources:
+            continue
+        away = [src for src in sources if src in elsewhere or not (src.startswith("distft://") or looks_local(src)
+                                                                    or Path(src).exists())]
+        if away:
+            notes.append(f"{prefix.format(i=i)}evaluate.retain / data.replay: {away[0]} is checked when the workers "
+                         "load it.")
+            continue
+        try:
+            sets = load_retain_sets(cfg, st)
+            replayed = replay_texts(st.data.replay.source, sets) if st.data.replay else None
+        except (DataError, BundledModelError) as e:
+            problems.append(prefix.format(i=i) + str(e))
+            continue
+        for r in sets:
+            notes.append(f"{prefix.format(i=i)}retain {r.name}: {r.source}: {r.items} rows, {r.kind.replace('_', ' ')}")
+        if replayed is not None:
+            notes.append(f"{prefix.format(i=i)}data.replay: {st.data.replay.source}: {len(replayed)} text rows, "
+                         "none in a retain set")
     return problems, notes
 
 
@@ -348,6 +385,9 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
     problems = first + check_model(cfg, elsewhere) + sources + methods
     data_problems, notes = check_data(cfg, elsewhere)
     problems += data_problems
+    if not data_problems:
+        retain_problems, retain_notes = check_retain(cfg, elsewhere)
+        problems, notes = problems + retain_problems, notes + retain_notes
     if local_cluster:
         problems += check_local_resources(cfg)
     problems += check_host_memory(cfg, local_cluster) if not problems else []
@@ -403,6 +443,13 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         lines.append(f"  data    {st.data.train} (format {st.data.format}{loss_on})")
         if st.evaluate.data:
             lines.append(f"  task    {st.evaluate.metric.replace('_', ' ')} on {st.evaluate.data}")
+        if st.data.replay:
+            lines.append(f"  replay  {st.data.replay.fraction:.0%} of the rows from {st.data.replay.source}")
+        retained = cfg.retain_for(st)
+        if retained:
+            every = ", and at every eval" if st.evaluate.retain_every_eval else ""
+            lines.append(f"  retain  {', '.join(f'{r.label()} ({r.data})' for r in retained)}: before and after"
+                         f"{every}; forgetting beyond {st.evaluate.forgetting_tolerance:.0%} is flagged")
     if run_dir:
         lines.append(f"output  {run_dir}")
     return "\n".join(lines)

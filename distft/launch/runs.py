@@ -20,7 +20,7 @@ from distft.config import ConfigError, build_config, read_yaml
 from distft.errors import UserError
 from distft.distributed.checkpoint import complete_checkpoints, read_manifest
 from distft.launch.provenance import PACKAGES, read_provenance
-from distft.stages.summary import read_stage_summary
+from distft.stages.summary import describe_retain, read_stage_summary
 
 # Directories inside a run that are not stages: Ray Train's copies and the export link.
 NOT_STAGES = {"ray", "final"}
@@ -161,6 +161,9 @@ def key_metrics(s: dict) -> list[str]:
     heldout = before_after(s, "heldout_reward", ".3f")
     if heldout:
         lines.append(f"held-out mean reward {heldout}")
+    retain = describe_retain(s)
+    if retain:
+        lines.append(f"retain {retain}")
     if s.get("stopped_early_at") is not None:
         lines.append(f"stopped early at step {s['stopped_early_at']} by a search's scheduler")
     return lines
@@ -237,6 +240,9 @@ def render_summary(run_dir: Path, summaries: list[dict], seconds: float) -> str:
         if s.get("early_stopped_at") is not None or s.get("best_step") not in (None, s.get("steps")):
             lines.append(f"  early stop   at step {s.get('early_stopped_at') or s['steps']}; exported the best, step "
                          f"{s['best_step']} ({s['early_stopping_metric']} {s['best_metric']:.4g})")
+        retain = describe_retain(s)
+        if retain:
+            lines.append(f"  retain       {retain}")
         if s.get("overfitting"):
             lines.append(f"  overfitting  eval - train loss grew to {s['loss_gap']:.3f} from {s['loss_gap_smallest']:.3f}")
     timing = start_and_finish(summaries)

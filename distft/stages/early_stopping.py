@@ -33,7 +33,12 @@ class EarlyStopping(TrainerCallback):
         delta = self.settings.min_delta
         return value < self.best - delta if self.settings.direction() == "min" else value > self.best + delta
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training_over = True
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if getattr(self, "training_over", False):  # the stage's evaluate() of the exported model: no decision
+            return
         metric = self.settings.metric
         if not metrics or metric not in metrics:
             raise KeyError(f"train.early_stopping.metric: {metric} is not among this stage's eval metrics "

@@ -46,6 +46,7 @@ from distft.stages.chain import plain_model_dir, source_path, stage_model
 from distft.stages.context import StageContext
 from distft.stages.evaluate import reward_scores
 from distft.stages.reporting import MetricsLog, _fmt_seconds
+from distft.stages.retain import RetainWatch, load_retain_sets
 from distft.stages.trainer_setup import complete_stage, prepare_worker
 
 PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
@@ -134,6 +135,12 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             before = evaluate(actor, held_out, tokenizer, scorer, stage, ctx)
             ctx.log(f"[{stage.label()}] held-out before PPO: {_describe(before)}")
 
+    # Retain sets before the first rollout (a resumed stage reads what its first attempt scored).
+    metrics_log = MetricsLog(stage_dir) if ctx.is_main else None
+    retained = RetainWatch(load_retain_sets(cfg, stage), tokenizer, stage, ctx, stage_dir, cfg.model.max_seq_len,
+                           metrics_log)
+    retained.before(actor.module)
+
     # Resume: engines, KL coefficient and the step; the prompt order is a function of (seed, step).
     start = 0
     if ctx.resume_from:
@@ -152,7 +159,6 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     if publisher:
         stage_dir.mkdir(parents=True, exist_ok=True)
         publisher.recover()
-    metrics_log = MetricsLog(stage_dir) if ctx.is_main else None
     save_every = train_cfg.save_every or steps_per_epoch
     history: list[dict] = []
     loop_started = time.time()
@@ -207,6 +213,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     if held_out is not None:
         after = evaluate(actor, held_out, tokenizer, scorer, stage, ctx)
         ctx.log(f"[{stage.label()}] held-out after PPO: {_describe(after)}")
+    forgetting = retained.after(actor.module, total)
 
     final_dir = stage_dir / "final"
     export_policy(actor.module, strategy.label(), final_dir, ctx)
@@ -240,6 +247,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "time_train": round(sum(h["time_train"] for h in history), 1),
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
+        **forgetting,
     }
     return complete_stage(cfg, ctx, stage_dir, final_dir, summary, tokenizer)
 

@@ -10,9 +10,10 @@ through `ctx`.
 from __future__ import annotations
 
 from distft.config import DistftConfig
-from distft.data.loading import split_rows, streamed_split, tokenize_dataset
+from distft.data.loading import mix_replay, split_rows, streamed_split, tokenize_dataset
 from distft.data.packing import uses_varlen_kernel
 from distft.stages.context import StageContext
+from distft.stages.retain import replay_texts
 from distft.stages.token_metrics import metrics_at_log_steps
 from distft.stages.trainer_setup import own_shard_loader, packed_rows_trainer
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
@@ -30,9 +31,15 @@ class SFT(TrainerRecipe):
             train_rows, eval_rows, fmt = split_rows(data_cfg, stage.train.seed)
             train_ds, stats = tokenize_dataset(train_rows, fmt, b.tokenizer, max_len, stage.loss_on(),
                                                data_cfg.text_field)
+            if data_cfg.replay:
+                train_ds, replayed = mix_replay(train_ds, replay_texts(data_cfg.replay.source, b.retain),
+                                                data_cfg.replay.fraction, b.tokenizer, max_len, stage.train.seed)
         eval_ds, _ = tokenize_dataset(eval_rows, fmt, b.tokenizer, max_len, stage.loss_on(), data_cfg.text_field,
                                       field="data.eval" if data_cfg.eval else "data.train (its eval_fraction split)")
         described = "streamed from Ray Data, tokenized by its tasks" if stats is None else stats.describe(max_len)
+        if data_cfg.replay and stats is not None:
+            described += (f"; plus {replayed} replay rows from {data_cfg.replay.source} "
+                          f"({data_cfg.replay.fraction:.0%} of {len(train_ds)})")
         return StageData(train_ds, eval_ds, 0 if stats is None else len(train_ds),
                          f"({fmt}, loss on {stage.loss_on()}): {described}", {"fmt": fmt, "stats": stats})
 

@@ -47,3 +47,29 @@ def read_stage_summary(stage_dir: Path) -> dict | None:
     except (OSError, ValueError, ValidationError):  # ValidationError is a ValueError; named for the reader
         return None
     return summary
+
+
+def format_score(kind: str, value: float) -> str:
+    """A retain score as people read it: exact match in percent, perplexity to three decimals."""
+    return f"{value:.1%}" if kind == "exact_match" else f"{value:.3f}"
+
+
+def describe_change(row: dict) -> str:
+    """`base perplexity 3.214 -> 3.402 (+5.8%)`: a summary's retain row, with its score's own relative change."""
+    kind, before, after = row["kind"], row.get("before"), row.get("after")
+    if before is None or after is None:
+        known = after if after is not None else before
+        return f"{row['name']} {kind.replace('_', ' ')} {format_score(kind, known)}" if known is not None else row["name"]
+    change = f" ({after / before - 1:+.1%})" if before else ""
+    return f"{row['name']} {kind.replace('_', ' ')} {format_score(kind, before)} -> {format_score(kind, after)}{change}"
+
+
+def describe_retain(summary: dict) -> str | None:
+    """The retain result of a stage summary in one line, or None when it scored no retain set."""
+    rows = summary.get("retain") or []
+    if not rows:
+        return None
+    tolerance = summary.get("forgetting_tolerance")
+    verdict = (f"FORGETTING (a score worse by more than {tolerance:.0%})" if summary.get("forgetting")
+               else f"no forgetting beyond {tolerance:.0%}") if tolerance is not None else ""
+    return ", ".join(describe_change(r) for r in rows) + (f"; {verdict}" if verdict else "")

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from distft.config import build_config
-from distft.models.bundled import (HELDOUT, MANIFEST, PRETRAIN_SEQ_LEN, SHIPPED_FILES, file_hashes, heldout_loss,
-                                   heldout_rows, read_manifest)
+from distft.models.bundled import (CORPUS_DOCS, HELDOUT, MANIFEST, PRETRAIN_SEQ_LEN, SHIPPED_FILES, file_hashes,
+                                   heldout_loss, heldout_rows, read_manifest, split_corpus)
 from distft.models.loading import cache_dir
 from distft.models.tiny import generic_corpus, save_random_init
 from distft.owned import (ForeignDirectoryError, building, is_empty_dir, is_owned, mark, refuse_file_in_path,
@@ -26,11 +26,6 @@ from distft.owned import (ForeignDirectoryError, building, is_empty_dir, is_owne
 from distft.stages.context import StageContext
 
 KIND = "tiny-base"
-HELDOUT_EVERY = 50  # 2% of the corpus
-# 12,000 generated stories, 8 epochs. With 4,000 (the first shipped recipe) the base reached a held-out
-# loss of 0.73 and the quickstart 78-79% exact match over 3 seeds; 4,000 for 16 epochs: 0.68 and 95%
-# (one seed); 12,000 for 8 epochs: 0.645 and 100% (one seed, 300 items). Measured 2026-12-06, 2 cores.
-CORPUS_DOCS = 12_000
 
 PRETRAIN = {
     "model": {"max_seq_len": PRETRAIN_SEQ_LEN},
@@ -80,9 +75,8 @@ def build_tiny_base(out_dir: str | Path | None = None, force: bool = False, log=
     with building(out, KIND, field) as tmp:
         corpus = generic_corpus(n_docs=CORPUS_DOCS)
         # Every HELDOUT_EVERY-th document is held out: never trained on, shipped for scoring (and for
-        # measuring what fine-tuning makes the base forget).
-        heldout = corpus[::HELDOUT_EVERY]
-        train = [t for i, t in enumerate(corpus) if i % HELDOUT_EVERY]
+        # measuring what fine-tuning makes the base forget: the default retain set, stages/retain.py).
+        train, heldout = split_corpus(corpus)
         save_random_init(tmp / "init", corpus=corpus)
         write_text_rows(tmp / "train.jsonl", train)
         write_text_rows(tmp / HELDOUT, heldout)

@@ -1,8 +1,8 @@
 """The skeleton every Trainer stage runs, in one place: sft (and pretrain), reward, dpo, grpo, classify.
 
-    prepare the worker -> tokenizer -> data (once per node) -> Trainer arguments -> model (under
-    FSDP2 read by local rank 0 alone) -> held-out score before -> Trainer -> train -> eval split
-    -> held-out score after -> export -> summary
+    prepare the worker -> tokenizer -> data and retain sets (once per node) -> Trainer arguments ->
+    model (under FSDP2 read by local rank 0 alone) -> held-out and retain scores before -> Trainer
+    -> train -> eval split -> held-out and retain scores after -> export -> summary
 
 A stage is a recipe (torchtune's word): an object whose methods are the steps particular to it
 (its data, its TRL trainer and arguments, what it scores and reports), and a `run(cfg, ctx)` that
@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distft.config import DistftConfig
-from distft.config.schema import ModelConfig, StageBase
+from distft.config.schema import TINY_BASE, ModelConfig, StageBase
 from distft.distributed import fsdp
 from distft.distributed.collectives import local_leader_first
 from distft.models.loading import load_model, load_tokenizer
 from distft.models.methods import count_params
 from distft.stages.chain import stage_model
 from distft.stages.context import StageContext
+from distft.stages.retain import RetainWatch, load_retain_sets, retain_at_eval
 from distft.stages.trainer_setup import (
     export_model,
     complete_stage,
@@ -67,6 +68,7 @@ class Built:
     model_cfg: ModelConfig  # what the stage starts from: the base, or an earlier stage's output
     tokenizer: object
     data: StageData | None = None
+    retain: list = field(default_factory=list)  # the stage's retain sets (stages/retain.py)
 
     def sharded_at_load(self) -> bool:
         return sharded_at_load(self.stage, self.ctx)
@@ -127,8 +129,11 @@ def run_trainer_stage(cfg: DistftConfig, ctx: StageContext, recipe: TrainerRecip
     b = Built(cfg, ctx, stage, stage_dir, model_cfg, load_tokenizer(model_cfg))
 
     with local_leader_first(ctx.local_rank):  # once per node; the others read the datasets cache
+        b.retain = load_retain_sets(cfg, stage)  # first: replay rows are checked against them
         b.data = recipe.load_data(b)
     ctx.log(f"[{stage.label()}] data {b.data.described}")
+    if type(stage).no_retain and stage.evaluate.retain is None and cfg.model.name_or_path == TINY_BASE:
+        ctx.log(f"[{stage.label()}] no retain set: {type(stage).no_retain}")
 
     steps = total_steps(cfg, ctx, b.data.items)
     args = pkgutil.resolve_name(recipe.arguments_class)(**trainer_arguments(cfg, ctx, stage_dir),
@@ -138,18 +143,24 @@ def run_trainer_stage(cfg: DistftConfig, ctx: StageContext, recipe: TrainerRecip
     params = count_params(model)
 
     before = recipe.score(b, model, "before")  # so the summary shows what training bought
-    trainer = recipe.build_trainer(b, model, args, stage_callbacks(cfg, ctx, stage_dir, steps))
+    callbacks = stage_callbacks(cfg, ctx, stage_dir, steps)
+    retained = RetainWatch(b.retain, b.tokenizer, stage, ctx, stage_dir, cfg.model.max_seq_len, callbacks[0].metrics)
+    retained.before(model, rank0_only=b.sharded_at_load())
+    if b.retain and stage.evaluate.retain_every_eval:  # first: its scores join the eval row the others log
+        callbacks.insert(0, retain_at_eval(b.tokenizer, b.retain, stage, ctx, cfg.model.max_seq_len))
+    trainer = recipe.build_trainer(b, model, args, callbacks)
     prepare_trainer(trainer, stage, ctx)
     result = train(trainer, ctx)
     eval_metrics = trainer.evaluate()
     recipe.evaluated(b, eval_metrics)
     after = recipe.score(b, trainer.model, "after")
+    forgetting = retained.after(trainer.model, trainer.state.global_step)
 
     # Export: a full HF model, or the adapter alone (its config points at the model it started from).
     final_dir = stage_dir / "final"
     export_model(trainer, final_dir, ctx)
     summary = {**run_summary(cfg, ctx, trainer, result, eval_metrics, params, started, final_dir),
-               **before, **after, **recipe.summary(b, trainer, eval_metrics)}
+               **before, **after, **recipe.summary(b, trainer, eval_metrics), **forgetting}
     if ctx.is_main:
         recipe.exported(b, model, final_dir)
     return complete_stage(cfg, ctx, stage_dir, final_dir, summary, b.tokenizer)
