@@ -62,6 +62,8 @@ def test_quickstart_cli_meets_its_target(tmp_path):
     took = time.time() - spawned
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "held-out     exact match 0.0% ->" in r.stdout
+    # What the base forgot: its held-out pretraining text, before and after (the default retain set).
+    assert re.search(r"\n  retain       base perplexity 1\.907 -> \d+\.\d{3} \([+-]\d+\.\d%\); ", r.stdout), r.stdout[-3000:]
     # A clean run: no warning or error the user cannot act on (Ray's token-auth notice, Train's
     # PreemptionWatcher line, library notices), and the last eval line once, not twice.
     assert noise_lines(r.stdout, r.stderr) == [], r.stdout[-3000:] + r.stderr[-3000:]
@@ -71,6 +73,7 @@ def test_quickstart_cli_meets_its_target(tmp_path):
     (summary,) = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert summary["eval_items"] >= 500
     assert summary["exact_match_after"] >= 0.97, summary
+    assert summary["retain"][0]["name"] == "base" and summary["retain"][0]["items"] == 240
     # Where the time around the steps went, by phase, within what the process took.
     start, after = summary["startup_s"], summary["after_training_s"]
     assert list(start) == ["cli", "ray", "workers", "setup"] and min(start.values()) > 0, start

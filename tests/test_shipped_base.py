@@ -27,14 +27,17 @@ def test_the_shipped_base_matches_its_manifest_and_scores_what_it_records():
 
 
 def test_the_held_out_corpus_was_never_trained_on():
+    from distft.models.bundled import CORPUS_DOCS, HELDOUT_EVERY, bundled_texts
     from distft.models.tiny import generic_corpus
-    from distft.stages.tiny_base import CORPUS_DOCS, HELDOUT_EVERY
 
     corpus = generic_corpus(n_docs=CORPUS_DOCS)
     held = heldout_rows()
     assert held == corpus[::HELDOUT_EVERY]  # the recipe's split, reproduced from the generator
-    trained = {t for i, t in enumerate(corpus) if i % HELDOUT_EVERY}
-    assert not trained & set(held)
+    trained = [t for i, t in enumerate(corpus) if i % HELDOUT_EVERY]
+    assert not set(trained) & set(held)
+    # The two data sources a config can name: the retain default and the replay corpus.
+    assert bundled_texts("distft://tiny-base/heldout") == held
+    assert bundled_texts("distft://tiny-base/corpus") == trained
 
 
 def test_distft_tiny_base_names_the_shipped_files_over_an_older_cached_build(tmp_path, monkeypatch):

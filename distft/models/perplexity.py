@@ -29,7 +29,8 @@ def document_nll(model, docs: list[list[int]], pad_token_id: int, batch_size: in
                 width = max(map(len, batch))
                 ids = torch.tensor([d + [pad_token_id] * (width - len(d)) for d in batch], device=device)
                 mask = torch.tensor([[1] * len(d) + [0] * (width - len(d)) for d in batch], device=device)
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                # The last `width` positions: prompt tuning puts its virtual tokens' logits in front.
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, -width:][:, :-1].float()
                 labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
                 loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                          ignore_index=-100, reduction="sum")
