@@ -109,6 +109,8 @@ def test_early_stopping_on_a_retain_metric_stops_before_forgetting_grows(tmp_pat
 
 @pytest.mark.parametrize("raw_extra, phrase", [
     ({"stage": "reward", "evaluate": {"retain": [{"data": "x.jsonl"}]}}, "the reward stage cannot score retain sets"),
+    ({"stage": "classify", "evaluate": {"retain": [{"data": "x.jsonl", "kind": "perplexity"}]}},
+     "the classify stage scores retain sets by accuracy, not perplexity"),
     ({"data": {"replay": {"source": "distft://tiny-base/heldout", "fraction": 0.1}}}, "is also a retain set"),
     ({"data": {"replay": {"source": "distft://tiny-base/corpus", "fraction": 0.1}, "streaming": True}},
      "a stream is read once"),

@@ -369,8 +369,9 @@ class RetainConfig(Section):
     data: str = Field(..., description="File, datasets name, or distft://tiny-base/heldout (the bundled base's "
                                        "held-out pretraining documents)")
     name: str | None = Field(None, description="Its name in summaries and metrics; default: the file's stem")
-    kind: Literal["perplexity", "exact_match"] | None = Field(
-        None, description="perplexity for text rows, exact_match for instruction rows; default: from the rows")
+    kind: Literal["perplexity", "exact_match", "accuracy"] | None = Field(
+        None, description="perplexity for text rows, exact_match for instruction rows, accuracy for labelled "
+                          "rows (classify stages); default: from the rows")
     max_samples: int = Field(256, ge=1, description="Rows scored, the first N: retain scoring is kept cheap")
 
     @field_validator("name")
@@ -538,9 +539,11 @@ class StageBase(Section):
     pairs: ClassVar[bool] = False
     # Generates rollouts per worker and scores them with a reward model and/or functions (`reward:`).
     rewarded: ClassVar[bool] = False
-    # Why retain sets (evaluate.retain) cannot score this kind's model; "" where they can: a language
-    # model has a next-token loss (text) and answers (instructions).
+    # Why retain sets (evaluate.retain) cannot score this kind's model; "" where they can.
     no_retain: ClassVar[str] = ""
+    # How its retain sets are scored: a language model has a next-token loss (text) and answers
+    # (instructions); a classifier has labels.
+    retain_kinds: ClassVar[tuple[str, ...]] = ("perplexity", "exact_match")
     # Trains on token rows that data.replay can add to.
     replays: ClassVar[bool] = False
 
@@ -570,6 +573,11 @@ class StageBase(Section):
         if ev.retain and type(self).no_retain:
             errors.append(f"evaluate.retain: the {self.kind} stage cannot score retain sets: {type(self).no_retain}. "
                           "Fix: evaluate.retain=[] for this stage.")
+        for i, r in enumerate(ev.retain or []):
+            if r.kind is not None and r.kind not in type(self).retain_kinds:
+                errors.append(f"evaluate.retain.{i}.kind: the {self.kind} stage scores retain sets by "
+                              f"{' or '.join(type(self).retain_kinds)}, not {r.kind}. Fix: "
+                              f"evaluate.retain.{i}.kind={type(self).retain_kinds[0]}, or leave it unset.")
         labels = [r.label() for r in ev.retain or []]
         twice = sorted({n for n in labels if labels.count(n) > 1})
         if twice:
@@ -689,8 +697,7 @@ class ClassifyStage(StageBase):
     precision, recall and F1 (macro and per class) on the eval split and `evaluate.data`, before and after."""
 
     runner = "distft.stages.classify:run"
-    no_retain = ("a classifier has no next-token loss or answers to score a retain set by, and retain sets of "
-                 "labelled rows (accuracy) are not supported yet")
+    retain_kinds = ("accuracy",)  # labelled rows with the stage's own labels: e.g. an earlier task's
     # FSDP2 fails inside torch 2.13's fully_shard on the MiniLM (BERT) classifier ("Invariant
     # encountered: value was None", in _init_sharding_spec_tp), measured; not offered until it works.
     strategies = ("ddp", "deepspeed")
@@ -1069,7 +1076,7 @@ class DistftConfig(Section):
         what a hub model knew ships with it) or for kinds that cannot score one (`no_retain`)."""
         if stage.evaluate.retain is not None:
             return list(stage.evaluate.retain)
-        if self.model.name_or_path == TINY_BASE and not type(stage).no_retain:
+        if self.model.name_or_path == TINY_BASE and "perplexity" in type(stage).retain_kinds:
             return [RetainConfig(data=TINY_BASE_HELDOUT, name="base", kind="perplexity")]
         return []
 

@@ -96,6 +96,10 @@ class Classify(TrainerRecipe):
             if stage.evaluate.max_samples:
                 held_rows = held_rows.select(range(min(len(held_rows), stage.evaluate.max_samples)))
             held_ds = encode(held_rows, tok, labels, data_cfg.text_field, max_len, "evaluate.data")
+        for r in b.retain:  # labelled rows of the stage's own labels, scored like the held-out rows
+            enc = encode(r.rows, tok, labels, data_cfg.text_field, max_len, f"evaluate.retain ({r.source})")
+            r.score_fn = (lambda model, enc=enc: scores_as_loaded(model, enc, tok, classification_metrics(labels),
+                                                                  stage.train.micro_batch_size)["heldout_accuracy"])
         return StageData(train_ds, eval_ds, len(train_ds),
                          f"(classification): {len(train_ds)} training rows, {len(eval_ds)} eval, {len(held_ds)} "
                          f"held-out; labels {labels}", {"labels": labels, "held": held_ds})

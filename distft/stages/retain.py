@@ -5,7 +5,8 @@ eval split and the held-out task only say how well it learned the new task. A re
 general data away from that task:
 - text rows are scored by perplexity: the next-token loss over the documents, encoded as
   pretraining encodes text (models/perplexity.py), exponentiated;
-- instruction rows by exact match of greedy answers, as the held-out task is.
+- instruction rows by exact match of greedy answers, as the held-out task is;
+- labelled rows (classify stages) by accuracy, with the stage's own labels and scorer.
 
 Each rank scores a strided share and the sums are added, so the ranks' results are one result.
 The change is relative and signed so that positive is worse: perplexity after/before - 1, exact
@@ -45,8 +46,10 @@ class RetainSet:
     kind: str  # perplexity | exact_match
     source: str
     texts: list[str] | None = None  # perplexity
-    rows: object = None  # exact_match: validated prompt/answer rows (a datasets.Dataset)
+    rows: object = None  # exact_match, accuracy: the validated rows (a datasets.Dataset)
     fmt: str | None = None
+    # accuracy: the stage's own scorer (a classifier's labels and encoding are the stage's), model -> accuracy
+    score_fn: object = None
 
     @property
     def metric(self) -> str:
@@ -77,9 +80,12 @@ def load_retain_sets(cfg: DistftConfig, stage) -> list[RetainSet]:
         if texts is not None:
             fmt = "text"
         else:
-            data = stage.data.model_copy(update={"format": "auto", "split": "train", "text_field": "text"})
+            data = stage.data.model_copy(update={"format": "auto", "split": "train"})
             rows, fmt = load_checked(rc.data, data, field)
-        kind = rc.kind or ("perplexity" if fmt == "text" else "exact_match")
+        kind = rc.kind or {"text": "perplexity", "classification": "accuracy"}.get(fmt, "exact_match")
+        if kind == "accuracy" and fmt != "classification":
+            raise DataError(f"{field}: accuracy is scored on labelled rows (text and label); {rc.data} has {fmt} "
+                            "rows. Fix: point it at labelled rows.")
         if kind == "perplexity" and fmt != "text":
             raise DataError(f"{field}: perplexity is scored on text rows; {rc.data} has {fmt} rows. Fix: "
                             f"evaluate.retain.{i}.kind=exact_match, or point it at rows with a `text` field.")
@@ -133,6 +139,8 @@ def score_retain(model, tokenizer, sets: list[RetainSet], stage, ctx: StageConte
 
     def one(s: RetainSet, rank: int, world: int) -> float:
         with full_parameters(model, stage.strategy.label()):
+            if s.kind == "accuracy":  # every rank scores every row, as the classify stage's held-out score
+                return s.score_fn(model)
             if s.kind == "perplexity":
                 docs = encode_documents(tokenizer, s.texts[rank::world], max_len)
                 nll, count = document_nll(model, docs, tokenizer.pad_token_id)

@@ -51,7 +51,7 @@ def read_stage_summary(stage_dir: Path) -> dict | None:
 
 def format_score(kind: str, value: float) -> str:
     """A retain score as people read it: exact match in percent, perplexity to three decimals."""
-    return f"{value:.1%}" if kind == "exact_match" else f"{value:.3f}"
+    return f"{value:.1%}" if kind in ("exact_match", "accuracy") else f"{value:.3f}"
 
 
 def describe_change(row: dict) -> str:
