@@ -267,13 +267,17 @@ def split_rows(data, seed: int):
     return train, held_out, fmt
 
 
-def split_preference_rows(data, seed: int, kind: str):
-    """`split_rows` for a stage that trains on preference pairs (reward, dpo); other rows are refused."""
+def split_preference_rows(data, seed: int, kind: str, prepare, tokenizer, max_len: int):
+    """(train, eval, the train side's PairStats): `split_rows` for a stage that trains on preference pairs
+    (reward, dpo), other rows refused, each side through `prepare`: `tokenize_preferences` for a trainer
+    handed token ids, `fitting_preferences` for one that tokenizes the rows itself."""
     train_rows, eval_rows, fmt = split_rows(data, seed)
     if fmt != "preference":
         raise DataError(f"data.train: the {kind} stage trains on preference pairs (chosen/rejected, optional "
                         f"prompt); {data.train} has format {fmt}.")
-    return train_rows, eval_rows
+    train, stats = prepare(train_rows, tokenizer, max_len, "data.train")
+    held, _ = prepare(eval_rows, tokenizer, max_len, "data.eval")
+    return train, held, stats
 
 
 def streamed_split(data, shard):

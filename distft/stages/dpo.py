@@ -26,9 +26,8 @@ class DPO(TrainerRecipe):
         # A pair longer than max_seq_len is dropped and counted, as in the reward stage: TRL would
         # truncate it, often cutting away exactly the tokens where chosen and rejected differ.
         data_cfg, max_len = b.stage.data, b.cfg.model.max_seq_len
-        train_rows, eval_rows = split_preference_rows(data_cfg, b.stage.train.seed, "dpo")
-        train_rows, stats = fitting_preferences(train_rows, b.tokenizer, max_len, "data.train")
-        eval_rows, _ = fitting_preferences(eval_rows, b.tokenizer, max_len, "data.eval")
+        train_rows, eval_rows, stats = split_preference_rows(data_cfg, b.stage.train.seed, "dpo", fitting_preferences,
+                                                             b.tokenizer, max_len)
         return StageData(train_rows, eval_rows, len(train_rows), f"(preference): {stats.describe(max_len)}",
                          {"stats": stats})
 

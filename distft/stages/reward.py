@@ -27,9 +27,8 @@ class Reward(TrainerRecipe):
         # Validated pairs -> chosen/rejected token ids. We tokenize (as TRL would), so the held-out
         # scoring reads exactly what training read, and over-long pairs are counted.
         data_cfg, max_len = b.stage.data, b.cfg.model.max_seq_len
-        train_rows, eval_rows = split_preference_rows(data_cfg, b.stage.train.seed, "reward")
-        train_ds, stats = tokenize_preferences(train_rows, b.tokenizer, max_len, "data.train")
-        eval_ds, _ = tokenize_preferences(eval_rows, b.tokenizer, max_len, "data.eval")
+        train_ds, eval_ds, stats = split_preference_rows(data_cfg, b.stage.train.seed, "reward", tokenize_preferences,
+                                                         b.tokenizer, max_len)
         held_out = _held_out_pairs(b.stage, data_cfg, b.tokenizer) if b.stage.evaluate.data else None
         return StageData(train_ds, eval_ds, len(train_ds), f"(preference): {stats.describe(max_len)}",
                          {"stats": stats, "held_out": held_out})
