@@ -92,6 +92,27 @@ def test_the_summary_and_runs_show_print_the_retain_line(runs):
     assert "no forgetting beyond 10%" in render_summary(run_dir, [normal], 1.0)
 
 
+def test_an_instruction_retain_set_scores_by_exact_match_or_by_a_reward_function(tmp_path):
+    """The same 32 held-out instructions as two retain sets: the built-in exact_match reward's mean is the
+    exact match, before and after; a reward function from a module (pkg.mod:fn) is imported by name."""
+    from pathlib import Path
+
+    held = str(Path(__file__).resolve().parents[1] / "configs/data/facts_test.jsonl")
+    sets = [{"data": held, "name": "em", "max_samples": 32},
+            {"data": held, "name": "rw", "max_samples": 32, "reward_fn": "exact_match"},
+            {"data": held, "name": "len", "max_samples": 32, "reward_fn": "test_retain:answer_length"}]
+    summary = sft(tmp_path / "r", 1e-3, steps=30, evaluate={"retain": sets, "max_new_tokens": 8})
+    em, rw, length = summary["retain"]
+    assert (em["kind"], rw["kind"], length["kind"]) == ("exact_match", "reward", "reward")
+    assert rw["before"] == em["before"] and rw["after"] == em["after"] and em["after"] > em["before"]
+    assert length["before"] > 0 and length["after"] > 0
+
+
+def answer_length(prompts, completions, references) -> list[float]:
+    """A reward function for the test above: the answer's length in characters."""
+    return [float(len(c)) for c in completions]
+
+
 def test_early_stopping_on_a_retain_metric_stops_before_forgetting_grows(tmp_path):
     summary = sft(tmp_path / "es", 1e-3, evaluate={"retain_every_eval": True},
                   train={"eval_every": 10, "save_every": 10,
@@ -107,6 +128,18 @@ def test_early_stopping_on_a_retain_metric_stops_before_forgetting_grows(tmp_pat
     assert summary["retain"][0]["after"] == pytest.approx(at_evals[10], rel=1e-5)
 
 
+@pytest.mark.parametrize("kind, expected", [("sft", ["base"]), ("pretrain", ["base"]), ("dpo", ["base"]),
+                                            ("grpo", ["base"]), ("ppo", ["base"]), ("reward", []), ("classify", [])])
+def test_the_default_retain_set_goes_to_the_stages_that_can_score_it(kind, expected):
+    """On the shipped base: every language-model stage gets its held-out documents; a reward model or a
+    classifier has no next-token loss to score them by (a reward stage given it failed in a reshape)."""
+    raw = {"model": {"name_or_path": "distft://tiny-base"}, "stage": kind, "data": {"train": "t.jsonl"}}
+    if kind in ("grpo", "ppo"):
+        raw["reward"] = {"functions": {"exact_match": 1.0}}
+    cfg = build_config(raw)
+    assert [r.label() for r in cfg.retain_for(cfg.stages[0])] == expected
+
+
 @pytest.mark.parametrize("raw_extra, phrase", [
     ({"stage": "reward", "evaluate": {"retain": [{"data": "x.jsonl"}]}}, "the reward stage cannot score retain sets"),
     ({"stage": "classify", "evaluate": {"retain": [{"data": "x.jsonl", "kind": "perplexity"}]}},
@@ -116,6 +149,7 @@ def test_early_stopping_on_a_retain_metric_stops_before_forgetting_grows(tmp_pat
      "a stream is read once"),
     ({"train": {"early_stopping": {"metric": "eval_retain_base_perplexity"}}}, "retain_every_eval=true"),
     ({"evaluate": {"retain": [{"data": "a/x.jsonl"}, {"data": "b/x.jsonl"}]}}, "two retain sets are named x"),
+    ({"evaluate": {"retain": [{"data": "x.jsonl", "kind": "reward"}]}}, "kind reward scores answers with reward_fn"),
 ])
 def test_config_refuses_what_would_hide_or_cannot_score_forgetting(raw_extra, phrase):
     raw = {"stage": "sft", "data": {"train": "t.jsonl"}}

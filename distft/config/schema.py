@@ -369,9 +369,11 @@ class RetainConfig(Section):
     data: str = Field(..., description="File, datasets name, or distft://tiny-base/heldout (the bundled base's "
                                        "held-out pretraining documents)")
     name: str | None = Field(None, description="Its name in summaries and metrics; default: the file's stem")
-    kind: Literal["perplexity", "exact_match", "accuracy"] | None = Field(
-        None, description="perplexity for text rows, exact_match for instruction rows, accuracy for labelled "
-                          "rows (classify stages); default: from the rows")
+    kind: Literal["perplexity", "exact_match", "reward", "accuracy"] | None = Field(
+        None, description="perplexity for text rows, exact_match (or reward, with reward_fn) for instruction rows, "
+                          "accuracy for labelled rows (classify stages); default: from the rows")
+    reward_fn: str | None = Field(None, description="kind reward: the mean of this reward function over greedy "
+                                                    "answers (built-in exact_match, or package.module:function)")
     max_samples: int = Field(256, ge=1, description="Rows scored, the first N: retain scoring is kept cheap")
 
     @field_validator("name")
@@ -381,6 +383,15 @@ class RetainConfig(Section):
             raise ValueError(f"evaluate.retain.name: {name!r} is used in metric names. Fix: letters, digits, _ "
                              "and - only, e.g. general_text.")
         return name
+
+    @model_validator(mode="after")
+    def _reward_needs_a_function(self):
+        if self.reward_fn and self.kind is None:
+            self.kind = "reward"
+        if (self.kind == "reward") != bool(self.reward_fn):
+            raise ValueError("evaluate.retain: kind reward scores answers with reward_fn, and reward_fn is for kind "
+                             "reward. Fix: set both (e.g. reward_fn: exact_match), or neither.")
+        return self
 
     def label(self) -> str:
         if self.name:
@@ -543,7 +554,7 @@ class StageBase(Section):
     no_retain: ClassVar[str] = ""
     # How its retain sets are scored: a language model has a next-token loss (text) and answers
     # (instructions); a classifier has labels.
-    retain_kinds: ClassVar[tuple[str, ...]] = ("perplexity", "exact_match")
+    retain_kinds: ClassVar[tuple[str, ...]] = ("perplexity", "exact_match", "reward")
     # Trains on token rows that data.replay can add to.
     replays: ClassVar[bool] = False
 
@@ -670,6 +681,7 @@ class RewardStage(StageBase):
     pairs = True
     no_retain = ("a reward model scores whole responses with one number: it has no next-token loss or answers "
                  "to score a retain set by")
+    retain_kinds = ()
 
     stage: Literal["reward"]
 
@@ -1076,7 +1088,8 @@ class DistftConfig(Section):
         what a hub model knew ships with it) or for kinds that cannot score one (`no_retain`)."""
         if stage.evaluate.retain is not None:
             return list(stage.evaluate.retain)
-        if self.model.name_or_path == TINY_BASE and "perplexity" in type(stage).retain_kinds:
+        if self.model.name_or_path == TINY_BASE and "perplexity" in type(stage).retain_kinds \
+                and not type(stage).no_retain:
             return [RetainConfig(data=TINY_BASE_HELDOUT, name="base", kind="perplexity")]
         return []
 

@@ -51,8 +51,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     return out
 
 
-def exact_match(model, tokenizer, rows, fmt: str, max_new_tokens: int, batch_size: int = 64,
-                rank: int = 0, world_size: int = 1) -> ExactMatch:
+def answers(model, tokenizer, rows, fmt: str, max_new_tokens: int, batch_size: int = 64, rank: int = 0,
+            world_size: int = 1) -> tuple[list[str], list[str | None], list[str]]:
+    """(prompts, reference answers, greedy answers) of this rank's strided share of `rows`."""
     rows = list(rows)[rank::world_size]
     prompts = [generation_prompt(r, fmt, tokenizer) for r in rows]
     refs = [reference_answer(r, fmt) for r in rows]
@@ -61,11 +62,27 @@ def exact_match(model, tokenizer, rows, fmt: str, max_new_tokens: int, batch_siz
     got = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     if was_training:
         model.train()
+    return prompts, refs, got
+
+
+def exact_match(model, tokenizer, rows, fmt: str, max_new_tokens: int, batch_size: int = 64,
+                rank: int = 0, world_size: int = 1) -> ExactMatch:
+    prompts, refs, got = answers(model, tokenizer, rows, fmt, max_new_tokens, batch_size, rank, world_size)
     correct = sum(normalize_answer(g) == normalize_answer(r) for g, r in zip(got, refs))
-    total = len(rows)
+    total = len(prompts)
     if world_size > 1:  # not when rank 0 scores alone (score_on_rank0): the others are elsewhere
         correct, total = (int(x) for x in sum_over_ranks([correct, total]))
     return ExactMatch(correct, total, list(zip(prompts, refs, got))[:3])
+
+
+def mean_reward(model, tokenizer, rows, fmt: str, reward_fn, max_new_tokens: int, batch_size: int = 64,
+                rank: int = 0, world_size: int = 1) -> float:
+    """The mean of `reward_fn(prompts, answers, references)` over greedy answers to every row."""
+    prompts, refs, got = answers(model, tokenizer, rows, fmt, max_new_tokens, batch_size, rank, world_size)
+    total, count = float(sum(reward_fn(prompts, got, refs))) if prompts else 0.0, len(prompts)
+    if world_size > 1:
+        total, count = sum_over_ranks([total, count])
+    return total / max(count, 1)
 
 
 def reward_scores(model, sequences: list[list[int]], pad_token_id: int, batch_size: int = 64):

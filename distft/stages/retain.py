@@ -5,12 +5,13 @@ eval split and the held-out task only say how well it learned the new task. A re
 general data away from that task:
 - text rows are scored by perplexity: the next-token loss over the documents, encoded as
   pretraining encodes text (models/perplexity.py), exponentiated;
-- instruction rows by exact match of greedy answers, as the held-out task is;
+- instruction rows by exact match of greedy answers, as the held-out task is, or by the mean of a
+  reward function over them (`reward_fn`, as PPO and GRPO score rollouts);
 - labelled rows (classify stages) by accuracy, with the stage's own labels and scorer.
 
 Each rank scores a strided share and the sums are added, so the ranks' results are one result.
 The change is relative and signed so that positive is worse: perplexity after/before - 1, exact
-match 1 - after/before. A stage whose change on any set exceeds `evaluate.forgetting_tolerance`
+match, accuracy and reward (before - after)/|before|. A stage whose change on any set exceeds `evaluate.forgetting_tolerance`
 is flagged `forgetting` in its summary.
 
 The default: the bundled tiny base's held-out pretraining documents when the run's model is
@@ -33,7 +34,8 @@ from distft.distributed.sharding import full_parameters
 from distft.models.bundled import bundled_texts
 from distft.models.perplexity import document_nll, encode_documents
 from distft.stages.context import StageContext
-from distft.stages.evaluate import exact_match
+from distft.rl.rewards import RewardFunctionError, resolve
+from distft.stages.evaluate import exact_match, mean_reward
 from distft.stages.summary import describe_change, format_score as _fmt
 
 BEFORE_FILE = "retain_before.json"
@@ -48,7 +50,8 @@ class RetainSet:
     texts: list[str] | None = None  # perplexity
     rows: object = None  # exact_match, accuracy: the validated rows (a datasets.Dataset)
     fmt: str | None = None
-    # accuracy: the stage's own scorer (a classifier's labels and encoding are the stage's), model -> accuracy
+    # accuracy: the stage's own scorer (a classifier's labels and encoding are the stage's), model -> accuracy;
+    # reward: the reward function, (prompts, answers, references) -> scores
     score_fn: object = None
 
     @property
@@ -66,7 +69,8 @@ class RetainSet:
             return None
         if self.kind == "perplexity":
             return after / before - 1.0
-        return 1.0 - after / before if before > 0 else (0.0 if after >= before else 1.0)
+        # Higher is better; a reward may be negative, so the drop is relative to its size.
+        return (before - after) / abs(before) if before else (0.0 if after >= before else 1.0)
 
 
 def load_retain_sets(cfg: DistftConfig, stage) -> list[RetainSet]:
@@ -89,16 +93,23 @@ def load_retain_sets(cfg: DistftConfig, stage) -> list[RetainSet]:
         if kind == "perplexity" and fmt != "text":
             raise DataError(f"{field}: perplexity is scored on text rows; {rc.data} has {fmt} rows. Fix: "
                             f"evaluate.retain.{i}.kind=exact_match, or point it at rows with a `text` field.")
-        if kind == "exact_match" and fmt not in PROMPT_FORMATS:
-            raise DataError(f"{field}: exact match answers prompts (alpaca, messages or prompt_completion rows); "
-                            f"{rc.data} has {fmt} rows. Fix: evaluate.retain.{i}.kind=perplexity.")
+        if kind in ("exact_match", "reward") and fmt not in PROMPT_FORMATS:
+            raise DataError(f"{field}: {kind.replace('_', ' ')} scores answers to prompts (alpaca, messages or "
+                            f"prompt_completion rows); {rc.data} has {fmt} rows. Fix: "
+                            f"evaluate.retain.{i}.kind=perplexity.")
         if texts is None and kind == "perplexity":
             texts = list(rows["text"])
+        score_fn = None
+        if kind == "reward":
+            try:
+                score_fn = resolve(rc.reward_fn)
+            except RewardFunctionError as e:
+                raise DataError(f"evaluate.retain.{i}.reward_fn: {e}") from None
         if texts is not None:
             sets.append(RetainSet(rc.label(), kind, rc.data, texts=texts[:rc.max_samples], fmt=fmt))
         else:
             sets.append(RetainSet(rc.label(), kind, rc.data, rows=rows.select(range(min(len(rows), rc.max_samples))),
-                                  fmt=fmt))
+                                  fmt=fmt, score_fn=score_fn))
     return sets
 
 
@@ -147,6 +158,9 @@ def score_retain(model, tokenizer, sets: list[RetainSet], stage, ctx: StageConte
                 if world > 1:
                     nll, count = sum_over_ranks([nll, count])
                 return math.exp(nll / max(count, 1))
+            if s.kind == "reward":
+                return mean_reward(model, tokenizer, s.rows, s.fmt, s.score_fn, ev.max_new_tokens, ev.batch_size,
+                                   rank, world)
             return exact_match(model, tokenizer, s.rows, s.fmt, ev.max_new_tokens, ev.batch_size, rank,
                                world).accuracy
 
