@@ -70,6 +70,7 @@ def describe_retain(summary: dict) -> str | None:
     if not rows:
         return None
     tolerance = summary.get("forgetting_tolerance")
-    verdict = (f"FORGETTING (a score worse by more than {tolerance:.0%})" if summary.get("forgetting")
+    verdict = (f"FORGETTING (a score worse by more than {tolerance:.0%}; data.replay kept it within that in "
+               "benchmarks/forgetting.py: README, \"Forgetting\")" if summary.get("forgetting")
                else f"no forgetting beyond {tolerance:.0%}") if tolerance is not None else ""
     return ", ".join(describe_change(r) for r in rows) + (f"; {verdict}" if verdict else "")
