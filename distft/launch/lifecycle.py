@@ -67,8 +67,9 @@ def _in_claim(claim: Claim, hint: ResumeHint, body) -> Finished:
 
 def start_run(cfg: DistftConfig, config_path: str, address: str | None, hint: ResumeHint) -> Finished:
     """`distft train CONFIG`: a fresh run directory, the resolved config in it, then the launch."""
-    preflight(cfg, cluster_address(cfg, address))
-    claim = claim_for(cfg, config_path, cluster_address(cfg, address))
+    resolved = cluster_address(cfg, address)
+    preflight(cfg, resolved)
+    claim = claim_for(cfg, config_path, resolved)
 
     def body() -> Finished:
         cfg.run.name = claim.path.name
@@ -112,8 +113,9 @@ def start_pipeline(cfg: DistftConfig, config_path: str, address: str | None, for
         if force_from is None:
             names = ", ".join(st.label() for st in cfg.stages)
             raise RunCommandError(f"--force {force}: no such stage; this config has {names} (or --force all).")
-    preflight(cfg, cluster_address(cfg, address))
-    claim = claim_for(cfg, config_path, cluster_address(cfg, address), reuse=True)
+    resolved = cluster_address(cfg, address)
+    preflight(cfg, resolved)
+    claim = claim_for(cfg, config_path, resolved, reuse=True)
 
     def body() -> Finished:  # a first attempt that never started leaves nothing (earlier attempts stay)
         run_dir = claim.path
@@ -188,8 +190,9 @@ def start_search(config_path: str | None, overrides: list[str], resume_dir: str 
         return SearchStart(run_dir, raw, tune_cfg, cfg, cwd, None)
     cwd = str(Path.cwd())
     raw, tune_cfg, cfg = load_search(config_path, overrides)
-    preflight(absolutize_paths(cfg, Path(cwd)), cluster_address(cfg, address))
-    claim = claim_for(cfg, config_path, cluster_address(cfg, address))
+    resolved = cluster_address(cfg, address)
+    preflight(absolutize_paths(cfg, Path(cwd)), resolved)
+    claim = claim_for(cfg, config_path, resolved)
     try:
         claim.write_text("search.yaml", Path(config_path).read_text() if not overrides
                          else yaml.safe_dump(raw, sort_keys=False))

@@ -10,9 +10,9 @@ general data away from that task:
 - labelled rows (classify stages) by accuracy, with the stage's own labels and scorer.
 
 Each rank scores a strided share and the sums are added, so the ranks' results are one result.
-The change is relative and signed so that positive is worse: perplexity after/before - 1, exact
-match, accuracy and reward (before - after)/|before|. A stage whose change on any set exceeds `evaluate.forgetting_tolerance`
-is flagged `forgetting` in its summary.
+The change is relative and signed so that positive is worse: perplexity after/before - 1; exact
+match, accuracy and reward (before - after)/|before|. A stage whose change on any set exceeds
+`evaluate.forgetting_tolerance` is flagged `forgetting` in its summary.
 
 The default: the bundled tiny base's held-out pretraining documents when the run's model is
 `distft://tiny-base` (each stage of a pipeline built on it keeps that set); none for other models.
@@ -33,8 +33,8 @@ from distft.distributed.collectives import sum_over_ranks
 from distft.distributed.sharding import full_parameters
 from distft.models.bundled import bundled_texts
 from distft.models.perplexity import document_nll, encode_documents
-from distft.stages.context import StageContext
 from distft.rl.rewards import RewardFunctionError, resolve
+from distft.stages.context import StageContext
 from distft.stages.evaluate import exact_match, mean_reward
 from distft.stages.summary import describe_change, format_score as _fmt
 
@@ -45,7 +45,7 @@ PROMPT_FORMATS = ("alpaca", "messages", "prompt_completion")
 @dataclass
 class RetainSet:
     name: str
-    kind: str  # perplexity | exact_match
+    kind: str  # perplexity | exact_match | reward | accuracy
     source: str
     texts: list[str] | None = None  # perplexity
     rows: object = None  # exact_match, accuracy: the validated rows (a datasets.Dataset)
@@ -144,7 +144,7 @@ def score_retain(model, tokenizer, sets: list[RetainSet], stage, ctx: StageConte
                  rank0_only: bool = False) -> dict[str, float]:
     """{metric: score} for every set. Every rank calls it (each scores its share); `rank0_only`: only rank 0
     holds weights (FSDP2 before the Trainer shards the model), so it scores all and shares the result."""
-    from distft.stages.trainer_setup import score_on_rank0
+    from distft.stages.trainer_setup import score_on_rank0  # (see retain_at_eval: it imports transformers')
 
     ev = stage.evaluate
 
@@ -269,6 +269,8 @@ class RetainAtEval:
 
 
 def retain_at_eval(tokenizer, sets: list[RetainSet], stage, ctx: StageContext, max_len: int):
+    # TrainerCallback here, not at the top: preflight imports this module to check retain sets, and
+    # transformers' Trainer utilities would add 1.3 s to every `distft validate` and `train` (measured).
     from transformers import TrainerCallback
 
     cls = type("RetainAtEvalCallback", (RetainAtEval, TrainerCallback), {})
