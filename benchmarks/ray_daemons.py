@@ -49,6 +49,26 @@ def ray_processes(driver: psutil.Process) -> tuple[list[psutil.Process], psutil.
     return procs, worker
 
 
+def threads(procs: list[psutil.Process]) -> list[int]:
+    tids = []
+    for p in procs:
+        try:
+            tids += [t.id for t in p.threads()]
+        except psutil.Error:
+            pass
+    return tids
+
+
+def set_idle(procs: list[psutil.Process], idle: bool) -> None:
+    """SCHED_IDLE (runs only on a core no normal thread wants) or back to SCHED_OTHER, every thread."""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    for tid in threads(procs):
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+        except OSError:
+            pass
+
+
 def signal_all(procs: list[psutil.Process], sig: int) -> None:
     for p in procs:
         try:
@@ -89,7 +109,7 @@ def cpu_shares(procs: list[psutil.Process], seconds: float) -> dict[str, float]:
     return out
 
 
-def one_run(work: Path, config: Path, window: float, windows: int, env: dict) -> dict:
+def one_run(work: Path, config: Path, window: float, windows: int, env: dict, action: str = "pause") -> dict:
     out = work / "runs" / "p"
     driver = subprocess.Popen([str(step.BIN / "distft"), "train", str(config), f"run.output_dir={out.parent}",
                                f"run.name={out.name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -106,11 +126,17 @@ def one_run(work: Path, config: Path, window: float, windows: int, env: dict) ->
     spans = {"paused": [], "running": []}
     for _ in range(windows):
         t0 = time.time()
-        signal_all(daemons, signal.SIGSTOP)
+        if action == "pause":
+            signal_all(daemons, signal.SIGSTOP)
+        else:
+            set_idle(daemons, True)
         try:
             time.sleep(window)
         finally:
-            signal_all(daemons, signal.SIGCONT)
+            if action == "pause":
+                signal_all(daemons, signal.SIGCONT)
+            else:
+                set_idle(daemons, False)
         spans["paused"].append((t0, time.time()))
         t0 = time.time()
         time.sleep(window)
@@ -138,6 +164,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="set for the distft process (and so for Ray's processes), e.g. RAY_TRAIN_METRICS_ENABLED=0")
+    p.add_argument("--action", choices=["pause", "idle"], default="pause",
+                   help="pause: SIGSTOP Ray's other processes in alternate windows; idle: put their threads "
+                        "under SCHED_IDLE instead (they run only on a core the worker leaves free)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="distft-raydaemons-"))
     step.prompt_completion_rows(step.REPO / "configs/data/facts_train.jsonl", work / "train.jsonl")
@@ -149,7 +178,7 @@ def main() -> None:
     env = {**os.environ, **dict(kv.split("=", 1) for kv in a.env)}
     results = []
     for i in range(a.runs):
-        r = one_run(work, config, a.window, a.windows, env)
+        r = one_run(work, config, a.window, a.windows, env, a.action)
         results.append(r)
         print(f"run {i + 1}/{a.runs}: running {1000 * r['running']:.1f} ms/step, paused {1000 * r['paused']:.1f} "
               f"ms/step ({r['intervals']}), daemons {100 * r['daemons_cpu']:.0f}% of a core", flush=True)

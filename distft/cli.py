@@ -31,9 +31,9 @@ class UsageError(UserError):
 
 
 def _load(args) -> DistftConfig:
-    from distft.launch.preflight import absolutize_paths
+    from distft.launch.preflight import absolutize_paths, beside_config
 
-    return absolutize_paths(load_config(args.config, args.overrides))
+    return absolutize_paths(beside_config(load_config(args.config, args.overrides), args.config))
 
 
 def cmd_validate(args) -> int:
@@ -267,9 +267,10 @@ def cmd_runs(args) -> int:
 def cmd_submit(args) -> int:
     """Submit the config as a Ray Job; prints the job id (and, with --follow, its logs to the end)."""
     from distft.launch.jobs import follow, submit
-    from distft.launch.preflight import absolutize_paths, cluster_only_paths, preflight
+    from distft.launch.preflight import absolutize_paths, beside_config, cluster_only_paths, preflight
 
-    cfg = load_config(args.config, args.overrides)  # paths stay as written: the job ships local files itself
+    # Paths stay as written (the job ships local files itself), but for those found beside the config only.
+    cfg = beside_config(load_config(args.config, args.overrides), args.config)
     # Everything checkable here, before anything is uploaded. The cluster's resources, and absolute
     # paths that exist only there (a shared volume), are checked by the job itself, on the cluster.
     for note in preflight(absolutize_paths(cfg), "auto", elsewhere=cluster_only_paths(cfg)):

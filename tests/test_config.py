@@ -121,8 +121,8 @@ def test_global_batch_must_divide_and_the_fix_is_named():
 
 
 def test_unknown_stage_and_method_list_the_choices():
-    (p,) = problems({"stages": [{"stage": "kto", "data": {"train": "a"}}]})
-    assert "unknown stage 'kto'" in p and "sft" in p and "ppo" in p
+    (p,) = problems({"stages": [{"stage": "kpo", "data": {"train": "a"}}]})
+    assert "unknown stage 'kpo'" in p and "sft" in p and "ppo" in p and "kto" in p and "distill" in p
     (p,) = problems(BASE, ["method.name=lorra"])
     assert p.startswith("method.name:") and "'full', 'freeze', 'bitfit', 'lora', 'dora'" in p and "'ia3'" in p
 

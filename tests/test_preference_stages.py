@@ -47,24 +47,6 @@ def logged(ctx, key):
     return [m[key] for m in ctx.reported if key in m and "stage_done" not in m]
 
 
-@pytest.fixture(scope="session")
-def sft_policy(tiny_base, tmp_path_factory):
-    """An under-trained LoRA SFT policy of the bundled task: 60 steps of 16 rows, 15-42% held-out exact match
-    (by the machine's floating point: see the GRPO test)."""
-    cfg = build_config({
-        "model": {"name_or_path": str(tiny_base), "max_seq_len": 64},
-        "scaling": {"num_workers": 1, "torch_threads": 2},
-        "stage": "sft",
-        "data": {"train": str(FACTS_TRAIN), "eval_fraction": 0.05, "max_eval_samples": 16},
-        "method": {"name": "lora", "lora": {"r": 16, "alpha": 32}},
-        "train": {"lr": 3e-3, "warmup_ratio": 0.05, "global_batch_size": 16, "micro_batch_size": 16,
-                  "max_steps": 60, "log_every": 20, "save_every": 10_000},
-    })
-    run_dir = tmp_path_factory.mktemp("sft-policy")
-    stage_runner("sft")(cfg, StageContext(run_dir=run_dir))
-    return run_dir / "sft" / "final"
-
-
 # ---------------------------------------------------------------- prompts and reward functions
 
 

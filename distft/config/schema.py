@@ -264,7 +264,8 @@ class MethodConfig(Section):
         return self.name in LORA_FAMILY
 
 
-DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference", "classification"]
+DataFormat = Literal["auto", "alpaca", "messages", "prompt_completion", "text", "preference", "feedback",
+                     "classification"]
 
 
 class ReplayConfig(Section):
@@ -557,6 +558,12 @@ class StageBase(Section):
     retain_kinds: ClassVar[tuple[str, ...]] = ("perplexity", "exact_match", "reward")
     # Trains on token rows that data.replay can add to.
     replays: ClassVar[bool] = False
+    # Holds a frozen copy of its starting model as the reference when the method trains every weight
+    # (with an adapter, the model with its adapters disabled is the reference: no copy).
+    reference_copy: ClassVar[bool] = False
+    # Other models it names, as dotted fields (`reward.model`, `ppo.critic_from`, `distill.teacher`):
+    # each an earlier stage's name or a model directory or hub id, checked, mapped and fetched alike.
+    model_sources: ClassVar[tuple[str, ...]] = ()
 
     name: str | None = Field(None, description="Output sub-directory; default: the stage kind")
     init_from: str | None = Field(
@@ -576,6 +583,14 @@ class StageBase(Section):
 
     def label(self) -> str:
         return self.name or self.kind
+
+    def model_refs(self) -> list[tuple[str, str | None]]:
+        """(dotted field, value) of every model source besides init_from (`model_sources`)."""
+        return [(f, getattr(getattr(self, f.split(".")[0]), f.split(".")[1])) for f in type(self).model_sources]
+
+    def set_model_ref(self, field: str, value: str | None) -> None:
+        section, name = field.split(".")
+        setattr(getattr(self, section), name, value)
 
     @model_validator(mode="after")
     def _retain_and_replay(self):
@@ -787,6 +802,7 @@ class PPOStage(StageBase):
 
     runner = "distft.stages.ppo:run"
     own_sections = ("reward", "ppo")
+    model_sources = ("reward.model", "ppo.critic_from")
     tunable = False  # distft's own PPO loop, not a HF Trainer
     early_stopping = False
     from_policy = True
@@ -810,6 +826,7 @@ class DPOStage(StageBase):
     own_sections = ("dpo",)
     from_policy = True
     pairs = True
+    reference_copy = True
 
     stage: Literal["dpo"]
     dpo: DPOSettings = DPOSettings()
@@ -825,6 +842,18 @@ class GRPOSettings(Section):
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.04, ge=0, description="KL coefficient against the reference (0: no reference model)")
     epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio")
+    epsilon_high: float | None = Field(
+        None, gt=0, description="Upper clip range, when it differs from epsilon (DAPO's clip-higher: 0.28)"
+    )
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(
+        "dapo", description="How token losses are averaged (TRL's GRPOConfig.loss_type): grpo, per sequence then over "
+        "sequences (length-biased); dapo (TRL's default), over every token of the step; dr_grpo (Dr. GRPO), over a "
+        "constant (max_new_tokens per sample); bnpo, over the tokens of each process's batch"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward's std over the group, the batch, or not at all "
+        "(Dr. GRPO: none)"
+    )
 
 
 class GRPOStage(StageBase):
@@ -833,6 +862,7 @@ class GRPOStage(StageBase):
     runner = "distft.stages.grpo:run"
     early_stopping = False
     own_sections = ("reward", "grpo")
+    model_sources = ("reward.model",)
     from_policy = True
     rewarded = True
 
@@ -844,6 +874,114 @@ class GRPOStage(StageBase):
     def _prompt_data(self):
         return _require_formats(self, ("auto", "alpaca", "messages", "prompt_completion"),
                                 "samples answers to prompts (alpaca, messages or prompt_completion rows)")
+
+
+class KTOSettings(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of responses labelled true")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of responses labelled false (raise it "
+                                      "when they are rarer, so weight x count is about even)")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+
+
+class KTOStage(StageBase):
+    """Kahneman-Tversky optimisation (Ethayarajh et al. 2024) with TRL's KTOTrainer: one response per row,
+    labelled desirable or not (`feedback` rows: prompt, completion, label true/false); preference pairs
+    are split into one row of each."""
+
+    runner = "distft.stages.kto:run"
+    own_sections = ("kto",)
+    from_policy = True
+    reference_copy = True
+
+    stage: Literal["kto"]
+    kto: KTOSettings = KTOSettings()
+
+    @model_validator(mode="after")
+    def _feedback_data(self):
+        return _require_formats(self, ("auto", "preference", "feedback"),
+                                "trains on labelled responses (feedback rows: prompt, completion, label) or "
+                                "preference pairs")
+
+
+class ORPOSettings(Section):
+    beta: float = Field(0.1, gt=0, description="Weight of the odds-ratio term beside the SFT loss on chosen (the "
+                        "paper's lambda)")
+
+
+class ORPOStage(StageBase):
+    """Odds-ratio preference optimisation (Hong et al. 2024) with TRL's experimental ORPOTrainer: SFT on the
+    chosen response plus an odds-ratio penalty on the rejected one, in one stage, with no reference model."""
+
+    runner = "distft.stages.orpo:run"
+    own_sections = ("orpo",)
+    from_policy = True
+    pairs = True
+
+    stage: Literal["orpo"]
+    orpo: ORPOSettings = ORPOSettings()
+
+    @model_validator(mode="after")
+    def _preference_data(self):
+        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
+
+
+class SimPOSettings(Section):
+    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised implicit reward")
+    gamma: float = Field(0.5, ge=0, description="Target margin between the chosen and rejected rewards (TRL's "
+                         "simpo_gamma)")
+    sft_weight: float = Field(0.0, ge=0, description="Weight of an NLL term on chosen (TRL's cpo_alpha): 0 is "
+                              "SimPO as published, > 0 is CPO-SimPO")
+
+
+class SimPOStage(StageBase):
+    """SimPO (Meng et al. 2024) through TRL's experimental CPOTrainer (loss_type simpo): the length-normalised
+    log-likelihood is the implicit reward, so no reference model is held."""
+
+    runner = "distft.stages.simpo:run"
+    own_sections = ("simpo",)
+    from_policy = True
+    pairs = True
+
+    stage: Literal["simpo"]
+    simpo: SimPOSettings = SimPOSettings()
+
+    @model_validator(mode="after")
+    def _preference_data(self):
+        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
+
+
+class DistillSettings(Section):
+    teacher: str | None = Field(
+        None, description="The teacher: an earlier stage's name, a model directory or a hub id; default: the last "
+        "earlier sft/pretrain stage. It must share the student's tokenizer"
+    )
+    lmbda: float = Field(0.5, ge=0, le=1, description="On-policy share: the fraction of batches whose responses the "
+                         "student generates (GKD's lambda); the rest use the data's own responses")
+    beta: float = Field(0.5, ge=0, le=1, description="Generalised JSD between teacher and student: 0 forward KL, "
+                        "1 reverse KL, 0.5 JSD")
+    temperature: float = Field(0.9, gt=0, description="Sampling temperature of the student's responses")
+    max_new_tokens: int = Field(16, ge=1)
+    seq_kd: bool = Field(False, description="Sequence-level KD: train on the teacher's own sampled responses")
+
+
+class DistillStage(StageBase):
+    """Knowledge distillation (GKD: Agarwal et al. 2024) with TRL's experimental GKDTrainer: the student
+    matches the teacher's next-token distribution on the data's responses and, `distill.lmbda` of the
+    time, on its own."""
+
+    runner = "distft.stages.distill:run"
+    own_sections = ("distill",)
+    makes_policy = True
+    model_sources = ("distill.teacher",)
+
+    stage: Literal["distill"]
+    distill: DistillSettings = DistillSettings()
+
+    @model_validator(mode="after")
+    def _prompt_data(self):
+        return _require_formats(self, ("auto", "alpaca", "messages", "prompt_completion"),
+                                "trains on instruction rows (alpaca, messages or prompt_completion)")
 
 
 def _require_formats(stage, allowed: tuple[str, ...], what: str):
@@ -892,7 +1030,8 @@ def grpo_group_errors(where: str, stage: GRPOStage, world_size: int) -> list[str
 # added here, and its runner module.
 STAGE_CLASSES: dict[str, type[StageBase]] = {
     cls.model_fields["stage"].annotation.__args__[0]: cls
-    for cls in (SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage, ClassifyStage)
+    for cls in (SFTStage, PretrainStage, RewardStage, PPOStage, DPOStage, GRPOStage, KTOStage, ORPOStage, SimPOStage,
+                DistillStage, ClassifyStage)
 }
 Stage = Annotated[Union[tuple(STAGE_CLASSES.values())], Field(discriminator="stage")]
 STAGE_KINDS = tuple(STAGE_CLASSES)
@@ -1116,6 +1255,13 @@ class DistftConfig(Section):
             return None
         return stage.ppo.critic_from or self.reward_source(index)
 
+    def teacher_source(self, index: int) -> str | None:
+        """A distill stage's teacher: `distill.teacher`, else the last earlier sft/pretrain stage."""
+        stage = self.stages[index]
+        if stage.kind != "distill":
+            return None
+        return stage.distill.teacher or self._earlier(index, POLICY_MAKERS)
+
     def stage_fingerprint(self, index: int) -> str:
         """A digest of everything a stage's output depends on: the model, this stage's settings and every
         earlier stage's. A pipeline rerun reuses a finished stage only while this is unchanged."""
@@ -1133,9 +1279,8 @@ class DistftConfig(Section):
     def _chain_errors(self, names: list[str]) -> list[str]:
         errors = []
         for i, st in enumerate(self.stages):
-            refs = [("init_from", st.init_from)]
+            refs = [("init_from", st.init_from), *st.model_refs()]
             if type(st).rewarded:
-                refs.append(("reward.model", st.reward.model))
                 if not self.reward_source(i) and not st.reward.functions:
                     errors.append(
                         f"stages.{i}.reward: stage {st.kind} needs something to score responses, and this config "
@@ -1144,8 +1289,11 @@ class DistftConfig(Section):
                     )
             if st.kind == "grpo":
                 errors += grpo_group_errors(f"stages.{i}", st, self.scaling.num_workers)
+            if st.kind == "distill" and not self.teacher_source(i):
+                errors.append(f"stages.{i}.distill.teacher: the distill stage needs a teacher, and this config has no "
+                              "earlier sft or pretrain stage. Fix: distill.teacher=<stage name, model directory or "
+                              "hub id>.")
             if st.kind == "ppo":
-                refs.append(("ppo.critic_from", st.ppo.critic_from))
                 errors += _ppo_fits(f"stages.{i}", st, self.scaling.num_workers)
                 if st.method.name == "qlora":
                     errors.append(f"stages.{i}.method.name: the ppo stage trains a policy and a critic and does not "
@@ -1167,7 +1315,8 @@ class DistftConfig(Section):
                 if j is not None and j >= i:
                     errors.append(f"stages.{i}.{field}: {ref!r} is {'this' if j == i else 'a later'} stage; a stage "
                                   f"can only start from earlier ones ({', '.join(names[:i]) or 'none here'}).")
-            for source in {self.init_source(i), self.reward_source(i), self.critic_source(i)} - {None}:
+            for source in {self.init_source(i), self.reward_source(i), self.critic_source(i),
+                           self.teacher_source(i)} - {None}:
                 j = self.stage_named(source)
                 if j is not None and j < i and self.stages[j].method.name in ("prompt_tuning", "prefix_tuning"):
                     errors.append(f"stages.{i}: starts from stage {source!r}, trained with "

@@ -9,6 +9,8 @@ Five formats are understood:
 - `preference`: `chosen` and `rejected` responses to the same optional `prompt`, either all
   strings (concatenated, as TRL does) or all lists of {role, content} turns (chat template);
   reward models and preference methods train on these
+- `feedback`: one `completion` to a `prompt` with a boolean `label` (desirable or not), both
+  strings or both chat turns: unpaired binary feedback, which KTO trains on
 
 Instruction rows train on the completion / assistant turns only (unless
 `loss_on: all`). Chat templates need no `{% generation %}` markers: each
@@ -41,6 +43,8 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
     cols = set(columns)
     if {"chosen", "rejected"} <= cols:
         return "preference"
+    if {"prompt", "completion", "label"} <= cols:
+        return "feedback"
     if {text_field, "label"} <= cols:
         return "classification"
     if "messages" in cols:
@@ -54,7 +58,8 @@ def detect_format(columns: list[str], text_field: str = "text") -> str:
     raise DataError(
         f"cannot tell the data format from columns {sorted(cols)}. Fix: set data.format to one of alpaca "
         f"(instruction/input/output), messages, prompt_completion (prompt/completion), text (data.text_field) "
-        f"preference (chosen/rejected, optional prompt) or classification (data.text_field and label)."
+        f"preference (chosen/rejected, optional prompt), feedback (prompt/completion/label true or false) or "
+        f"classification (data.text_field and label)."
     )
 
 
@@ -62,6 +67,8 @@ def check_row(row: dict, fmt: str, text_field: str) -> str | None:
     """Why `row` is unusable for `fmt`, or None if it is fine."""
     if fmt == "preference":
         return _check_preference(row)
+    if fmt == "feedback":
+        return _check_feedback(row)
     if fmt == "classification":
         label = row.get("label")
         if label is None:
@@ -138,6 +145,35 @@ def _check_preference(row: dict) -> str | None:
     return None
 
 
+def _check_feedback(row: dict) -> str | None:
+    """One response with a true/false label: `prompt` and `completion` both strings or both chat turns."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        got = "missing" if label is None else f"{label!r} ({type(label).__name__})"
+        return f"field `label` must be true or false (is the completion desirable?), got {got}"
+    prompt, completion = row.get("prompt"), row.get("completion")
+    for field, value in (("prompt", prompt), ("completion", completion)):
+        if value is None:
+            return f"field `{field}` is missing"
+    if isinstance(prompt, list) or isinstance(completion, list):
+        for field, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, list):
+                return (f"field `{field}` must be a list of {{role, content}} turns like the other field, got "
+                        f"{type(value).__name__}")
+            problem = _check_turns(value, field)
+            if problem:
+                return problem
+        if completion[-1]["role"] != "assistant":
+            return "field `completion` must end with an assistant turn (the response that is labelled)"
+        return None
+    for field, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, str):
+            return f"field `{field}` must be a string or a list of {{role, content}} turns, got {type(value).__name__}"
+    if not completion.strip():
+        return "field `completion` is empty"
+    return None
+
+
 def alpaca_prompt(row: dict) -> str:
     extra = (row.get("input") or "").strip()
     return f"{row['instruction']}\n\n{extra}" if extra else row["instruction"]
@@ -167,10 +203,11 @@ def _finish(ids: list[int], labels: list[int], max_len: int) -> Encoded:
 
 
 def encode_row(row: dict, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text") -> Encoded:
-    if fmt == "preference":
+    if fmt in ("preference", "feedback"):
         raise DataError(
-            "preference rows (chosen/rejected) train a reward model, not a language model. "
-            "Fix: use `stage: reward`, or give this stage alpaca, messages, prompt_completion or text rows."
+            f"{fmt} rows train a reward model or a preference method (dpo, kto, orpo, simpo), not a language model "
+            "by next-token loss. Fix: use one of those stages, or give this stage alpaca, messages, "
+            "prompt_completion or text rows."
         )
     if fmt == "text":
         ids = tokenizer(row[text_field], add_special_tokens=True)["input_ids"]

@@ -11,7 +11,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from distft.data.formats import IGNORE, DataError, check_row, detect_format, encode_preference, encode_row
+from distft.data.formats import (
+    IGNORE,
+    DataError,
+    check_row,
+    detect_format,
+    encode_preference,
+    encode_row,
+    scored_ids,
+)
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -45,7 +53,7 @@ def load_rows(source: str, split: str = "train", field: str = "data.train"):
         else:
             ds = datasets.load_dataset(str(path), split=split)
     elif looks_local(source):
-        raise DataError(f"{field}: file not found: {source}. Fix: check the path (relative paths start at the cwd).")
+        raise DataError(f"{field}: file not found: {source}. Fix: check the path (a relative path is looked for from the cwd, then beside the config file).")
     else:
         try:
             ds = datasets.load_dataset(source, split=split)
@@ -278,6 +286,58 @@ def split_preference_rows(data, seed: int, kind: str, prepare, tokenizer, max_le
     train, stats = prepare(train_rows, tokenizer, max_len, "data.train")
     held, _ = prepare(eval_rows, tokenizer, max_len, "data.eval")
     return train, held, stats
+
+
+def unpair(pairs):
+    """Preference pairs -> feedback rows: each pair's chosen response labelled true, its rejected one false.
+    A pair of strings needs its `prompt` (the response is what gets labelled); chat pairs without one
+    take the turns before the last as the prompt."""
+
+    def split(row, side):
+        prompt, response = row.get("prompt"), row[side]
+        if prompt is None:
+            if not isinstance(response, list):
+                raise DataError("data.train: a preference pair of strings without `prompt` cannot be split into "
+                                "labelled responses (the prompt is part of each). Fix: add a `prompt` field, or "
+                                "give feedback rows (prompt, completion, label).")
+            prompt, response = response[:-1], response[-1:]
+        return prompt, response
+
+    def rows(batch):
+        out = {"prompt": [], "completion": [], "label": []}
+        for row in ({k: batch[k][i] for k in batch} for i in range(len(batch["chosen"]))):
+            for side, label in (("chosen", True), ("rejected", False)):
+                prompt, response = split(row, side)
+                out["prompt"].append(prompt)
+                out["completion"].append(response)
+                out["label"].append(label)
+        return out
+
+    return pairs.map(rows, batched=True, remove_columns=pairs.column_names, desc="Unpairing preferences")
+
+
+def fitting_feedback(ds, tokenizer, max_len: int, field: str = "data.train"):
+    """(the feedback rows whose prompt + completion fit max_len, PairStats counting rows): KTOTrainer
+    would truncate a longer one, often cutting away the response that carries the label."""
+    lengths = ds.map(lambda row: {"_len": len(scored_ids(row["prompt"], row["completion"], tokenizer))},
+                     remove_columns=ds.column_names, desc="Measuring responses")["_len"]
+    keep, stats = _fitting(lengths, max_len, field)
+    return (ds.select(keep) if stats.dropped else ds), stats
+
+
+def split_feedback_rows(data, seed: int, tokenizer, max_len: int):
+    """(train, eval, the train side's PairStats, how many pairs were unpaired) for the kto stage: feedback
+    rows as they are, preference pairs split into one labelled row per response."""
+    train_rows, eval_rows, fmt = split_rows(data, seed)
+    if fmt not in ("feedback", "preference"):
+        raise DataError(f"data.train: the kto stage trains on labelled responses (prompt, completion, label true/"
+                        f"false) or preference pairs; {data.train} has format {fmt}.")
+    pairs = len(train_rows) if fmt == "preference" else 0
+    if fmt == "preference":
+        train_rows, eval_rows = unpair(train_rows), unpair(eval_rows)
+    train, stats = fitting_feedback(train_rows, tokenizer, max_len, "data.train")
+    held, _ = fitting_feedback(eval_rows, tokenizer, max_len, "data.eval")
+    return train, held, stats, pairs
 
 
 def streamed_split(data, shard):

@@ -152,6 +152,19 @@ def make_preference_splits(n_train: int = 3000, seed: int = 0) -> tuple[list[dic
     return pairs(train[:n_train], TRAIN_KIND_CYCLE), pairs(test, NEAR_MISS_KINDS)
 
 
+def make_feedback_rows(n_train: int = 3000, seed: int = 0) -> list[dict]:
+    """Unpaired binary feedback (KTO's data) from the task's train items: each item's prompt once, with
+    either its answer (label true) or a near miss (label false), alternating, so no prompt has both."""
+    train, _ = make_splits()
+    rng = random.Random(seed + 2)
+    rows = []
+    for i, item in enumerate(train[:n_train]):
+        pair = make_preference_item(item, TRAIN_KIND_CYCLE[(i // 2) % len(TRAIN_KIND_CYCLE)], rng)
+        good = i % 2 == 0
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if good else "rejected"], "label": good})
+    return rows
+
+
 # Topic classification for encoders: held-out sentences use topic words that never occur in training,
 # so only a model that knows what the words mean (a pretrained encoder) can classify them.
 TOPIC_WORDS = {
@@ -207,6 +220,9 @@ def main(argv: list[str]) -> None:
     write_jsonl(train, out / "facts_prefs_train.jsonl")
     write_jsonl(test, out / "facts_prefs_test.jsonl")
     print(f"wrote {len(train)} train and {len(test)} held-out preference pairs to {out}")
+    feedback = make_feedback_rows()
+    write_jsonl(feedback, out / "facts_feedback_train.jsonl")
+    print(f"wrote {len(feedback)} labelled responses (unpaired feedback) to {out}")
     train, test = make_topic_splits()
     write_jsonl(train, out / "topics_train.jsonl")
     write_jsonl(test, out / "topics_test.jsonl")

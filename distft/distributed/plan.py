@@ -191,7 +191,8 @@ def kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, act_bytes: int = 
 
 
 def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
-                 critic: ModelShape | None = None, reward: ModelShape | None = None) -> Memory:
+                 critic: ModelShape | None = None, reward: ModelShape | None = None,
+                 teacher: ModelShape | None = None) -> Memory:
     """Per-rank peak of one stage on `world` ranks: its models, buffers and activations."""
     stage = cfg.stages[index]
     strategy, method = stage.strategy, stage.method
@@ -203,8 +204,14 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
         pairs = 2 if type(stage).pairs else 1  # chosen and rejected go through together
         mem.activations = activation_bytes(shape, stage.train.micro_batch_size * pairs, seq,
                                            strategy.gradient_checkpointing, act)
-        if stage.kind == "dpo" and not method.uses_adapter():  # TRL's frozen reference copy
+        if type(stage).reference_copy and not method.uses_adapter():  # TRL's frozen reference copy
             mem = mem.add(model_states(shape, method, strategy, dtype, world, trainable=False))
+            mem.notes.append("reference: a frozen copy of the policy")
+        if stage.kind == "distill":  # the teacher, frozen, and the student's sampled responses
+            mem = mem.add(model_states(teacher or shape, MethodConfig(name="full"), strategy, dtype, world,
+                                       trainable=False))
+            mem.notes.append("teacher: frozen, " + ("its own shape" if teacher else "assumed the student's shape"))
+            mem.activations *= 2  # the teacher's forward beside the student's
         return mem
     # RL stages: the policy above, then reference, critic and reward model, then generation.
     if not method.uses_adapter():

@@ -25,16 +25,15 @@ class PreflightError(UserError):
 
 def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
     """A copy of `cfg` with every data path through `data_fn` and every model path (the base, a
-    stage's init_from, reward model or critic that is not an earlier stage) through `model_fn`."""
+    stage's init_from, reward model, critic or teacher that is not an earlier stage) through `model_fn`."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.name_or_path = model_fn(cfg.model.name_or_path)
     for st in cfg.stages:
         if st.init_from and cfg.stage_named(st.init_from) is None:
             st.init_from = model_fn(st.init_from)
-        if type(st).rewarded and st.reward.model and cfg.stage_named(st.reward.model) is None:
-            st.reward.model = model_fn(st.reward.model)
-        if st.kind == "ppo" and st.ppo.critic_from and cfg.stage_named(st.ppo.critic_from) is None:
-            st.ppo.critic_from = model_fn(st.ppo.critic_from)
+        for field, ref in st.model_refs():
+            if ref and cfg.stage_named(ref) is None:
+                st.set_model_ref(field, model_fn(ref))
         st.data.train = data_fn(st.data.train)
         st.data.eval = data_fn(st.data.eval)
         st.evaluate.data = data_fn(st.evaluate.data)
@@ -45,6 +44,22 @@ def map_local_paths(cfg: DistftConfig, data_fn, model_fn) -> DistftConfig:
         if st.strategy.deepspeed_config:
             st.strategy.deepspeed_config = data_fn(st.strategy.deepspeed_config)
     return cfg
+
+
+def beside_config(cfg: DistftConfig, config_path: str | Path) -> DistftConfig:
+    """Relative paths that do not exist from the cwd but do beside the config file, made absolute there:
+    a shipped config (its data in configs/data/) runs from the repository root and from anywhere else.
+    The cwd comes first, so a config that worked from the cwd keeps working unchanged."""
+    config_dir = Path(config_path).resolve().parent
+    cwd = Path.cwd()
+
+    def fix(value: str | None) -> str | None:
+        if not value or Path(value).expanduser().is_absolute() or (cwd / value).exists():
+            return value
+        beside = config_dir / value
+        return str(beside.resolve()) if beside.exists() else value
+
+    return map_local_paths(cfg, fix, fix)
 
 
 def absolutize_paths(cfg: DistftConfig, base: Path | None = None) -> DistftConfig:
@@ -228,8 +243,16 @@ def check_retain(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> tuple
 
 def _format_mismatch(name: str, src: str, fmt: str, kind: str, field: str) -> str | None:
     """A file of the wrong kind for its stage, found here rather than in the workers."""
-    if kind == "dpo" and field == "evaluate.data":  # DPO trains on pairs and is scored by answering prompts
-        kind = "ppo"
+    if field == "evaluate.data" and kind in (*PREFERENCE_STAGES, "kto") and kind != "reward":
+        kind = "ppo"  # trained on pairs or labelled responses, scored by answering prompts (exact match)
+    if kind == "kto":
+        if fmt in ("feedback", "preference"):
+            return None
+        return (f"{name}: {src} has format {fmt}, but stage kto trains on labelled responses. Fix: point it at rows "
+                "with prompt, completion and label (true/false), or at preference pairs (chosen/rejected).")
+    if fmt == "feedback":
+        return (f"{name}: {src} holds labelled responses (prompt, completion, label true/false), which stage {kind} "
+                "cannot train on. Fix: use stage: kto for them.")
     if (kind == "classify") != (fmt == "classification"):
         if kind == "classify":
             return (f"{name}: {src} has format {fmt}, but stage classify trains on text + label rows. "
@@ -243,31 +266,30 @@ def _format_mismatch(name: str, src: str, fmt: str, kind: str, field: str) -> st
                 "Fix: point it at rows with chosen/rejected (and optionally prompt).")
     if fmt == "preference":
         return (f"{name}: {src} holds preference pairs (chosen/rejected), which stage {kind} cannot train on. "
-                "Fix: use stage: reward or dpo for them, or point this stage at alpaca, messages, "
+                "Fix: use stage: reward, dpo, kto, orpo or simpo for them, or point this stage at alpaca, messages, "
                 "prompt/completion or text rows.")
-    if kind in ("ppo", "grpo") and fmt == "text":
+    if kind in ("ppo", "grpo", "distill") and fmt == "text":
         return (f"{name}: {src} is plain text, but stage {kind} needs prompts to answer. "
-                "Fix: alpaca, messages or prompt/completion rows (their answers feed reward functions).")
+                "Fix: alpaca, messages or prompt/completion rows (their answers feed reward functions and "
+                "distillation).")
     return None
 
 
 def check_sources(cfg: DistftConfig, elsewhere: frozenset = frozenset()) -> list[str]:
-    """Models named by path (init_from, reward.model, ppo.critic_from) exist, and reward functions import."""
+    """Models named by path (init_from, and each stage's model_refs: reward.model, ppo.critic_from,
+    distill.teacher) exist, and reward functions import."""
     from distft.rl.rewards import RewardFunctionError, resolve
 
     problems = []
     for i, st in enumerate(cfg.stages):
         where = "" if len(cfg.stages) == 1 else f"stages.{i}."
-        fields = [("init_from", st.init_from)]
+        fields = [("init_from", st.init_from), *st.model_refs()]
         if type(st).rewarded:
-            fields.append(("reward.model", st.reward.model))
             for name in st.reward.functions:
                 try:
                     resolve(name)
                 except RewardFunctionError as e:
                     problems.append(f"{where}{e}")
-        if st.kind == "ppo":
-            fields.append(("ppo.critic_from", st.ppo.critic_from))
         for field, ref in fields:
             if not ref or cfg.stage_named(ref) is not None or ref == TINY_BASE or ref in elsewhere:
                 continue
@@ -434,8 +456,12 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
         steps = f"max_steps {st.train.max_steps}" if st.train.max_steps else f"{st.train.epochs:g} epoch(s)"
         lines.append(f"  train   lr {st.train.lr:g} ({st.train.scheduler}, {st.train.optimizer}), {steps}")
         loss_on = f", loss on {st.loss_on()}, packing {st.data.packing}" if type(st).makes_policy else ""
-        if st.kind in ("ppo", "dpo", "grpo") or st.init_from:
+        if type(st).from_policy or st.init_from:
             lines.append(f"  from    {cfg.init_source(i)}")
+        if st.kind == "distill":
+            d = st.distill
+            lines.append(f"  teacher {cfg.teacher_source(i)} (generalised JSD beta {d.beta:g}, {d.lmbda:.0%} of batches "
+                         "sampled by the student)")
         if type(st).rewarded:
             scored = ([f"reward model {cfg.reward_source(i)} x{st.reward.model_weight:g}"] if cfg.reward_source(i) else [])
             scored += [f"{name} x{w:g}" for name, w in st.reward.functions.items()]

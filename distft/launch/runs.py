@@ -146,6 +146,11 @@ def key_metrics(s: dict) -> list[str]:
     if s.get("eval_reward_accuracy") is not None:  # DPO's implicit reward
         margin = f", margin {s['eval_reward_margin']:.3g}" if s.get("eval_reward_margin") is not None else ""
         lines.append(f"reward accuracy {s['eval_reward_accuracy']:.1%}{margin} on the eval split")
+    elif s.get("eval_reward_margin") is not None:  # KTO: desirable minus undesirable implicit reward
+        lines.append(f"reward margin {s['eval_reward_margin']:.3g} (desirable minus undesirable) on the eval split")
+    if s.get("teacher_divergence_before") is not None and s.get("teacher_divergence_after") is not None:
+        lines.append(f"divergence to the teacher {s['teacher_divergence_before']:.3f} -> "
+                     f"{s['teacher_divergence_after']:.3f} on the eval split (generalised JSD)")
     reward = []
     if s.get("reward_first") is not None and s.get("reward_last") is not None:  # PPO rollouts
         reward.append(f"rollout reward {s['reward_first']:.3f} -> {s['reward_last']:.3f}")

@@ -23,7 +23,8 @@ def _count(n: int) -> str:
 
 
 def stage_shapes(cfg: DistftConfig, index: int, cache: dict) -> dict:
-    """{"shape": policy or trained model, "critic": ..., "reward": ...} as ModelShapes (cached by source)."""
+    """{"shape": policy or trained model, "critic": ..., "reward": ..., "teacher": ...} as ModelShapes (cached by
+    source)."""
 
     def get(source: str | None) -> ModelShape | None:
         if not source:
@@ -39,6 +40,8 @@ def stage_shapes(cfg: DistftConfig, index: int, cache: dict) -> dict:
         out["reward"] = get(cfg.reward_source(index))
     if stage.kind == "ppo":
         out["critic"] = get(cfg.critic_source(index)) or out["shape"]
+    if stage.kind == "distill":
+        out["teacher"] = get(cfg.teacher_source(index))
     return out
 
 

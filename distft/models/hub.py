@@ -40,8 +40,7 @@ def hub_sources(cfg: DistftConfig, stage_index: int) -> list[tuple[str, str, str
     """(kind, hub id, revision) of every model and dataset this stage would fetch from the hub."""
     st = cfg.stages[stage_index]
     names = [cfg.model.name_or_path]
-    for ref in (st.init_from, getattr(getattr(st, "reward", None), "model", None),
-                getattr(getattr(st, "ppo", None), "critic_from", None)):
+    for ref in (st.init_from, *(value for _, value in st.model_refs())):
         if ref and cfg.stage_named(ref) is None:  # an earlier stage's output is local
             names.append(ref)
     found = [("model", n, cfg.model.revision if n == cfg.model.name_or_path else None)

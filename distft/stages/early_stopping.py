@@ -39,6 +39,8 @@ class EarlyStopping(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if getattr(self, "training_over", False):  # the stage's evaluate() of the exported model: no decision
             return
+        if state.global_step == 0:  # eval_on_start (the preference stages' "before"): no checkpoint to keep
+            return
         metric = self.settings.metric
         if not metrics or metric not in metrics:
             raise KeyError(f"train.early_stopping.metric: {metric} is not among this stage's eval metrics "

@@ -80,6 +80,7 @@ class GRPO(TrainerRecipe):
         grpo = stage.grpo
         return {"num_generations": grpo.num_generations, "max_completion_length": grpo.max_new_tokens,
                 "temperature": grpo.temperature, "beta": grpo.beta, "epsilon": grpo.epsilon,
+                "epsilon_high": grpo.epsilon_high, "loss_type": grpo.loss_type, "scale_rewards": grpo.scale_rewards,
                 "reward_weights": weights}
 
     def build_trainer(self, b: Built, model, args, callbacks: list):

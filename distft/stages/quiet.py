@@ -19,6 +19,9 @@ KNOWN_NOTICES = (
     # A one-rank worker trains without DDP on purpose (trainer_setup.prepare_worker: nothing to
     # synchronise); the process group Ray Train or torchrun made stays, and transformers notices.
     ("transformers.training_args", "process group is initialized, but parallel_mode != ParallelMode.DISTRIBUTED"),
+    # TRL's GKDTrainer (the distill stage) samples with a generation config and return_dict_in_generate
+    # side by side, which transformers 5.23 has deprecated: TRL's call, once per process.
+    ("transformers.generation.utils", "Passing `generation_config` together with generation-related"),
 )
 # Only in the CLI's own process, which computes nothing with DeepSpeed: accelerate imports it when
 # saving a model (export, the tiny base) just to look for a DeepSpeed wrapper, and on a machine
@@ -37,6 +40,9 @@ KNOWN_WARNINGS = (
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
     # DeepSpeed 0.19.8's ZeRO-3 calls the collectives torch 2.13 renamed, 26 times in a short run.
     (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", FutureWarning),
+    # The orpo, simpo and distill stages use TRL 1.16's experimental trainers, which warn on import; the
+    # README's table of algorithms says which stages those are, where the user chooses one.
+    (r"You are importing from 'trl\.experimental'", Warning),
 )
 
 
