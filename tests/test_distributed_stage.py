@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str, resum
 
     cfg = DistftConfig.model_validate_json(cfg_json)
     ctx = context_from_env(run_dir, resume_from=resume_from)
-    summary = stage_runner("sft")(cfg, ctx)
+    summary = stage_runner(cfg.stages[0].kind)(cfg, ctx)
     # One loss per step (a checkpoint report repeats the latest metrics; keep the step's value).
     losses = {m["step"]: m["loss"] for m in ctx.reported if "loss" in m and "stage_done" not in m}
     with open(os.path.join(run_dir, f"rank{rank}.json"), "w") as f:
@@ -45,8 +45,6 @@ def _worker(rank: int, world: int, port: int, cfg_json: str, run_dir: str, resum
 def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, resume_from: str | None = None,
               **sections) -> tuple[dict, dict, Path]:
     """Write the data, run the SFT stage on `world` spawned gloo ranks; return what ranks 0 and 1 saw."""
-    import torch.multiprocessing as mp
-
     from distft.config import build_config
 
     train = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -60,11 +58,19 @@ def run_ranks(tmp_path, tiny_base, rows, held_rows: int, world: int = 2, resume_
         "evaluate": {"data": str(held), **sections.get("evaluate", {})},
     })
     run_dir = tmp_path / "run"
-    run_dir.mkdir(parents=True)
+    r0, r1 = spawn_ranks(cfg, run_dir, world, resume_from)
+    return r0, r1, run_dir
+
+
+def spawn_ranks(cfg, run_dir: Path, world: int = 2, resume_from: str | None = None) -> tuple[dict, dict]:
+    """Run `cfg`'s (first) stage on `world` spawned gloo ranks; what ranks 0 and 1 saw (summary, losses)."""
+    import torch.multiprocessing as mp
+
+    run_dir.mkdir(parents=True, exist_ok=True)
     mp.start_processes(_worker, args=(world, free_port(), cfg.model_dump_json(), str(run_dir), resume_from),
                        nprocs=world, start_method="spawn")
     r0, r1 = (json.loads((run_dir / f"rank{i}.json").read_text()) for i in (0, 1))
-    return r0, r1, run_dir
+    return r0, r1
 
 
 # The base's held-out documents as a retain set (the runs here name the base by its path, so no default

@@ -22,8 +22,9 @@ from distft.stages import StageContext, stage_runner
 DATA = REPO / "configs" / "data"
 
 
-def stage_cfg(kind, model_dir, train_file, init_from=None, **sections):
-    """One stage on the tiny model, LoRA r16; `sections` update the stage's sections (train=..., kto=...)."""
+def stage_cfg(kind, model_dir, train_file, init_from=None, world=1, **sections):
+    """One stage on the tiny model, LoRA r16, on `world` ranks (2 threads in all); `sections` update the stage's
+    sections (train=..., kto=...)."""
     stage = {
         "stage": kind,
         "data": {"train": str(train_file), "eval_fraction": 0.05, "max_eval_samples": 64},
@@ -37,7 +38,7 @@ def stage_cfg(kind, model_dir, train_file, init_from=None, **sections):
     for key, value in sections.items():
         stage[key] = {**stage.get(key, {}), **value} if isinstance(value, dict) else value
     return build_config({"model": {"name_or_path": str(model_dir), "max_seq_len": 64},
-                         "scaling": {"num_workers": 1, "torch_threads": 2}, **stage})
+                         "scaling": {"num_workers": world, "torch_threads": 2 // world}, **stage})
 
 
 def run_stage(cfg, tmp_path):
@@ -105,6 +106,37 @@ def test_distilled_student_moves_towards_its_teacher(sft_policy, tiny_base, tmp_
     assert summary["teacher_divergence_after"] < 0.9 * summary["teacher_divergence_before"], summary
     assert summary["teacher"] == str(teacher) and summary["on_policy_share"] == 0.5
     reloads(tmp_path, "distill", tiny_base)
+
+
+@pytest.mark.slow
+def test_kto_under_zero3_on_two_ranks_shards_policy_and_reference_and_learns(sft_policy, tiny_base, tmp_path):
+    """The representative new stage on 2 gloo ranks under DeepSpeed ZeRO-3 (full fine-tuning, so TRL holds a
+    frozen reference copy, partitioned too). DDP on 2 ranks: every recipe runs so through Ray Train in
+    test_shipped_configs.py."""
+    import os
+
+    pytest.importorskip("deepspeed")
+    from test_distributed_stage import spawn_ranks
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    cfg = stage_cfg("kto", tiny_base, DATA / "facts_feedback_train.jsonl", init_from=sft_policy,
+                    world=2, method={"name": "full"},
+                    strategy={"name": "deepspeed", "zero_stage": 3, "param_persistence_threshold": 0},
+                    train={"lr": 2e-4, "max_steps": 16, "global_batch_size": 16, "micro_batch_size": 8,
+                           "eval_every": 16, "log_every": 4}, evaluate={"max_samples": 40})
+    r0, r1 = spawn_ranks(cfg, tmp_path / "run")
+    s0 = r0["summary"]
+    assert s0["strategy"] == "deepspeed-zero3" and s0["world_size"] == 2
+    full = s0["param_elements_full"]
+    assert abs(s0["param_elements_local"] - full / 2) / full < 0.02  # the policy, partitioned
+    assert s0["eval_reward_margin_before"] == pytest.approx(0.0, abs=1e-5)  # the reference is the start
+    assert s0["eval_reward_margin"] > 0.02 and s0["eval_reward_margin"] == pytest.approx(
+        r1["summary"]["eval_reward_margin"])
+    assert s0["exact_match_after"] == r1["summary"]["exact_match_after"]
+    from distft.models.loading import load_for_inference
+
+    model, _ = load_for_inference(tmp_path / "run" / "kto")  # consolidated from the partitions
+    assert sum(p.numel() for p in model.parameters()) == full
 
 
 def test_feedback_rows_are_checked_row_by_row_before_anything_runs(tmp_path):

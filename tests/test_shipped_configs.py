@@ -33,8 +33,14 @@ GPU_ONLY = {"llama8b/rlhf.yaml"}
 # A search config runs by its own command in the test named above.
 NOT_TRAIN = {"tune_quickstart.yaml"}
 SHORT = ["train.max_steps=2", "train.log_every=1", "evaluate.max_samples=4", "data.max_train_samples=96"]
-# Multi-stage configs run with `distft pipeline`, each stage shortened alike.
-PIPELINES = {"rlhf_quickstart.yaml": 3}
+
+
+def stage_count(config: str) -> int | None:
+    """How many stages a multi-stage config has (None: a single-stage one)."""
+    import yaml
+
+    stages = yaml.safe_load((CONFIGS / config).read_text()).get("stages")
+    return len(stages) if stages else None
 
 
 def shipped() -> list[str]:
@@ -59,20 +65,30 @@ def cluster(tmp_path_factory):
         yield info
 
 
-def train(cluster: dict, config: str, tmp_path: Path) -> list[dict]:
+@pytest.fixture(scope="module")
+def pipelines_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("pipelines")
+
+
+def train(cluster: dict, config: str, tmp_path: Path, pipelines_dir: Path | None = None) -> list[dict]:
     name = Path(config).stem
-    stages = PIPELINES.get(config)
+    stages = stage_count(config)  # a multi-stage config runs with `distft pipeline`, each stage shortened alike
     command, short = ("pipeline", [f"stages.{i}.{o}" for i in range(stages) for o in SHORT]) if stages else \
         ("train", SHORT)
+    # The multi-stage configs share one run directory, as a user rerunning `distft pipeline` there would:
+    # the recipes and the RLHF quickstart start with the same SFT stage (and grpo with the quickstart's
+    # reward stage), trained once and reused by the others, each of which trains its own stages.
+    where = (pipelines_dir, "pipelines") if stages and pipelines_dir else (tmp_path, name)
     r = subprocess.run([sys.executable, "-m", "distft.cli", command, str(CONFIGS / config), *short,
-                        f"run.output_dir={tmp_path}", f"run.name={name}", "--address", cluster["address"]],
+                        f"run.output_dir={where[0]}", f"run.name={where[1]}", "--address", cluster["address"]],
                        cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stderr[-3000:]}"
-    run = tmp_path / name
+    run = where[0] / where[1]
     summaries = json.loads((run / "summary.json").read_text())
     final = run / summaries[-1]["stage"] / "final"
     assert summaries[-1]["steps"] == 2
     assert any(final.glob("*.safetensors")) and (final / "distft_manifest.json").is_file(), sorted(final.iterdir())
+    assert (run / "final").resolve() == final.resolve()  # the run's link names this config's last stage
     return summaries
 
 
@@ -81,8 +97,8 @@ RUN_SLOWEST = [c for c in ELSEWHERE if c not in NOT_TRAIN]
 
 
 @pytest.mark.parametrize("config", RUN_HERE)
-def test_shipped_config_trains_and_exports(cluster, config, tmp_path):
-    train(cluster, config, tmp_path)
+def test_shipped_config_trains_and_exports(cluster, config, tmp_path, pipelines_dir):
+    train(cluster, config, tmp_path, pipelines_dir)
 
 
 @pytest.mark.slowest

@@ -19,6 +19,7 @@ only once there is a run to continue.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,8 +146,11 @@ def launch_and_finish(cfg: DistftConfig, run_dir: Path, address: str | None, res
 def finish_run(cfg: DistftConfig, run_dir: Path, summaries: list[dict]) -> None:
     """The run's `final` link (to the last stage's export) and its summary.json: the mark of a finished run."""
     link = run_dir / "final"
+    target = (run_dir / cfg.stages[-1].label() / "final").relative_to(run_dir)
+    if link.is_symlink() and Path(os.readlink(link)) != target:  # ours, from a config with another last stage
+        link.unlink()
     if not link.is_symlink():
-        link.symlink_to((run_dir / cfg.stages[-1].label() / "final").relative_to(run_dir))
+        link.symlink_to(target)
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
 
 
