@@ -139,6 +139,18 @@ def test_kto_under_zero3_on_two_ranks_shards_policy_and_reference_and_learns(sft
     assert sum(p.numel() for p in model.parameters()) == full
 
 
+@pytest.mark.parametrize("kind, data", [("kto", "facts_feedback_train.jsonl"), ("orpo", "facts_prefs_train.jsonl"),
+                                        ("simpo", "facts_prefs_train.jsonl"), ("distill", "facts_train.jsonl")])
+def test_new_stages_train_qlora_adapters(kind, data, tiny_base, tmp_path):
+    """QLoRA (a 4-bit base, bitsandbytes on CPU) in every new stage: a few steps, an adapter exported."""
+    extra = {"distill": {"teacher": str(tiny_base)}} if kind == "distill" else {}
+    cfg = stage_cfg(kind, tiny_base, DATA / data, method={"name": "qlora", "lora": {"r": 8, "alpha": 16}},
+                    train={"max_steps": 3, "eval_every": 3}, evaluate={"max_samples": 8}, **extra)
+    summary, _ = run_stage(cfg, tmp_path)
+    assert summary["steps"] == 3 and summary["method"] == "qlora" and summary["last_logged_loss"] is not None
+    assert (tmp_path / "run" / kind / "final" / "adapter_model.safetensors").is_file()
+
+
 def test_feedback_rows_are_checked_row_by_row_before_anything_runs(tmp_path):
     """`distft validate` names the row and the field of a label that is not true/false, and the fix."""
     rows = [{"prompt": "Q: a?\nA:", "completion": " yes", "label": True},

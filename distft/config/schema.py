@@ -894,6 +894,10 @@ class KTOStage(StageBase):
     from_policy = True
     reference_copy = True
 
+    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
+    # tested here yet, so it is refused rather than offered.
+    strategies = ("ddp", "deepspeed")
+
     stage: Literal["kto"]
     kto: KTOSettings = KTOSettings()
 
@@ -917,6 +921,10 @@ class ORPOStage(StageBase):
     own_sections = ("orpo",)
     from_policy = True
     pairs = True
+
+    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
+    # tested here yet, so it is refused rather than offered.
+    strategies = ("ddp", "deepspeed")
 
     stage: Literal["orpo"]
     orpo: ORPOSettings = ORPOSettings()
@@ -942,6 +950,10 @@ class SimPOStage(StageBase):
     own_sections = ("simpo",)
     from_policy = True
     pairs = True
+
+    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
+    # tested here yet, so it is refused rather than offered.
+    strategies = ("ddp", "deepspeed")
 
     stage: Literal["simpo"]
     simpo: SimPOSettings = SimPOSettings()
@@ -974,6 +986,10 @@ class DistillStage(StageBase):
     own_sections = ("distill",)
     makes_policy = True
     model_sources = ("distill.teacher",)
+
+    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
+    # tested here yet, so it is refused rather than offered.
+    strategies = ("ddp", "deepspeed")
 
     stage: Literal["distill"]
     distill: DistillSettings = DistillSettings()
