@@ -204,10 +204,11 @@ def _finish(ids: list[int], labels: list[int], max_len: int) -> Encoded:
 
 def encode_row(row: dict, fmt: str, tokenizer, max_len: int, loss_on: str, text_field: str = "text") -> Encoded:
     if fmt in ("preference", "feedback"):
+        fields, stages = (("chosen/rejected", "`stage: reward`, dpo, kto, orpo or simpo") if fmt == "preference"
+                          else ("prompt, completion, label", "`stage: kto`"))
         raise DataError(
-            f"{fmt} rows train a reward model or a preference method (dpo, kto, orpo, simpo), not a language model "
-            "by next-token loss. Fix: use one of those stages, or give this stage alpaca, messages, "
-            "prompt_completion or text rows."
+            f"{fmt} rows ({fields}) train a reward model or a preference method, not a language model by "
+            f"next-token loss. Fix: use {stages}, or give this stage alpaca, messages, prompt_completion or text rows."
         )
     if fmt == "text":
         ids = tokenizer(row[text_field], add_special_tokens=True)["input_ids"]
