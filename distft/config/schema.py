@@ -813,27 +813,37 @@ class PPOStage(StageBase):
     ppo: PPOSettings = PPOSettings()
 
 
+# The stages below run under DDP and ZeRO (tested on 2 ranks). TRL's reference and teacher models under
+# FSDP2 are not tested here yet, so kto, orpo, simpo and distill refuse it rather than offer it.
+NO_FSDP = ("ddp", "deepspeed")
+
+
+class PairStage(StageBase):
+    """A stage that trains a policy (by default the last SFT output) on preference pairs: dpo, orpo, simpo."""
+
+    from_policy = True
+    pairs = True
+
+    @model_validator(mode="after")
+    def _preference_data(self):
+        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
+
+
 class DPOSettings(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
 
-class DPOStage(StageBase):
+class DPOStage(PairStage):
     """Direct preference optimisation with TRL's DPOTrainer on chosen/rejected pairs."""
 
     runner = "distft.stages.dpo:run"
     own_sections = ("dpo",)
-    from_policy = True
-    pairs = True
     reference_copy = True
 
     stage: Literal["dpo"]
     dpo: DPOSettings = DPOSettings()
-
-    @model_validator(mode="after")
-    def _preference_data(self):
-        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
 
 
 class GRPOSettings(Section):
@@ -894,9 +904,7 @@ class KTOStage(StageBase):
     from_policy = True
     reference_copy = True
 
-    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
-    # tested here yet, so it is refused rather than offered.
-    strategies = ("ddp", "deepspeed")
+    strategies = NO_FSDP
 
     stage: Literal["kto"]
     kto: KTOSettings = KTOSettings()
@@ -913,25 +921,17 @@ class ORPOSettings(Section):
                         "paper's lambda)")
 
 
-class ORPOStage(StageBase):
+class ORPOStage(PairStage):
     """Odds-ratio preference optimisation (Hong et al. 2024) with TRL's experimental ORPOTrainer: SFT on the
     chosen response plus an odds-ratio penalty on the rejected one, in one stage, with no reference model."""
 
     runner = "distft.stages.orpo:run"
     own_sections = ("orpo",)
-    from_policy = True
-    pairs = True
 
-    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
-    # tested here yet, so it is refused rather than offered.
-    strategies = ("ddp", "deepspeed")
+    strategies = NO_FSDP
 
     stage: Literal["orpo"]
     orpo: ORPOSettings = ORPOSettings()
-
-    @model_validator(mode="after")
-    def _preference_data(self):
-        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
 
 
 class SimPOSettings(Section):
@@ -942,25 +942,17 @@ class SimPOSettings(Section):
                               "SimPO as published, > 0 is CPO-SimPO")
 
 
-class SimPOStage(StageBase):
+class SimPOStage(PairStage):
     """SimPO (Meng et al. 2024) through TRL's experimental CPOTrainer (loss_type simpo): the length-normalised
     log-likelihood is the implicit reward, so no reference model is held."""
 
     runner = "distft.stages.simpo:run"
     own_sections = ("simpo",)
-    from_policy = True
-    pairs = True
 
-    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
-    # tested here yet, so it is refused rather than offered.
-    strategies = ("ddp", "deepspeed")
+    strategies = NO_FSDP
 
     stage: Literal["simpo"]
     simpo: SimPOSettings = SimPOSettings()
-
-    @model_validator(mode="after")
-    def _preference_data(self):
-        return _require_formats(self, ("auto", "preference"), "trains on preference pairs (chosen/rejected)")
 
 
 class DistillSettings(Section):
@@ -987,9 +979,7 @@ class DistillStage(StageBase):
     makes_policy = True
     model_sources = ("distill.teacher",)
 
-    # Run under DDP and ZeRO (tested on 2 ranks); TRL's reference and teacher models under FSDP2 are not
-    # tested here yet, so it is refused rather than offered.
-    strategies = ("ddp", "deepspeed")
+    strategies = NO_FSDP
 
     stage: Literal["distill"]
     distill: DistillSettings = DistillSettings()
