@@ -28,7 +28,7 @@ from distft.data.loading import split_rows
 from distft.models.loading import load_model
 from distft.stages.chain import plain_model_dir, source_path
 from distft.stages.context import StageContext
-from distft.stages.pairs import first_eval
+from distft.stages.trainer_setup import first_eval
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
 
 INSTRUCTION_FORMATS = ("alpaca", "messages", "prompt_completion")

@@ -18,8 +18,7 @@ from __future__ import annotations
 from distft.config import DistftConfig
 from distft.data.loading import split_feedback_rows
 from distft.stages.context import StageContext
-from distft.stages.pairs import first_eval
-from distft.stages.trainer_setup import base_as_reference
+from distft.stages.trainer_setup import base_as_reference, first_eval
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
 
 

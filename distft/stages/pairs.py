@@ -12,7 +12,7 @@ from __future__ import annotations
 import pkgutil
 
 from distft.data.loading import fitting_preferences, split_preference_rows
-from distft.stages.trainer_setup import base_as_reference
+from distft.stages.trainer_setup import base_as_reference, first_eval
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe
 
 
@@ -69,10 +69,6 @@ class PairRecipe(TrainerRecipe):
                 "eval_reward_margin": eval_metrics.get("eval_rewards/margins"),
                 "train_pairs": len(b.data.train), "dropped_pairs": b.data.extra["stats"].dropped}
 
-
-def first_eval(trainer) -> dict:
-    """The Trainer's evaluation before its first step (`eval_on_start`), or {} if it made none."""
-    return next((m for m in trainer.state.log_history if m.get("step") == 0 and "eval_loss" in m), {})
 
 
 def without_stray_bos(tokenizer):

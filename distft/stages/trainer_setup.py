@@ -334,6 +334,12 @@ def logged_value(history: list[dict], key: str, index: int) -> float | None:
     return values[index] if values else None
 
 
+def first_eval(trainer) -> dict:
+    """The Trainer's evaluation before its first step (`eval_on_start`: a stage's "before" on its eval
+    split), or {} if it made none."""
+    return next((m for m in trainer.state.log_history if m.get("step") == 0 and "eval_loss" in m), {})
+
+
 def run_summary(cfg: DistftConfig, ctx: StageContext, trainer, result, eval_metrics: dict, params, started: float,
                 final_dir: Path) -> dict:
     """The summary keys every stage shares; each stage adds its own task metrics."""
