@@ -167,9 +167,12 @@ def test_feedback_rows_are_checked_row_by_row_before_anything_runs(tmp_path):
 
 
 def test_stages_refuse_data_of_the_wrong_kind_in_one_message(tmp_path):
-    """Feedback rows for a pair stage, and text for distillation: refused by validate, naming the stage to use."""
+    """Feedback rows for a pair stage, text or raw strings for distillation, prompts for kto: refused by
+    validate, naming what to use."""
+    strings = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Q: a?\nA:", "completion": " yes"}] * 4)
     cases = [("orpo", DATA / "facts_feedback_train.jsonl", "use stage: kto"),
              ("distill", DATA / "stories.jsonl", "needs prompts to answer"),
+             ("distill", strings, "stage distill renders rows with the chat template"),
              ("kto", DATA / "facts_train.jsonl", "stage kto trains on labelled responses")]
     for kind, data, expected in cases:
         config = tmp_path / f"{kind}.yaml"

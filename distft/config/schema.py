@@ -986,15 +986,17 @@ class DistillStage(StageBase):
 
     @model_validator(mode="after")
     def _prompt_data(self):
-        return _require_formats(self, ("auto", "alpaca", "messages", "prompt_completion"),
-                                "trains on instruction rows (alpaca, messages or prompt_completion)")
+        # GKD's collator reads chat turns, which prompt_completion rows (raw strings) are not.
+        return _require_formats(self, ("auto", "alpaca", "messages"), "trains on rows the chat template renders "
+                                "(alpaca or messages)")
 
 
 def _require_formats(stage, allowed: tuple[str, ...], what: str):
     errors = []
     if stage.data.format not in allowed:
         errors.append(f"data.format: the {stage.kind} stage {what}, got {stage.data.format}. "
-                      f"Fix: data.format={allowed[-1] if len(allowed) == 2 else 'auto'}.")
+                      f"Fix: data.format={' or '.join(f for f in allowed if f != 'auto')} (or auto), with rows of "
+                      "that format.")
     if stage.evaluate.metric != "exact_match":
         errors.append(f"evaluate.metric: the {stage.kind} stage scores held-out prompts by exact_match, got "
                       f"{stage.evaluate.metric}. Fix: evaluate.metric=exact_match (or leave it unset).")

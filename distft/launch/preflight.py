@@ -268,6 +268,9 @@ def _format_mismatch(name: str, src: str, fmt: str, kind: str, field: str) -> st
         return (f"{name}: {src} holds preference pairs (chosen/rejected), which stage {kind} cannot train on. "
                 "Fix: use stage: reward, dpo, kto, orpo or simpo for them, or point this stage at alpaca, messages, "
                 "prompt/completion or text rows.")
+    if kind == "distill" and fmt == "prompt_completion":
+        return (f"{name}: {src} holds prompt/completion strings, but stage distill renders rows with the chat template "
+                "(GKD's collator reads chat turns). Fix: alpaca or messages rows.")
     if kind in ("ppo", "grpo", "distill") and fmt == "text":
         return (f"{name}: {src} is plain text, but stage {kind} needs prompts to answer. "
                 "Fix: alpaca, messages or prompt/completion rows (their answers feed reward functions and "

@@ -31,7 +31,8 @@ from distft.stages.context import StageContext
 from distft.stages.trainer_setup import first_eval
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
 
-INSTRUCTION_FORMATS = ("alpaca", "messages", "prompt_completion")
+# GKD's collator reads chat turns: rows the chat template renders. prompt_completion rows are raw strings.
+CHAT_FORMATS = ("alpaca", "messages")
 
 
 class Distill(TrainerRecipe):
@@ -40,12 +41,9 @@ class Distill(TrainerRecipe):
     def load_data(self, b: Built) -> StageData:
         data_cfg = b.stage.data
         train_rows, eval_rows, fmt = split_rows(data_cfg, b.stage.train.seed)
-        if fmt not in INSTRUCTION_FORMATS:
-            raise DataError(f"data.train: the distill stage trains on instruction rows (alpaca, messages or "
-                            f"prompt_completion); {data_cfg.train} has format {fmt}.")
-        if fmt == "prompt_completion":
-            raise DataError("data.train: the distill stage renders rows with the chat template (GKD's collator "
-                            "reads chat turns); prompt_completion rows are raw strings. Fix: alpaca or messages rows.")
+        if fmt not in CHAT_FORMATS:
+            raise DataError(f"data.train: the distill stage renders rows with the chat template (alpaca or messages "
+                            f"rows); {data_cfg.train} has format {fmt}.")
 
         def chat(rows):
             return rows.map(lambda row: {"messages": to_messages(row, fmt)}, remove_columns=rows.column_names,
