@@ -79,11 +79,18 @@ def plain_model_dir(path: str, stage_dir: Path, ctx: StageContext, model: ModelC
 
 def stage_model(cfg: DistftConfig, ctx: StageContext) -> ModelConfig:
     """`cfg.model` with `name_or_path` set to where this stage starts (an earlier output, merged if LoRA)."""
-    stage = cfg.stages[ctx.stage_index]
     source = cfg.init_source(ctx.stage_index)
     if source == cfg.model.name_or_path and cfg.stage_named(source) is None:
         return cfg.model
-    path = plain_model_dir(source_path(cfg, ctx.run_dir, source), Path(ctx.run_dir) / stage.label(), ctx, cfg.model)
-    ctx.log(f"[{stage.label()}] starts from {source}" + (f" ({path})" if path != source else ""))
+    return source_model(cfg, ctx, source, "init", "starts from")
+
+
+def source_model(cfg: DistftConfig, ctx: StageContext, source: str, name: str, what: str) -> ModelConfig:
+    """`cfg.model` pointing at `source` (an earlier stage's output or a model path), a LoRA output merged
+    into `<stage>/<name>/`; logged as "[stage] <what> <source>"."""
+    stage = cfg.stages[ctx.stage_index]
+    path = plain_model_dir(source_path(cfg, ctx.run_dir, source), Path(ctx.run_dir) / stage.label(), ctx, cfg.model,
+                           name=name)
+    ctx.log(f"[{stage.label()}] {what} {source}" + (f" ({path})" if path != source else ""))
     # A path of this run carries no revision of the original hub model.
     return cfg.model.model_copy(update={"name_or_path": path, "revision": None})

@@ -19,14 +19,12 @@ student's distance to its teacher on the data's responses.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from distft.config import DistftConfig
 from distft.config.schema import MethodConfig
 from distft.data.formats import DataError, to_messages
 from distft.data.loading import split_rows
 from distft.models.loading import load_model
-from distft.stages.chain import plain_model_dir, source_path
+from distft.stages.chain import source_model
 from distft.stages.context import StageContext
 from distft.stages.trainer_setup import first_eval
 from distft.stages.trainer_stage import Built, StageData, TrainerRecipe, run_trainer_stage
@@ -77,13 +75,9 @@ class Distill(TrainerRecipe):
     def load_teacher(self, b: Built):
         """The teacher as a plain causal LM (a LoRA output merged first), frozen. Loaded after the
         Trainer's arguments, like the student: under ZeRO-3 it is read into partitions too."""
-        cfg, ctx, stage = b.cfg, b.ctx, b.stage
-        source = cfg.teacher_source(ctx.stage_index)
-        path = plain_model_dir(source_path(cfg, ctx.run_dir, source), Path(ctx.run_dir) / stage.label(), ctx,
-                               cfg.model, name="teacher")
-        ctx.log(f"[{stage.label()}] teacher {source}" + (f" ({path})" if path != source else ""))
-        teacher = load_model(cfg.model.model_copy(update={"name_or_path": path, "revision": None}),
-                             MethodConfig(name="full"), cfg.scaling.use_gpu, log=ctx.log)
+        cfg, ctx = b.cfg, b.ctx
+        teacher_cfg = source_model(cfg, ctx, cfg.teacher_source(ctx.stage_index), "teacher", "teacher")
+        teacher = load_model(teacher_cfg, MethodConfig(name="full"), cfg.scaling.use_gpu, log=ctx.log)
         teacher.requires_grad_(False)
         return teacher.eval()
 
