@@ -181,7 +181,7 @@ def _bare(spec: dict) -> None:
     args = TrainingArguments(
         output_dir=spec["run_dir"], per_device_train_batch_size=shape["batch"], max_steps=shape["steps"],
         learning_rate=1e-5, optim="adamw_torch", lr_scheduler_type="cosine", max_grad_norm=1.0,
-        bf16=shape["dtype"] == "bfloat16", activation_checkpointing=spec["ckpt"], use_cpu=not gpu,
+        bf16=shape["dtype"] == "bfloat16", gradient_checkpointing=spec["ckpt"], use_cpu=not gpu,
         logging_steps=10_000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,

@@ -352,5 +352,5 @@ def test_a_generation_engine_plugs_in_by_import_path():
 
     assert resolve_generator("hf") is hf_generate
     assert resolve_generator("tests.test_ppo_stage:length_reward").__qualname__ == "length_reward"
-    with pytest.raises(ValueError, match="ppo.generation: cannot use 'vllm'"):
-        resolve_generator("vllm")
+    with pytest.raises(ValueError, match="ppo.generation: cannot use 'nosuch_engine'"):
+        resolve_generator("nosuch_engine")

@@ -120,7 +120,7 @@ def test_strategy_to_trainer_kwargs_precision_and_engines():
     assert "deepspeed" not in kw and "parallelism_config" not in kw
     st = stage({"name": "ddp"})
     kw = trainer_strategy_kwargs(st.strategy, st.train, "float32", 2)
-    assert kw == {"bf16": False, "fp16": False, "activation_checkpointing": False, "ddp_find_unused_parameters": False}
+    assert kw == {"bf16": False, "fp16": False, "gradient_checkpointing": False, "ddp_find_unused_parameters": False}
 
 
 def test_hybrid_fsdp_parallelism_config_is_built():

@@ -21,7 +21,7 @@ def _train(trainer_cls, model_dir, rows, tmp_path, steps: int, log_every: int, a
                      gradient_accumulation_steps=accum, max_steps=steps, logging_steps=log_every,
                      logging_first_step=True, learning_rate=1e-4, save_strategy="no", eval_strategy="no",
                      use_cpu=True, report_to="none", disable_tqdm=True, seed=7, max_length=64,
-                     activation_checkpointing=False)  # as distft's stages run (TRL's default is on)
+                     gradient_checkpointing=False)  # as distft's stages run (TRL's default is on)
     trainer = trainer_cls(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     gathers = []
     gather = trainer.accelerator.gather_for_metrics
@@ -86,7 +86,7 @@ def test_a_step_between_logs_takes_trls_loss_value_and_the_exact_gradient(tiny_b
     ds, _ = tokenize_dataset(rows.select(range(32)), fmt, tokenizer, 64, "completion", "text")
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     args = SFTConfig(output_dir="/tmp/unused", per_device_train_batch_size=8, max_steps=10, logging_steps=5,
-                     use_cpu=True, report_to="none", max_length=64, activation_checkpointing=False)
+                     use_cpu=True, report_to="none", max_length=64, gradient_checkpointing=False)
     trainer = metrics_at_log_steps(SFTTrainer)(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
     trainer.state.global_step, trainer.state.max_steps = 1, 10  # step 2: between logs
     trainer.model.train()

@@ -53,18 +53,18 @@ def world(tmp_path_factory, tiny_random) -> Path:
     tok.write_bytes(tok.read_bytes()[: tok.stat().st_size // 2])
     (root / "config-only").mkdir()
     shutil.copy(tiny_random / "config.json", root / "config-only" / "config.json")
-    _tiny_gemma2(root / "gemma2", tiny_random)
+    _tiny_granite_swa(root / "granite-swa", tiny_random)
     return root
 
 
-def _tiny_gemma2(out: Path, tokenizer_dir: Path) -> None:
-    """A Gemma-2 (a Llama-family decoder that transformers 5.23 runs only with eager attention), tiny."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config
+def _tiny_granite_swa(out: Path, tokenizer_dir: Path) -> None:
+    """A Granite-SWA (a Llama-family decoder that transformers 5.19 runs only with eager attention), tiny."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GraniteSWAConfig
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=2, head_dim=16, pad_token_id=tok.pad_token_id,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GraniteSWAConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     tok.save_pretrained(str(out))
 
@@ -105,10 +105,10 @@ def _tokenizer_cut(w: Path, env: dict) -> None:
 
 
 def _no_sdpa(w: Path, env: dict) -> None:
-    from transformers import Gemma2ForCausalLM
+    from transformers import GraniteSWAForCausalLM
 
-    assert Gemma2ForCausalLM._supports_sdpa is False
-    assert json.loads((w / "gemma2" / "config.json").read_text())["model_type"] == "gemma2"
+    assert GraniteSWAForCausalLM._supports_sdpa is False
+    assert json.loads((w / "granite-swa" / "config.json").read_text())["model_type"] == "granite_swa"
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
@@ -132,10 +132,10 @@ CASES = [
      ("model.name_or_path: $W/config-only has a config.json but no weights", "Fix: ")),
     ("validate-tokenizer-cut-short", "validate $W/c.yaml model.name_or_path=$W/bad-tokenizer", OFFLINE, _tokenizer_cut,
      ("model.name_or_path: $W/bad-tokenizer: its tokenizer does not load (", "Fix: ")),
-    ("validate-attention-unsupported", "validate $W/c.yaml model.name_or_path=$W/gemma2", OFFLINE, _no_sdpa,
-     ("model.attn_implementation=sdpa: Gemma2ForCausalLM", "Fix: model.attn_implementation=eager")),
-    ("train-attention-unsupported", "train $W/c.yaml model.name_or_path=$W/gemma2", OFFLINE, _no_sdpa,
-     ("model.attn_implementation=sdpa: Gemma2ForCausalLM", "Fix: model.attn_implementation=eager")),
+    ("validate-attention-unsupported", "validate $W/c.yaml model.name_or_path=$W/granite-swa", OFFLINE, _no_sdpa,
+     ("model.attn_implementation=sdpa: GraniteSWAForCausalLM", "Fix: model.attn_implementation=eager")),
+    ("train-attention-unsupported", "train $W/c.yaml model.name_or_path=$W/granite-swa", OFFLINE, _no_sdpa,
+     ("model.attn_implementation=sdpa: GraniteSWAForCausalLM", "Fix: model.attn_implementation=eager")),
     ("generate-truncated-weights", "generate $W/truncated --prompt hello", OFFLINE, _truncated,
      ("$W/truncated/model.safetensors is truncated (", "Fix: ")),
     ("eval-truncated-weights", "eval $W/truncated --data $W/train.jsonl", OFFLINE, _truncated,

@@ -764,6 +764,26 @@ class RewardSpec(Section):
     )
 
 
+class VLLMSettings(Section):
+    """The rollout engine when `generation: vllm`: one engine per worker, colocated with the trainer."""
+
+    gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="GPU: the share of the card's memory the engine takes (weights and KV cache); "
+        "the trainer's models need the rest"
+    )
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="CPU workers: the engine's KV cache, GiB")
+    sleep: bool = Field(
+        True, description="GPU: free the engine's memory while the trainer updates (vLLM sleep mode), woken "
+        "for each rollout"
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the engine decodes at once")
+
+
+# What a vLLM engine can be synced from: the trainer's weights, or merged adapter deltas. QLoRA's 4-bit base
+# cannot be merged exactly, and prompt or prefix tuning have no weights to merge.
+VLLM_METHODS = ("full", "freeze", "bitfit", "lora", "dora", "rslora", "ia3")
+
+
 class PPOSettings(Section):
     """Classic RLHF PPO (Ziegler et al. 2019; Ouyang et al. 2022): rollouts, per-token KL, GAE, clipped losses."""
 
@@ -791,9 +811,11 @@ class PPOSettings(Section):
     whiten_rewards: bool = False
     unfinished_penalty: float = Field(0.0, ge=0, description="Subtracted from the score of a response without EOS")
     generation: str = Field(
-        "hf", description="Rollout engine: hf (transformers generate), or 'package.module:function' taking "
-        "(model, tokenizer, prompts, settings, sample) like distft.stages.ppo.hf_generate"
+        "hf", description="Rollout engine: hf (transformers generate), vllm (a vLLM engine in each worker, synced "
+        "after every update), or 'package.module:function' taking (model, tokenizer, prompts, settings, sample) "
+        "like distft.stages.ppo.hf_generate"
     )
+    vllm: VLLMSettings = VLLMSettings()
 
 
 class PPOStage(StageBase):
@@ -864,6 +886,11 @@ class GRPOSettings(Section):
         "group", description="Divide advantages by the reward's std over the group, the batch, or not at all "
         "(Dr. GRPO: none)"
     )
+    generation: Literal["hf", "vllm"] = Field(
+        "hf", description="Rollout engine: hf (transformers generate) or vllm (TRL's colocated vLLM engine, one per "
+        "worker, synced after every update)"
+    )
+    vllm: VLLMSettings = VLLMSettings()
 
 
 class GRPOStage(StageBase):
@@ -1182,6 +1209,27 @@ def _ppo_fits(where: str, stage: PPOStage, world: int) -> list[str]:
     return errors
 
 
+def rollout_engine(stage) -> str | None:
+    """`hf`, `vllm` or a plugin of a stage that samples (ppo, grpo); None for the others."""
+    settings = getattr(stage, stage.kind, None) if stage.kind in ("ppo", "grpo") else None
+    return settings.generation if settings is not None else None
+
+
+def _engine_fits(where: str, stage) -> list[str]:
+    if rollout_engine(stage) != "vllm":
+        return []
+    errors = []
+    field = f"{where}.{stage.kind}.generation"
+    if stage.method.name not in VLLM_METHODS:
+        errors.append(f"{field}: vllm is synced with the policy's weights (adapters merged into them), which "
+                      f"method.name={stage.method.name} does not allow. Fix: method.name=lora (or full), or "
+                      f"{stage.kind}.generation=hf.")
+    if stage.strategy.name == "fsdp":
+        errors.append(f"{field}: syncing a vLLM engine from FSDP2 shards is not tested by distft. Fix: "
+                      f"strategy.name=deepspeed (ZeRO-3 syncs one layer at a time) or ddp, or {stage.kind}.generation=hf.")
+    return errors
+
+
 class DistftConfig(Section):
     model: ModelConfig = ModelConfig()
     scaling: ScalingConfig = ScalingConfig()
@@ -1301,6 +1349,7 @@ class DistftConfig(Section):
                 errors.append(f"stages.{i}.distill.teacher: the distill stage needs a teacher, and this config has no "
                               "earlier sft or pretrain stage. Fix: distill.teacher=<stage name, model directory or "
                               "hub id>.")
+            errors += _engine_fits(f"stages.{i}", st)
             if st.kind == "ppo":
                 errors += _ppo_fits(f"stages.{i}", st, self.scaling.num_workers)
                 if st.method.name == "qlora":

@@ -19,7 +19,7 @@ def trainer_strategy_kwargs(strategy: StrategyConfig, train: TrainConfig, model_
     kwargs: dict = {
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
-        "activation_checkpointing": strategy.gradient_checkpointing,  # transformers 5 name
+        "gradient_checkpointing": strategy.gradient_checkpointing,
         "ddp_find_unused_parameters": False,
     }
     if strategy.name == "deepspeed":

@@ -375,6 +375,20 @@ def check_forwarded_env(cfg: DistftConfig) -> list[str]:
             f"export {k}=..., or remove it from run.forward_env." for k in missing]
 
 
+def check_engines(cfg: DistftConfig) -> list[str]:
+    """`generation: vllm` on this machine's own cluster: vLLM must import here (a submitted job's cluster
+    has its own environment, so its workers check there, with the same message)."""
+    from distft.config.schema import rollout_engine
+    from distft.models.vllm_engine import vllm_problem
+
+    problems = []
+    for i, st in enumerate(cfg.stages):
+        prefix = "" if len(cfg.stages) == 1 else f"stages.{i}."
+        if rollout_engine(st) == "vllm" and (problem := vllm_problem(f"{prefix}{st.kind}.generation")):
+            problems.append(problem)
+    return problems[:1]  # one install fixes every stage
+
+
 def cluster_only_paths(cfg: DistftConfig) -> frozenset:
     """Absolute paths the config names that do not exist here: for a submitted job, paths on the cluster.
     Offline, hub models this machine's cache lacks too: the cluster may have them, or reach the hub."""
@@ -414,7 +428,7 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
         retain_problems, retain_notes = check_retain(cfg, elsewhere)
         problems, notes = problems + retain_problems, notes + retain_notes
     if local_cluster:
-        problems += check_local_resources(cfg)
+        problems += check_local_resources(cfg) + check_engines(cfg)
     problems += check_host_memory(cfg, local_cluster) if not problems else []
     if problems:
         raise PreflightError("\n".join(f"  - {p}" for p in problems))

@@ -75,7 +75,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(policy_cfg)
     prompts = load_prompts(stage.data.train, stage.data, tokenizer, cfg.model.max_seq_len - settings.max_new_tokens,
                            "data.train", stage.data.max_train_samples, ctx.log)
-    generator = resolve_generator(settings.generation)  # a bad engine name fails before any model loads
+    if settings.generation != "vllm":
+        generator = resolve_generator(settings.generation)  # a bad engine name fails before any model loads
     per_rank = settings.rollout_batch_size // world
     steps_per_epoch = max(1, len(prompts) // settings.rollout_batch_size)
     total = train_cfg.max_steps or max(1, math.ceil(steps_per_epoch * train_cfg.epochs))
@@ -120,6 +121,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     # After the engine: ZeRO-3's own forward hooks must wrap the head's output first, so the
     # values read here re-gather the head's weights in backward like any other output.
     values_of = ValueReader(value.module)
+    if settings.generation == "vllm":
+        generator = VLLMRollouts.start(cfg, ctx, policy_cfg, actor.module, train_cfg.seed)
     scorer = Scorer(stage.reward, reward_model, reward_tokenizer, stage.evaluate.batch_size)
     kl_ctl = (rl.AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
               if settings.kl_target else rl.FixedKLController(settings.kl_coef))
@@ -132,7 +135,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
                                 cfg.model.max_seq_len - stage.evaluate.max_new_tokens, "evaluate.data",
                                 stage.evaluate.max_samples, ctx.log)
         if stage.evaluate.before and not ctx.resume_from:
-            before = evaluate(actor, held_out, tokenizer, scorer, stage, ctx)
+            before = evaluate(actor, generator, held_out, tokenizer, scorer, stage, ctx)
             ctx.log(f"[{stage.label()}] held-out before PPO: {_describe(before)}")
 
     # Retain sets before the first rollout (a resumed stage reads what its first attempt scored).
@@ -165,7 +168,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
     for step in range(start, total):
         batch = rank_batch(prompts, step, settings.rollout_batch_size, ctx.rank, world, train_cfg.seed)
         t0 = time.time()
-        with full_parameters(actor.module, strategy.label()):  # ZeRO-3: gathered once per rollout
+        if isinstance(generator, VLLMRollouts):
+            generator.step = step  # its sampler is seeded from (seed, step, rank): resumable
+        with gathered_for(generator, actor.module, strategy.label()):  # hf under ZeRO-3: once per rollout
             rollout = make_rollout(actor.module, generator, tokenizer, batch, settings, sample=True)
         t1 = time.time()
         scores, parts = scorer.score(batch, rollout)
@@ -174,6 +179,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         stats = ppo_update(actor, value, values_of, experience, settings, train_cfg.micro_batch_size, train_cfg.seed,
                            step)
         t3 = time.time()
+        synced = generator.sync(actor.module, strategy.label()) if isinstance(generator, VLLMRollouts) else {}
+        t4 = time.time()
         metrics = {
             "step": step + 1,
             **_global_means({**experience.stats, **parts, **stats}, world),
@@ -182,6 +189,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             "time_generate": round(t1 - t0, 3),
             "time_score": round(t2 - t1, 3),
             "time_train": round(t3 - t2, 3),
+            **({"time_sync": round(t4 - t3, 3), **synced} if synced else {}),
         }
         kl_ctl.update(metrics["kl"], settings.rollout_batch_size)
         history.append(metrics)
@@ -211,7 +219,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
 
     after = None
     if held_out is not None:
-        after = evaluate(actor, held_out, tokenizer, scorer, stage, ctx)
+        after = evaluate(actor, generator, held_out, tokenizer, scorer, stage, ctx)
         ctx.log(f"[{stage.label()}] held-out after PPO: {_describe(after)}")
     forgetting = retained.after(actor.module, total)
 
@@ -245,6 +253,9 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
         "eval_items": after["items"] if after else 0,
         "time_generate": round(sum(h["time_generate"] for h in history), 1),
         "time_train": round(sum(h["time_train"] for h in history), 1),
+        "generation": settings.generation,
+        **({"time_sync": round(sum(h.get("time_sync", 0.0) for h in history), 1),
+            "engine_logprob_diff": _mean(tail, "engine_logprob_diff")} if settings.generation == "vllm" else {}),
         "wall_seconds": round(time.time() - started, 1),
         "model_dir": str(final_dir),
         **forgetting,
@@ -333,7 +344,7 @@ def _zero3_group(model) -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1 and any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-# A generator turns prompt strings into token ids; a faster engine (vLLM on GPU) plugs in here.
+# A generator turns prompt strings into token ids; `vllm` (VLLMRollouts below) needs the stage's context.
 GENERATORS = {"hf": hf_generate}
 
 
@@ -350,6 +361,51 @@ def resolve_generator(name: str):
                          "'package.module:function'.") from None
 
 
+class VLLMRollouts:
+    """`generation: vllm`: this worker's vLLM engine behind `hf_generate`'s signature (it also returns the
+    engine's logprobs), synced with the trained policy before the first rollout and after every update."""
+
+    def __init__(self, engine, seed: int, rank: int):
+        self.engine, self.seed, self.rank = engine, seed, rank
+        self.step = 0
+
+    @classmethod
+    def start(cls, cfg: DistftConfig, ctx: StageContext, policy_cfg, module, seed: int) -> VLLMRollouts:
+        from distft.models.vllm_engine import VLLMEngine
+
+        stage = cfg.stages[ctx.stage_index]
+        t0 = time.time()
+        engine = VLLMEngine(policy_cfg.name_or_path, policy_cfg.revision, cfg.model.dtype, stage.ppo.vllm,
+                            use_gpu=cfg.scaling.use_gpu, max_model_len=cfg.model.max_seq_len, seed=seed,
+                            world_size=ctx.world_size, rank=ctx.rank, local_rank=ctx.local_rank,
+                            trust_remote_code=cfg.model.trust_remote_code,
+                            log=lambda m: ctx.log(f"[{stage.label()}] {m}"))
+        rollouts = cls(engine, seed, ctx.rank)
+        synced = rollouts.sync(module, stage.strategy.label())
+        ctx.log(f"[{stage.label()}] vLLM engine started and synced ({synced['sync_tensors']} tensors) in "
+                f"{time.time() - t0:.1f}s")
+        return rollouts
+
+    def __call__(self, model, tokenizer, prompts: list[str], settings, sample: bool):
+        from distft.models.vllm_engine import Sampling
+
+        sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_k, settings.top_p)
+        # One seed per (run seed, step, rank): the rollout of a resumed run is the uninterrupted one's.
+        seed = (self.seed * 1_000_003 + self.step * 100_003 + self.rank * 10_007) % 2**31
+        return self.engine.generate(tokenizer, prompts, sampling, sample, seed)
+
+    def sync(self, module, strategy: str) -> dict:
+        import torch
+
+        with torch.no_grad():
+            return self.engine.sync(module, strategy)
+
+
+def gathered_for(generator, module, strategy: str):
+    """ZeRO-3: the whole policy gathered once around transformers generation; a vLLM engine holds its own copy."""
+    return nullcontext() if isinstance(generator, VLLMRollouts) else full_parameters(module, strategy)
+
+
 @dataclass
 class Rollout:
     prompt_ids: object  # [B, P], left-padded
@@ -358,6 +414,7 @@ class Rollout:
     mask: object  # [B, R]: response tokens up to and including the first EOS
     finished: object  # [B]: the response emitted EOS
     texts: list[str]  # decoded responses, special tokens removed
+    engine_logprobs: object = None  # [B, R] the engine's own, when it reports them: a check, never the loss's
 
     def sequences(self):
         """(input_ids, attention_mask, position_ids) of prompt + response, positions as in generation."""
@@ -370,21 +427,25 @@ class Rollout:
 
     def select(self, idx) -> Rollout:
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.mask[idx],
-                       self.finished[idx], [self.texts[i] for i in idx.tolist()])
+                       self.finished[idx], [self.texts[i] for i in idx.tolist()],
+                       None if self.engine_logprobs is None else self.engine_logprobs[idx])
 
 
 def make_rollout(model, generator, tokenizer, batch: list[Prompt], settings, sample: bool) -> Rollout:
     was_training = model.training
     model.eval()
     try:
-        prompt_ids, prompt_mask, response_ids = generator(model, tokenizer, [p.text for p in batch], settings, sample)
+        out = generator(model, tokenizer, [p.text for p in batch], settings, sample)
     finally:
         model.train(was_training)
+    prompt_ids, prompt_mask, response_ids = out[:3]
+    engine_logprobs = out[3] if len(out) > 3 else None
     mask, finished = rl.response_mask(response_ids, tokenizer.eos_token_id)
     # Tokens after the first EOS are padding from here on.
     response_ids = response_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-    return Rollout(prompt_ids, prompt_mask, response_ids, mask, finished, [t.strip() for t in texts])
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask, finished, [t.strip() for t in texts],
+                   engine_logprobs)
 
 
 # ---------------------------------------------------------------- scoring
@@ -504,6 +565,8 @@ def make_experience(actor: TrainEngine, value: TrainEngine, values_of: ValueRead
         "finished": float(rollout.finished.float().mean()),
         "value_mean": float(rl.masked_mean(values, mask)),
     }
+    if rollout.engine_logprobs is not None:  # how far the engine's sampler is from the trained policy
+        stats["engine_logprob_diff"] = float(rl.masked_mean((rollout.engine_logprobs - logprobs).abs(), mask))
     return Experience(rollout, logprobs, values, advantages, returns, stats)
 
 
@@ -551,7 +614,8 @@ def _mean(rows: list[dict], key: str) -> float | None:
 # ---------------------------------------------------------------- evaluation, checkpoints, export
 
 
-def evaluate(actor: TrainEngine, held_out: list[Prompt], tokenizer, scorer: Scorer, stage, ctx: StageContext) -> dict:
+def evaluate(actor: TrainEngine, generator, held_out: list[Prompt], tokenizer, scorer: Scorer, stage,
+             ctx: StageContext) -> dict:
     """Greedy answers to held-out prompts: exact match against the references and the mean reward."""
     mine = held_out[ctx.rank :: ctx.world_size]
     real = len(mine)
@@ -560,11 +624,10 @@ def evaluate(actor: TrainEngine, held_out: list[Prompt], tokenizer, scorer: Scor
     settings = stage.ppo.model_copy(update={"max_new_tokens": stage.evaluate.max_new_tokens})
     correct, reward_sum = 0.0, 0.0
     bs = stage.evaluate.batch_size
-    with full_parameters(actor.module, stage.strategy.label()):
+    with gathered_for(generator, actor.module, stage.strategy.label()):
         for i in range(0, len(mine), bs):
             batch = mine[i : i + bs]
-            rollout = make_rollout(actor.module, resolve_generator(stage.ppo.generation), tokenizer, batch, settings,
-                                   sample=False)
+            rollout = make_rollout(actor.module, generator, tokenizer, batch, settings, sample=False)
             scores, _ = scorer.score(batch, rollout)
             keep = max(0, min(len(batch), real - i))
             correct += sum(p.reference is not None and normalize_answer(t) == normalize_answer(p.reference)
