@@ -64,11 +64,7 @@ class VLLMEngine:
             raise ImportError(problem)
         import torch
 
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: sync is a copy, not IPC
-        if not use_gpu:
-            # vLLM's CPU backend sizes its KV cache from this (GiB) rather than a share of RAM.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_gib)))
-        _quiet_vllm()
+        engine_environment(settings, use_gpu)
         from vllm import LLM
 
         kwargs = {}
@@ -151,10 +147,7 @@ class VLLMEngine:
                 yield name, tensor
 
         self.wake(weights_only=True)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True})
-        if not self.use_gpu:
-            self.llm.apply_model(_repack_tied_head)
-        self.llm.reset_prefix_cache()
+        reload_weights(self.llm, weights(), self.use_gpu)
         self.sleep()
         self.synced = True
         return stats
@@ -173,6 +166,39 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.llm = None
+
+
+def engine_environment(settings, use_gpu: bool) -> None:
+    """Before vLLM is imported (by distft or by TRL): an engine in this process, its CPU KV cache, its logs."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: sync is a copy, not IPC
+    if not use_gpu:
+        # vLLM's CPU backend sizes its KV cache from this (GiB) rather than a share of RAM.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(settings.cpu_kv_cache_gib)))
+    _quiet_vllm()
+
+
+def reload_weights(llm, weights, use_gpu: bool) -> None:
+    """(name, tensor) pairs in checkpoint format into a running engine, through vLLM's layerwise in-place
+    reload, which redoes each layer's post-load processing (CPU weight packing among it)."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    if not use_gpu:
+        llm.apply_model(_repack_tied_head)
+    llm.reset_prefix_cache()
+
+
+def trl_colocate_sync(generation, use_gpu: bool):
+    """A `sync_weights` for TRL 1.16's colocated engine (`trainer.vllm_generation`). TRL writes each tensor
+    with the model's `load_weights`, which vLLM 0.32 no longer accepts once it has post-processed its
+    weights ('Parameter' object has no attribute 'weight_loader'); the same tensors, in TRL's own order
+    (its gathers are collectives), go through `reload_weights` instead."""
+
+    def sync_weights():
+        if generation.enable_sleep_mode:
+            generation.llm.wake_up(tags=["weights"])
+            generation._llm_weights_sleeping = False
+        reload_weights(generation.llm, generation._iter_named_params(), use_gpu)
+
+    return sync_weights
 
 
 # ---------------------------------------------------------------- what a sync sends

@@ -35,6 +35,13 @@ class GRPO(TrainerRecipe):
 
     def check(self, cfg: DistftConfig, ctx: StageContext) -> None:
         check_groups(cfg, ctx.stage_index, ctx.world_size)
+        grpo = cfg.stages[ctx.stage_index].grpo
+        if grpo.generation == "vllm":
+            from distft.models.vllm_engine import engine_environment, vllm_problem
+
+            if problem := vllm_problem(f"stages.{ctx.stage_index}.grpo.generation"):
+                raise ImportError(problem)
+            engine_environment(grpo.vllm, cfg.scaling.use_gpu)  # before TRL imports vLLM
 
     def load_data(self, b: Built) -> StageData:
         # Prompts (chat turns when the rows are chat-shaped, so TRL renders them with the template,
@@ -78,10 +85,15 @@ class GRPO(TrainerRecipe):
                              "model dir or stage name>, and/or reward.functions={exact_match: 1.0}.")
         b.data.extra["reward_funcs"] = reward_funcs
         grpo = stage.grpo
+        engine = {}
+        if grpo.generation == "vllm":  # TRL's colocated engine: one per worker, synced by TRL every step
+            engine = {"use_vllm": True, "vllm_mode": "colocate", "vllm_max_model_length": cfg.model.max_seq_len,
+                      "vllm_gpu_memory_utilization": grpo.vllm.gpu_memory_utilization,
+                      "vllm_enable_sleep_mode": cfg.scaling.use_gpu and grpo.vllm.sleep}
         return {"num_generations": grpo.num_generations, "max_completion_length": grpo.max_new_tokens,
                 "temperature": grpo.temperature, "beta": grpo.beta, "epsilon": grpo.epsilon,
                 "epsilon_high": grpo.epsilon_high, "loss_type": grpo.loss_type, "scale_rewards": grpo.scale_rewards,
-                "reward_weights": weights}
+                "reward_weights": weights, **engine}
 
     def build_trainer(self, b: Built, model, args, callbacks: list):
         from trl import GRPOTrainer
@@ -98,6 +110,11 @@ class GRPO(TrainerRecipe):
             callbacks=callbacks,
         )
         base_as_reference(trainer)
+        if getattr(trainer, "vllm_generation", None) is not None:
+            from distft.models.vllm_engine import trl_colocate_sync
+
+            gen = trainer.vllm_generation
+            gen.sync_weights = trl_colocate_sync(gen, b.cfg.scaling.use_gpu)
         return trainer
 
     def summary(self, b: Built, trainer, eval_metrics: dict) -> dict:

@@ -43,6 +43,11 @@ KNOWN_WARNINGS = (
     # The orpo, simpo and distill stages use TRL 1.16's experimental trainers, which warn on import; the
     # README's table of algorithms says which stages those are, where the user chooses one.
     (r"You are importing from 'trl\.experimental'", Warning),
+    # `grpo.generation: vllm`: TRL 1.16 names vLLM 0.31 as its newest; distft runs 0.32 (transformers' pin)
+    # and replaces the one call of TRL's that 0.32 broke (models/vllm_engine.trl_colocate_sync).
+    (r"TRL currently supports vLLM versions from", UserWarning),
+    # vLLM 0.32 itself, at import: a torch name it still reads.
+    (r"`torch\.distributed\.reduce_op` is deprecated", FutureWarning),
 )
 
 
@@ -79,8 +84,13 @@ def quiet_libraries() -> None:
     """Per-item progress bars from datasets/transformers drown our progress lines in worker logs, and a few
     known-harmless notices repeat in every worker of every run. Called before a stage imports transformers."""
     import logging
+    import os
 
     quiet_notices()
+    # vLLM configures its logging when first imported, which TRL's GRPO module does whenever vLLM is
+    # installed, even for `generation: hf`: its INFO lines and import-time notices (Triton without a CPU
+    # backend, no tcmalloc preloaded) would then fill every GRPO worker's log. Its errors still show.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import datasets
     import transformers
 
