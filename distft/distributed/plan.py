@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from distft.config.schema import DistftConfig, MethodConfig, StrategyConfig
+from distft.config.schema import DistftConfig, MethodConfig, StrategyConfig, rollout_engine
 
 if TYPE_CHECKING:  # the planner is handed a shape; counting one (models.shapes) is the layer above's job
     from distft.models.shapes import ModelShape
@@ -53,6 +53,8 @@ class Memory:
     activations: float = 0.0
     cpu: float = 0.0
     notes: list[str] = field(default_factory=list)
+    engine: float = 0.0  # `generation: vllm`: the rollout engine (counted in `activations`, its phase's peak)
+    engine_need: float = 0.0  # what the engine must hold: its copy of the weights and the rollout's KV cache
 
     @property
     def model_states(self) -> float:
@@ -192,8 +194,9 @@ def kv_cache_bytes(shape: ModelShape, batch: int, tokens: int, act_bytes: int = 
 
 def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
                  critic: ModelShape | None = None, reward: ModelShape | None = None,
-                 teacher: ModelShape | None = None) -> Memory:
-    """Per-rank peak of one stage on `world` ranks: its models, buffers and activations."""
+                 teacher: ModelShape | None = None, gpu_bytes: float | None = None) -> Memory:
+    """Per-rank peak of one stage on `world` ranks: its models, buffers and activations. `gpu_bytes`: the card,
+    of which a vLLM rollout engine takes `gpu_memory_utilization` (unknown: what the engine needs)."""
     stage = cfg.stages[index]
     strategy, method = stage.strategy, stage.method
     dtype = cfg.model.dtype
@@ -226,6 +229,8 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
                                    trainable=False))
     rollout = stage.ppo.rollout_batch_size // world if stage.kind == "ppo" else stage.train.micro_batch_size
     kv = kv_cache_bytes(shape, rollout, seq, act)
+    if rollout_engine(stage) == "vllm":
+        return _with_engine(mem, cfg, stage, shape, kv, rollout, seq, gpu_bytes)
     gathered = shape.params * dtype_bytes(dtype) if zero_stage(strategy) == 3 else 0.0
     train_act = activation_bytes(shape, stage.train.micro_batch_size, seq, strategy.gradient_checkpointing, act)
     if stage.kind == "ppo":
@@ -234,6 +239,39 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
     if gathered:
         mem.notes.append(f"generation gathers the whole policy once per rollout ({gathered / GiB:.1f} GiB)")
     mem.notes.append(f"generation KV cache {kv / GiB:.2f} GiB ({rollout} sequences x {seq} tokens)")
+    return mem
+
+
+def _with_engine(mem: Memory, cfg: DistftConfig, stage, shape: ModelShape, kv: float, rollout: int, seq: int,
+                 gpu_bytes: float | None) -> Memory:
+    """A colocated vLLM engine generates instead of the trained policy: no gathered policy, no HF KV cache;
+    the engine holds a whole copy of the weights (never sharded) and its KV cache. On a GPU it reserves
+    `gpu_memory_utilization` of the card at start whatever it needs, and with `sleep` it hands the card
+    back (weights to host memory) while the trainer updates, so the two phases share the peak."""
+    settings = getattr(stage, stage.kind).vllm
+    weights = shape.params * dtype_bytes(cfg.model.dtype)
+    need = weights + kv
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu and gpu_bytes:
+        engine = max(need, settings.gpu_memory_utilization * gpu_bytes)
+    elif use_gpu:
+        engine = need
+    else:
+        engine = weights + settings.cpu_kv_cache_gib * GiB
+    act = 4 if stage.strategy.resolved_precision(cfg.model.dtype) == "fp32" else 2
+    train_act = activation_bytes(shape, stage.train.micro_batch_size, seq, stage.strategy.gradient_checkpointing, act)
+    if stage.kind == "ppo":
+        train_act *= 2  # actor and critic forwards of a minibatch
+    shared = use_gpu and settings.sleep
+    mem.activations = max(train_act, engine) if shared else train_act + engine
+    mem.engine, mem.engine_need = engine, need
+    if shared:
+        mem.cpu += weights
+    mem.notes.append(
+        f"vLLM engine {engine / GiB:.2f} GiB (weights {weights / GiB:.2f} + KV cache for {rollout} sequences x {seq} "
+        f"tokens {kv / GiB:.2f}" + (f", reserved as gpu_memory_utilization={settings.gpu_memory_utilization:g}"
+                                     if use_gpu and gpu_bytes else "")
+        + ("); asleep while training, its weights in host memory" if shared else "); beside training"))
     return mem
 
 
@@ -286,7 +324,7 @@ def smallest_fit(cfg: DistftConfig, index: int, shape: ModelShape, gpu_bytes: fl
     trial = cfg.model_copy(deep=True)
     trial.stages[index] = stage.model_copy(update=update)
     for n in world_sizes(gpus_per_node):
-        mem = stage_memory(trial, index, shape, n, **models)
+        mem = stage_memory(trial, index, shape, n, gpu_bytes=gpu_bytes, **models)
         if mem.total <= gpu_bytes:
             return n, mem
     return None

@@ -51,13 +51,14 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
     shape = shapes["shape"]
     models = {k: v for k, v in shapes.items() if k != "shape"}
     strategy = stage.strategy
-    mem = plan.stage_memory(cfg, index, shape, world, **models)
+    gpu = gpu_gib * GiB
+    card = gpu if cfg.scaling.use_gpu else None
+    mem = plan.stage_memory(cfg, index, shape, world, gpu_bytes=card, **models)
     other = strategy.model_copy(update={"gradient_checkpointing": not strategy.gradient_checkpointing})
     alt = plan.stage_memory(cfg.model_copy(update={"stages": [*cfg.stages[:index],
                                                               stage.model_copy(update={"strategy": other}),
                                                               *cfg.stages[index + 1:]]}),
-                            index, shape, world, **models)
-    gpu = gpu_gib * GiB
+                            index, shape, world, gpu_bytes=card, **models)
     cpu = not cfg.scaling.use_gpu
     lines = [
         f"stage {stage.label()} ({stage.kind}, method {stage.method.name}) on {world} "
@@ -73,6 +74,8 @@ def describe_stage(cfg: DistftConfig, index: int, shapes: dict, world: int, gpu_
         f"{'on' if strategy.gradient_checkpointing else 'off'}; {'off' if strategy.gradient_checkpointing else 'on'}: "
         f"{_gib(alt.activations)})",
     ]
+    if mem.engine:
+        lines.append(f"  {'vLLM engine':<22}{_gib(mem.engine):>8}   (counted in activations: see the note)")
     if cpu:
         host = plan.host_peak(cfg, index, shape, world, **models)
         per, total, most = host_need(cfg, index, shapes)
@@ -132,7 +135,17 @@ def fit_warnings(cfg: DistftConfig, gpus_per_node: int = 8) -> list[str]:
         shapes = stage_shapes(cfg, i, cache)
         models = {k: v for k, v in shapes.items() if k != "shape"}
         world = s.fewest_workers()  # an elastic run may shrink to its minimum: the most per GPU
-        mem = plan.stage_memory(cfg, i, shapes["shape"], world, **models)
+        mem = plan.stage_memory(cfg, i, shapes["shape"], world, gpu_bytes=gpu, **models)
+        if mem.engine_need:
+            settings = getattr(stage, stage.kind).vllm
+            if mem.engine_need > settings.gpu_memory_utilization * gpu:
+                warnings.append(
+                    f"stages.{i}.{stage.kind}.vllm.gpu_memory_utilization: the vLLM engine needs "
+                    f"{mem.engine_need / GiB:.1f} GiB (a whole copy of the weights and the rollout's KV cache), "
+                    f"{settings.gpu_memory_utilization:g} of {s.gpu_memory_gib:g} GiB is "
+                    f"{settings.gpu_memory_utilization * gpu / GiB:.1f}. Fix: "
+                    f"{stage.kind}.vllm.gpu_memory_utilization={min(0.9, mem.engine_need / gpu + 0.05):.2f}, or a "
+                    f"smaller {'ppo.rollout_batch_size' if stage.kind == 'ppo' else 'train.micro_batch_size'}.")
         if mem.total <= gpu:
             continue
         options = []
