@@ -47,9 +47,11 @@ DATA = CONFIGS / "data"
 # name -> (config file, index of the algorithm's stage, overrides of that stage as {"section.field": value})
 ALGORITHMS = {
     "ppo": ("rlhf_quickstart.yaml", 2, {}),
+    "ppo (vllm)": ("rlhf_quickstart.yaml", 2, {"ppo.generation": "vllm"}),
     "grpo (dapo)": ("recipes/grpo.yaml", 2, {}),
     "grpo (grpo loss)": ("recipes/grpo.yaml", 2, {"grpo.loss_type": "grpo"}),
     "grpo (dr_grpo)": ("recipes/grpo.yaml", 2, {"grpo.loss_type": "dr_grpo", "grpo.scale_rewards": "none"}),
+    "grpo (vllm)": ("recipes/grpo.yaml", 2, {"grpo.generation": "vllm"}),
     "dpo (sigmoid)": ("recipes/dpo.yaml", 1, {}),
     "dpo (ipo)": ("recipes/dpo.yaml", 1, {"dpo.loss_type": "ipo"}),
     "kto": ("recipes/kto.yaml", 1, {}),

@@ -60,7 +60,7 @@ def test_minilm_learns_topics_it_never_saw_the_words_of(tmp_path):
 
 
 def test_the_logged_loss_does_not_grow_with_gradient_accumulation(tmp_path):
-    """transformers 5.23 sums a classifier's loss over accumulation steps unless told otherwise (see the stage)."""
+    """transformers 5 sums a classifier's loss over accumulation steps unless told otherwise (see the stage)."""
     first = {}
     for micro in (32, 8):  # 1 and 4 accumulation steps for the same global batch
         ctx = StageContext(run_dir=tmp_path / str(micro))

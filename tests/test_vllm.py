@@ -290,3 +290,31 @@ def test_plan_counts_the_engine_and_validate_warns_when_its_share_is_too_small()
     assert "Fix: ppo.vllm.gpu_memory_utilization=0.44" in warning
     assert not [w for w in fit_warnings(load_config(REPO / "configs" / "llama8b" / "rlhf.yaml", [
         "stages.2.ppo.generation=vllm", "stages.2.ppo.vllm.gpu_memory_utilization=0.44"])) if "vllm" in w]
+
+
+@needs_vllm
+@pytest.mark.slowest
+def test_zero3_ranks_sync_their_engines_one_group_at_a_time(tmp_path, tiny_base):
+    """PPO under ZeRO-3 on 2 spawned gloo ranks with `generation: vllm`: each rank's engine is synced from the
+    partitioned policy (one module group gathered at a time), and samples what the trained policy would
+    (logprobs within 1e-3 after every update), while each rank holds half the policy. make test-slow."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from test_distributed_stage import free_port
+    from test_ppo_stage import FACTS_TEST, _ppo_rank, ppo_cfg
+
+    cfg = ppo_cfg(tiny_base, workers=2, strategy={"name": "deepspeed", "zero_stage": 3,
+                                                  "param_persistence_threshold": 0},
+                  ppo={"generation": "vllm"}, train={"max_steps": 3, "log_every": 1, "lr": 1e-3},
+                  evaluate={"data": str(FACTS_TEST), "max_samples": 21, "max_new_tokens": 6})
+    mp.start_processes(_ppo_rank, args=(2, free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    s = r0["summary"]
+    assert s["generation"] == "vllm" and s["param_elements_local"] <= 0.55 * s["param_elements_full"]
+    assert [m["step"] for m in r0["reported"]] == [1, 2, 3]
+    assert all(m["engine_logprob_diff"] < 1e-3 for m in r0["reported"] + r1["reported"]), r0["reported"]
+    assert all(m["sync_elements"] == s["param_elements_full"] for m in r0["reported"])  # full: every weight
+    assert s["exact_match_after"] == r1["summary"]["exact_match_after"]

@@ -1,6 +1,6 @@
 """Checkpoints that are complete or absent, and verifiable before a resume trusts them.
 
-transformers 5.23's `Trainer._save_checkpoint` writes straight into `checkpoints/checkpoint-N`:
+transformers 5's `Trainer._save_checkpoint` writes straight into `checkpoints/checkpoint-N`:
 no temporary name and no rename, so a crash mid-save leaves a directory that looks like
 any other, and its rotation (`save_total_limit`) keeps "the newest" by mtime whether or not
 that one is complete. distft keeps the Trainer's save logic as it is and moves where it writes:

@@ -206,11 +206,15 @@ def trl_colocate_sync(generation, use_gpu: bool):
 
 def synced_weights(module, strategy: str, full: bool):
     """(vLLM/HF name, tensor) pairs of the groups to sync, one group materialised at a time."""
+    # vLLM buffers a layer's tensors until the layer is whole, after this group's gather has ended: under
+    # ZeRO-3 they are copied out of the gathered storage, which DeepSpeed releases.
+    copy = strategy == "deepspeed-zero3"
     for group in _groups(module):
         if not full and not any(p.requires_grad for _, p in group.params):
             continue
         with _gathered([p for _, p in group.params], strategy):
-            yield from group.weights()
+            for name, tensor in group.weights():
+                yield name, tensor.clone() if copy else tensor
 
 
 @dataclass

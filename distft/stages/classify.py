@@ -149,7 +149,7 @@ class Classify(TrainerRecipe):
             compute_metrics=classification_metrics(b.data.extra["labels"]),
             callbacks=callbacks,
         )
-        # transformers 5.23 takes any model whose forward has **kwargs to normalise its loss by the batch's
+        # transformers 5 takes any model whose forward has **kwargs to normalise its loss by the batch's
         # label count itself, and then skips dividing by the accumulation steps; classification losses are
         # plain means, so gradients (and the logged loss) came out summed over micro-batches (measured: the
         # first loss 1.39 / 2.78 / 5.55 with 1 / 2 / 4 accumulation steps). This restores the division.

@@ -157,6 +157,8 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
+        if isinstance(generator, VLLMRollouts):  # it started from the policy's initialisation
+            generator.sync(actor.module, strategy.label())
     publisher = CheckpointPublisher(stage_dir / "checkpoints", keep=cfg.run.keep_checkpoints, world_size=world,
                                     strategy=strategy.label(), log=ctx.log) if ctx.is_main else None
     if publisher:

@@ -20,7 +20,7 @@ KNOWN_NOTICES = (
     # synchronise); the process group Ray Train or torchrun made stays, and transformers notices.
     ("transformers.training_args", "process group is initialized, but parallel_mode != ParallelMode.DISTRIBUTED"),
     # TRL's GKDTrainer (the distill stage) samples with a generation config and return_dict_in_generate
-    # side by side, which transformers 5.23 has deprecated: TRL's call, once per process.
+    # side by side, which transformers 5 has deprecated: TRL's call, once per process.
     ("transformers.generation.utils", "Passing `generation_config` together with generation-related"),
 )
 # Only in the CLI's own process, which computes nothing with DeepSpeed: accelerate imports it when
@@ -35,7 +35,7 @@ DRIVER_NOTICES = (
 )
 # (message regex, category): warnings about library code calling library code.
 KNOWN_WARNINGS = (
-    # peft probes `is_gradient_checkpointing` with getattr on every model it wraps; transformers 5.23 has
+    # peft probes `is_gradient_checkpointing` with getattr on every model it wraps; transformers 5 has
     # deprecated that name, so each wrap warns about peft's code, not the user's.
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
     # DeepSpeed 0.19.8's ZeRO-3 calls the collectives torch 2.13 renamed, 26 times in a short run.
