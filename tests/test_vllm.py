@@ -318,3 +318,30 @@ def test_zero3_ranks_sync_their_engines_one_group_at_a_time(tmp_path, tiny_base)
     assert all(m["engine_logprob_diff"] < 1e-3 for m in r0["reported"] + r1["reported"]), r0["reported"]
     assert all(m["sync_elements"] == s["param_elements_full"] for m in r0["reported"])  # full: every weight
     assert s["exact_match_after"] == r1["summary"]["exact_match_after"]
+
+
+def test_gpu_sleep_mode_hands_the_card_to_the_trainer_between_rollout_and_sync():
+    """The order of vLLM sleep-mode calls over a PPO step on a GPU (not runnable here): asleep after the
+    rollout, only the weights woken for the sync, the KV cache with the next rollout; never twice."""
+    from distft.models.vllm_engine import VLLMEngine
+
+    calls = []
+
+    class Engine:
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tags))
+
+    engine = object.__new__(VLLMEngine)
+    engine.llm, engine.sleeps, engine._state = Engine(), True, "awake"
+    for _ in range(2):  # rollout -> release -> update -> sync -> next rollout
+        engine.wake()
+        engine.sleep()
+        engine.sleep()
+        engine.wake(weights_only=True)
+        engine.wake(weights_only=True)
+    engine.wake()
+    assert calls == [("sleep", 1), ("wake_up", ["weights"]), ("wake_up", ["kv_cache"]), ("sleep", 1),
+                     ("wake_up", ["weights"]), ("wake_up", ["kv_cache"])]

@@ -86,7 +86,7 @@ class VLLMEngine:
                 # The sampled tokens' logprobs after temperature, as the trainer computes them (a check only).
                 logprobs_mode="processed_logprobs", **kwargs,
             )
-        self._asleep = False
+        self._state = "awake"  # GPU sleep mode: awake, weights (only the weights awake) or asleep
         self.synced = False
         self.torch = torch
         log(f"vLLM engine up ({'GPU' if use_gpu else 'CPU'}, {dtype}, {'external launcher' if world_size > 1 else 'in process'})")
@@ -114,7 +114,6 @@ class VLLMEngine:
             else:
                 params.append(SamplingParams(temperature=0.0, **common))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
-        self.sleep()
         pad = tokenizer.pad_token_id
         width = max(len(x) for x in ids)
         prompt_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -146,23 +145,28 @@ class VLLMEngine:
                 stats["sync_elements"] += tensor.numel()
                 yield name, tensor
 
-        self.wake(weights_only=True)
+        self.wake(weights_only=True)  # the KV cache wakes with the next rollout
         reload_weights(self.llm, weights(), self.use_gpu)
-        self.sleep()
         self.synced = True
         return stats
 
     # ---------------------------------------------------------------- memory (GPU sleep mode)
 
     def sleep(self) -> None:
-        if self.sleeps and not self._asleep:
+        """Between a rollout and the next sync, while the trainer updates (GPU sleep mode only)."""
+        if self.sleeps and self._state != "asleep":
             self.llm.sleep(level=1)  # weights to host memory, KV cache dropped; the trainer gets the card
-            self._asleep = True
+            self._state = "asleep"
 
     def wake(self, weights_only: bool = False) -> None:
-        if self.sleeps and self._asleep:
-            self.llm.wake_up(tags=["weights"] if weights_only else None)
-            self._asleep = weights_only
+        if not self.sleeps:
+            return
+        if weights_only and self._state == "asleep":
+            self.llm.wake_up(tags=["weights"])
+            self._state = "weights"
+        elif not weights_only and self._state != "awake":
+            self.llm.wake_up(tags=["kv_cache"] if self._state == "weights" else None)
+            self._state = "awake"
 
     def close(self) -> None:
         self.llm = None

@@ -174,6 +174,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             generator.step = step  # its sampler is seeded from (seed, step, rank): resumable
         with gathered_for(generator, actor.module, strategy.label()):  # hf under ZeRO-3: once per rollout
             rollout = make_rollout(actor.module, generator, tokenizer, batch, settings, sample=True)
+        release(generator)
         t1 = time.time()
         scores, parts = scorer.score(batch, rollout)
         t2 = time.time()
@@ -401,6 +402,12 @@ class VLLMRollouts:
 
         with torch.no_grad():
             return self.engine.sync(module, strategy)
+
+
+def release(generator) -> None:
+    """A vLLM engine on a GPU sleeps while the trainer works (its weights to host memory, its KV cache freed)."""
+    if isinstance(generator, VLLMRollouts):
+        generator.engine.sleep()
 
 
 def gathered_for(generator, module, strategy: str):
@@ -635,6 +642,7 @@ def evaluate(actor: TrainEngine, generator, held_out: list[Prompt], tokenizer, s
             correct += sum(p.reference is not None and normalize_answer(t) == normalize_answer(p.reference)
                            for p, t in zip(batch[:keep], rollout.texts[:keep]))
             reward_sum += float(scores[:keep].sum())
+    release(generator)
     items = real
     if ctx.world_size > 1:
         correct, reward_sum, items = sum_over_ranks([correct, reward_sum, real])
