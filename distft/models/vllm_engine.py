@@ -62,8 +62,6 @@ class VLLMEngine:
         problem = vllm_problem("generation")
         if problem:
             raise ImportError(problem)
-        import torch
-
         engine_environment(settings, use_gpu)
         from vllm import LLM
 
@@ -79,7 +77,7 @@ class VLLMEngine:
         # trainer's sampling and thread settings are its own, so both are put back.
         with _trainer_state_kept():
             self.llm = LLM(
-                model=path, revision=revision, tokenizer=path, skip_tokenizer_init=True, dtype=_dtype(dtype),
+                model=path, revision=revision, skip_tokenizer_init=True, dtype=dtype,
                 seed=seed, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
                 load_format="safetensors", enforce_eager=not use_gpu, max_num_seqs=settings.max_num_seqs,
                 gpu_memory_utilization=settings.gpu_memory_utilization, enable_sleep_mode=self.sleeps,
@@ -88,7 +86,6 @@ class VLLMEngine:
             )
         self._state = "awake"  # GPU sleep mode: awake, weights (only the weights awake) or asleep
         self.synced = False
-        self.torch = torch
         log(f"vLLM engine up ({'GPU' if use_gpu else 'CPU'}, {dtype}, {'external launcher' if world_size > 1 else 'in process'})")
 
     # ---------------------------------------------------------------- generation
@@ -96,12 +93,13 @@ class VLLMEngine:
     def generate(self, tokenizer, prompts: list[str], sampling: Sampling, sample: bool, seed: int | None = None):
         """(prompt_ids [B, P] left-padded, prompt_mask, response_ids [B, R], logprobs [B, R]): the `hf`
         engine's shapes, from the same prompt token ids; per-request seeds make a rollout reproducible."""
+        import torch
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        torch = self.torch
         self.wake()
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"])]
         eos = tokenizer.eos_token_id
         stop = list(eos) if isinstance(eos, (list, tuple)) else [eos]
         params = []
@@ -115,12 +113,6 @@ class VLLMEngine:
                 params.append(SamplingParams(temperature=0.0, **common))
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
         pad = tokenizer.pad_token_id
-        width = max(len(x) for x in ids)
-        prompt_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for r, x in enumerate(ids):
-            prompt_ids[r, width - len(x):] = torch.tensor(x)
-            prompt_mask[r, width - len(x):] = 1
         responses = [list(o.outputs[0].token_ids) for o in outputs]
         length = max(1, max(len(t) for t in responses))
         response_ids = torch.full((len(ids), length), pad, dtype=torch.long)
@@ -129,7 +121,7 @@ class VLLMEngine:
             response_ids[r, : len(toks)] = torch.tensor(toks, dtype=torch.long)
             for t, (tok, entry) in enumerate(zip(toks, o.outputs[0].logprobs or [])):
                 logprobs[r, t] = entry[tok].logprob
-        return prompt_ids, prompt_mask, response_ids, logprobs
+        return enc["input_ids"], enc["attention_mask"], response_ids, logprobs
 
     # ---------------------------------------------------------------- weight sync
 
@@ -321,10 +313,6 @@ def _trainer_state_kept():
         torch.set_rng_state(state[2])
         if state[3] is not None:
             torch.cuda.set_rng_state_all(state[3])
-
-
-def _dtype(dtype: str) -> str:
-    return "auto" if dtype == "auto" else dtype
 
 
 def _quiet_vllm() -> None:
