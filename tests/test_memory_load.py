@@ -192,7 +192,8 @@ def test_each_rank_loads_about_half_of_a_full_load(strategy, setup):
     ratios = [r[f"{key}_growth"] / full["load_growth"] for r in ranks]
     report = (f"RSS growth / full load ({full['load_growth'] / 2**20:.0f} MB) per rank: "
               + ", ".join(f"{x:.2f}" for x in ratios)
-              + f"; peaks: {[round(r.get('peak', r['load_peak']) / 2**20) for r in ranks]} MB")
+              + f"; peaks: {[round(r.get('peak', r['load_peak']) / 2**20) for r in ranks]} MB"
+              + f"; load growth: {[round(r['load_growth'] / 2**20) for r in ranks]} MB")
     print(report, "| live tensors MB:", [round(r[f"{key}_live"] / 2**20) for r in ranks],
           "baselines MB:", [round(r["baseline"] / 2**20) for r in ranks])
     for r in ranks:  # the shards are real: each rank's parameter storage is half the model
@@ -203,10 +204,13 @@ def test_each_rank_loads_about_half_of_a_full_load(strategy, setup):
         # checkpoint for everyone, so its peak is about a full load (not asserted).
         assert ranks[1]["load_peak"] < GROWTH_TOLERANCE * full["load_growth"], report
     else:
-        # from_pretrained leaves every rank's weights unmaterialised (rank 0's lazily mapped, the others'
-        # placeholders); they become resident only as shards. Not asserted: while accelerate shards on
-        # CPU, each rank's peak reached about 2x a full load here (see the report line).
-        assert all(r["load_growth"] < 0.1 * full["load_growth"] for r in ranks), report
+        # from_pretrained leaves rank 0's weights lazily mapped; they become resident only as shards. The
+        # other ranks receive theirs from rank 0, but transformers 5.19 (distft's pin since vLLM 0.32) gives
+        # them zero-filled placeholders of the whole model first: one full load each, until fully_shard
+        # (transformers 5.23 kept them on the meta device: about 4 MB here). Not asserted: while accelerate
+        # shards on CPU, each rank's peak reached about 2x a full load here (see the report line).
+        assert ranks[0]["load_growth"] < 0.1 * full["load_growth"], report
+        assert all(r["load_growth"] < 1.1 * full["load_growth"] for r in ranks[1:]), report
 
 
 def test_zero1_and_zero2_partition_optimizer_state_and_gradients(tmp_path):

@@ -19,8 +19,8 @@ from pathlib import Path
 from distft.config.schema import StrategyConfig
 
 # Read by transformers' from_pretrained and accelerate: only local rank 0 materialises the
-# weights, the other ranks build the model on the meta device and receive their shards from
-# rank 0 when `fully_shard` runs, so no worker holds a second full copy for long.
+# weights, the other ranks receive their shards from rank 0 when `fully_shard` runs (transformers
+# 5.19 gives them zero-filled placeholders until then; 5.23 kept those on the meta device).
 LOAD_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}
 
 

@@ -221,8 +221,8 @@ def held_out_task(stage, fmt: str | None = None) -> HeldOut | None:
 
 
 def sharded_at_load(stage, ctx: StageContext) -> bool:
-    """FSDP2 over several ranks: only local rank 0 reads the weights; the others build on the meta device
-    and get their shards when the Trainer prepares the model. Until then, rank 0 alone can score."""
+    """FSDP2 over several ranks: only local rank 0 reads the weights; the others get their shards when the
+    Trainer prepares the model (placeholders until then). Until then, rank 0 alone can score."""
     return stage.strategy.name == "fsdp" and ctx.world_size > 1
 
 
