@@ -229,12 +229,12 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
                                    trainable=False))
     rollout = stage.ppo.rollout_batch_size // world if stage.kind == "ppo" else stage.train.micro_batch_size
     kv = kv_cache_bytes(shape, rollout, seq, act)
-    if rollout_engine(stage) == "vllm":
-        return _with_engine(mem, cfg, stage, shape, kv, rollout, seq, gpu_bytes)
-    gathered = shape.params * dtype_bytes(dtype) if zero_stage(strategy) == 3 else 0.0
     train_act = activation_bytes(shape, stage.train.micro_batch_size, seq, strategy.gradient_checkpointing, act)
     if stage.kind == "ppo":
         train_act *= 2  # actor and critic forwards of a minibatch
+    if rollout_engine(stage) == "vllm":
+        return _with_engine(mem, cfg, stage, shape, kv, train_act, rollout, seq, gpu_bytes)
+    gathered = shape.params * dtype_bytes(dtype) if zero_stage(strategy) == 3 else 0.0
     mem.activations = max(train_act, kv + gathered)
     if gathered:
         mem.notes.append(f"generation gathers the whole policy once per rollout ({gathered / GiB:.1f} GiB)")
@@ -242,8 +242,8 @@ def stage_memory(cfg: DistftConfig, index: int, shape: ModelShape, world: int,
     return mem
 
 
-def _with_engine(mem: Memory, cfg: DistftConfig, stage, shape: ModelShape, kv: float, rollout: int, seq: int,
-                 gpu_bytes: float | None) -> Memory:
+def _with_engine(mem: Memory, cfg: DistftConfig, stage, shape: ModelShape, kv: float, train_act: float, rollout: int,
+                 seq: int, gpu_bytes: float | None) -> Memory:
     """A colocated vLLM engine generates instead of the trained policy: no gathered policy, no HF KV cache;
     the engine holds a whole copy of the weights (never sharded) and its KV cache. On a GPU it reserves
     `gpu_memory_utilization` of the card at start whatever it needs, and with `sleep` it hands the card
@@ -258,10 +258,6 @@ def _with_engine(mem: Memory, cfg: DistftConfig, stage, shape: ModelShape, kv: f
         engine = need
     else:
         engine = weights + settings.cpu_kv_cache_gib * GiB
-    act = 4 if stage.strategy.resolved_precision(cfg.model.dtype) == "fp32" else 2
-    train_act = activation_bytes(shape, stage.train.micro_batch_size, seq, stage.strategy.gradient_checkpointing, act)
-    if stage.kind == "ppo":
-        train_act *= 2  # actor and critic forwards of a minibatch
     shared = use_gpu and settings.sleep
     mem.activations = max(train_act, engine) if shared else train_act + engine
     mem.engine, mem.engine_need = engine, need

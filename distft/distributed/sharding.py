@@ -48,6 +48,19 @@ def optimizer_shard(engine, optimizer=None) -> dict:
 
 
 @contextmanager
+def gathered(params: list, strategy: str):
+    """ZeRO-3: `params` whole on every rank inside the block, read only (a collective: every rank enters);
+    under other strategies they are whole already."""
+    if strategy == "deepspeed-zero3":
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+        return
+    yield
+
+
+@contextmanager
 def full_parameters(model, strategy: str):
     """Every rank holds the whole model inside the block: gathered once, not per generated token.
 
@@ -55,9 +68,7 @@ def full_parameters(model, strategy: str):
     different lengths), so per-module gathers inside it would deadlock the collectives.
     """
     if strategy == "deepspeed-zero3":
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        with gathered(list(model.parameters()), strategy):
             yield
         return
     from torch.distributed.fsdp import FSDPModule

