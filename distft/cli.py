@@ -216,8 +216,27 @@ def cmd_export(args) -> int:
     from distft.models.export import export_model
 
     src = Path(args.run_dir)
-    out = Path(args.out) if args.out else (src if (src / "config.yaml").exists() else src.parent) / (
-        "export-merged" if args.merge else "export")
+    run_dir = src if (src / "config.yaml").exists() else src.parent
+    out = Path(args.out) if args.out else run_dir / ("export-merged" if args.merge else "export")
+    if args.push_to_hub:
+        from distft.config.schema import HUB_REPO_ID
+        from distft.models.publish import PushError, push_model
+
+        if not HUB_REPO_ID.fullmatch(args.push_to_hub):
+            raise UsageError(f"--push-to-hub {args.push_to_hub}: not a Hub repository id. Fix: ORG/NAME.")
+        if not os.environ.get("HF_TOKEN"):  # before the export: nothing is written for a push that cannot happen
+            raise PushError(f"push to {args.push_to_hub}: no token (HF_TOKEN is not set). Fix: export "
+                            "HF_TOKEN=<a write token from huggingface.co/settings/tokens>.")
+        if out.exists():  # an earlier export (a push that failed, say): pushed as it is
+            from distft.models.verify import model_dir_problem
+
+            if problem := model_dir_problem(out):
+                raise UsageError(f"{out} exists but is not a complete model ({problem}). Fix: --out <a new directory>.")
+            print(f"pushing the existing export {out}", flush=True)
+        else:
+            export_model(src, out, merge=args.merge, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        push_model(out, args.push_to_hub, args.private, run_dir if (run_dir / "config.yaml").is_file() else None)
+        return 0
     export_model(src, out, merge=args.merge, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     return 0
 
@@ -428,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                     help="dtype of the written weights (default bfloat16; adapters left unmerged keep theirs)")
     sp.add_argument("--trust-remote-code", action="store_true", help="run the model repo's Python code (unsafe)")
+    sp.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the export with a model card made from "
+                                                              "the run (token: $HF_TOKEN only)")
+    sp.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     sp.set_defaults(func=cmd_export)
 
     sp = with_model("eval", "Score a model on held-out prompt/answer data by exact match")

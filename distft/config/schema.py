@@ -126,6 +126,34 @@ class ScalingConfig(Section):
         return res
 
 
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+class MLflowSettings(Section):
+    """run.report_to has mlflow: where the runs go. The token (MLFLOW_TRACKING_TOKEN, or
+    MLFLOW_TRACKING_USERNAME/PASSWORD) comes from the environment only, named in run.forward_env."""
+
+    tracking_uri: str | None = Field(
+        None, description="The tracking server, e.g. http://mlflow.internal:5000; default: $MLFLOW_TRACKING_URI")
+    experiment: str = Field("distft", min_length=1, description="The MLflow experiment the runs go in")
+    run_name: str | None = Field(None, description="The parent run's name; default: the run directory's name")
+    log_model: bool = Field(False, description="Upload each stage's exported model (<stage>/final) as artifacts")
+    timeout_s: float = Field(
+        10.0, gt=0, description="Per request: a server slower than this is given up for the rest of the run "
+                                "(one warning), and metrics go on to metrics.jsonl and TensorBoard")
+
+
+class WandbSettings(Section):
+    """run.report_to has wandb. Online mode needs WANDB_API_KEY in the environment and in run.forward_env."""
+
+    project: str = Field("distft", min_length=1)
+    entity: str | None = Field(None, description="The W&B team or user; default: the key's own")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: everything stays in <run>/wandb/ (upload later with `wandb sync`)")
+    init_timeout_s: float = Field(60.0, gt=0, description="How long a stage waits for W&B to start a run before "
+                                                          "it goes on without W&B (one warning)")
+
+
 class RunConfig(Section):
     """Where outputs go and how failures are handled."""
 
@@ -165,6 +193,18 @@ class RunConfig(Section):
         description="Environment variables to forward to every worker, e.g. [HF_TOKEN]; names, never values",
     )
 
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where every stage's metrics go besides <stage>/metrics.jsonl: tensorboard (event files in "
+                    "<stage>/tensorboard/), mlflow (run.mlflow), wandb (run.wandb); [] for metrics.jsonl only",
+    )
+    mlflow: MLflowSettings = MLflowSettings()
+    wandb: WandbSettings = WandbSettings()
+    push_to_hub: str | None = Field(
+        None, description="ORG/NAME: when the run finishes, export its model to <run>/export and upload it to the "
+                          "Hugging Face Hub with a model card (token: $HF_TOKEN only)")
+    hub_private: bool = Field(False, description="run.push_to_hub creates a private repository")
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, name: str | None) -> str | None:
@@ -173,6 +213,22 @@ class RunConfig(Section):
             raise ValueError(f"run.name: {name!r} is not a plain directory name. Fix: a name like my-run; "
                              "put the parent directory in run.output_dir.")
         return name
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"run.report_to: {names} names a logger twice. Fix: each at most once, e.g. "
+                             "[tensorboard, mlflow].")
+        return names
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, repo: str | None) -> str | None:
+        if repo is not None and not HUB_REPO_ID.fullmatch(repo):
+            raise ValueError(f"run.push_to_hub: {repo!r} is not a Hub repository id. Fix: ORG/NAME (or USER/NAME), "
+                             "letters, digits, '-', '_' and '.'.")
+        return repo
 
     @field_validator("forward_env")
     @classmethod

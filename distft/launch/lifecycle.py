@@ -40,6 +40,7 @@ class Finished:
     run_dir: Path
     summaries: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    pushed: str | None = None  # run.push_to_hub: the repository's URL
 
 
 def check_paths(cfg: DistftConfig, address: str | None) -> list[str]:
@@ -135,12 +136,24 @@ def start_pipeline(cfg: DistftConfig, config_path: str, address: str | None, for
 
 def launch_and_finish(cfg: DistftConfig, run_dir: Path, address: str | None, resume: bool,
                       force_from: int | None = None, start_from: tuple[int, str] | None = None) -> Finished:
+    from distft.launch.tracking import RunTracking
     from distft.launch.train import launch  # imports Ray: only once a run really starts
 
     started = time.time()
-    summaries = launch(cfg, run_dir, address, resume=resume, force_from=force_from, start_from=start_from)
-    finish_run(cfg, run_dir, summaries)
-    return Finished(run_dir, summaries, time.time() - started)
+    tracking = RunTracking(cfg, run_dir)  # the MLflow / W&B runs, opened when the first stage starts
+    status = "FAILED"
+    try:
+        summaries = launch(cfg, run_dir, address, resume=resume, force_from=force_from, start_from=start_from,
+                           tracking=tracking)
+        finish_run(cfg, run_dir, summaries)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.finish(status, [run_dir / name for name in ("config.yaml", "provenance.json", "summary.json")])
+    pushed = push_finished_run(cfg, run_dir) if cfg.run.push_to_hub else None
+    return Finished(run_dir, summaries, time.time() - started, pushed)
 
 
 def finish_run(cfg: DistftConfig, run_dir: Path, summaries: list[dict]) -> None:
@@ -152,6 +165,22 @@ def finish_run(cfg: DistftConfig, run_dir: Path, summaries: list[dict]) -> None:
     if not link.is_symlink():
         link.symlink_to(target)
     (run_dir / "summary.json").write_text(json.dumps(summaries, indent=2))
+
+
+def push_finished_run(cfg: DistftConfig, run_dir: Path) -> str:
+    """run.push_to_hub: the finished run's model exported to <run>/export (or that export, if one is there),
+    then pushed with its model card. A failed push fails the command, with the run and its export intact."""
+    from distft.models.export import export_model
+    from distft.models.publish import PushError, push_model
+
+    out = run_dir / "export"
+    try:
+        if not out.exists():
+            export_model(run_dir, out)
+        return push_model(out, cfg.run.push_to_hub, cfg.run.hub_private, run_dir)
+    except PushError as e:
+        raise PushError(f"the run finished ({run_dir}), but {e} Retry with: distft export {run_dir} "
+                        f"--push-to-hub {cfg.run.push_to_hub}") from None
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 from pathlib import Path
@@ -375,6 +376,45 @@ def check_forwarded_env(cfg: DistftConfig) -> list[str]:
             f"export {k}=..., or remove it from run.forward_env." for k in missing]
 
 
+MLFLOW_SECRETS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def check_tracking(cfg: DistftConfig) -> list[str]:
+    """run.report_to and run.push_to_hub: the client installed, a server named, the secrets forwarded.
+    Whether the server answers is not checked here: an unreachable one is given up at launch with a
+    warning (launch/tracking.py), since tracking must never keep a run from training."""
+    import importlib.util
+
+    from distft.launch.tracking import tracking_uri
+
+    run, problems = cfg.run, []
+    for name, extra in (("mlflow", "mlflow"), ("wandb", "wandb")):
+        if name in run.report_to and importlib.util.find_spec(name) is None:
+            problems.append(f"run.report_to has {name}, which is not installed. Fix: pip install 'distft[{extra}]', "
+                            f"or drop {name} from run.report_to.")
+    if "mlflow" in run.report_to:
+        uri = tracking_uri(cfg)
+        if not uri:
+            problems.append("run.report_to has mlflow, but no tracking server is named. Fix: "
+                            "run.mlflow.tracking_uri=http://HOST:5000, or export MLFLOW_TRACKING_URI=...")
+        elif re.search(r"://[^/@\s]*:[^/@\s]*@", uri):  # never write a password into config.yaml or a log
+            problems.append("run.mlflow.tracking_uri (or MLFLOW_TRACKING_URI) holds a password. Fix: the URI without "
+                            "it, and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+                            "in the environment and in run.forward_env.")
+        unsent = [k for k in MLFLOW_SECRETS if os.environ.get(k) and k not in run.forward_env]
+        if unsent:
+            problems.append(f"{unsent[0]} is set here but not in run.forward_env, so the workers would log to MLflow "
+                            f"without it. Fix: run.forward_env=[{', '.join(dict.fromkeys([*run.forward_env, *unsent]))}].")
+    if "wandb" in run.report_to and run.wandb.mode == "online" and "WANDB_API_KEY" not in run.forward_env:
+        problems.append("run.report_to has wandb (online), but WANDB_API_KEY is not in run.forward_env, so the "
+                        "workers could not log in. Fix: export WANDB_API_KEY=... and run.forward_env=[WANDB_API_KEY], "
+                        "or run.wandb.mode=offline (files in the run directory; `wandb sync` later).")
+    if run.push_to_hub and not os.environ.get("HF_TOKEN"):
+        problems.append(f"run.push_to_hub={run.push_to_hub} needs HF_TOKEN, which is not set. Fix: export HF_TOKEN=<a "
+                        "write token>, or drop run.push_to_hub (distft export RUN --push-to-hub later).")
+    return problems
+
+
 def check_engines(cfg: DistftConfig) -> list[str]:
     """`generation: vllm` on this machine's own cluster: vLLM must import here (a submitted job's cluster
     has its own environment, so its workers check there, with the same message)."""
@@ -417,7 +457,7 @@ def preflight(cfg: DistftConfig, address: str | None, elsewhere: frozenset = fro
     """Problems that make the run impossible, found before anything starts. Returns notes worth printing.
     Paths in `elsewhere` exist only where the run goes (a submitted job's cluster) and are not checked."""
     local_cluster = not address
-    first = check_address(address) + check_forwarded_env(cfg)
+    first = check_address(address) + check_forwarded_env(cfg) + check_tracking(cfg)
     sources = check_sources(cfg, elsewhere)
     # The methods' check needs only config.json: it still runs when the weights are damaged.
     methods = [] if first or sources else check_methods(cfg, elsewhere)
@@ -493,6 +533,20 @@ def describe_plan(cfg: DistftConfig, run_dir: Path | None = None) -> str:
             every = ", and at every eval" if st.evaluate.retain_every_eval else ""
             lines.append(f"  retain  {', '.join(f'{r.label()} ({r.data})' for r in retained)}: before and after"
                          f"{every}; forgetting beyond {st.evaluate.forgetting_tolerance:.0%} is flagged")
+    trackers = []
+    for name in cfg.run.report_to:
+        if name == "mlflow":
+            from distft.launch.tracking import tracking_uri
+
+            trackers.append(f"mlflow (experiment {cfg.run.mlflow.experiment} at {tracking_uri(cfg)})")
+        elif name == "wandb":
+            trackers.append(f"wandb ({cfg.run.wandb.mode}, project {cfg.run.wandb.project})")
+        else:
+            trackers.append(name)
+    if cfg.run.report_to != ["tensorboard"]:
+        lines.append("metrics <stage>/metrics.jsonl" + (f", {', '.join(trackers)}" if trackers else ""))
+    if cfg.run.push_to_hub:
+        lines.append(f"publish {cfg.run.push_to_hub} on the Hugging Face Hub{' (private)' if cfg.run.hub_private else ''}")
     if run_dir:
         lines.append(f"output  {run_dir}")
     return "\n".join(lines)

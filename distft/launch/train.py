@@ -24,12 +24,14 @@ from distft.stages.summary import read_stage_summary
 
 def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from: str | None = None,
                 callbacks: list | None = None, stop_hook=None,
-                forwarded: dict[str, str] | None = None, secrets: dict[str, str] | None = None) -> dict:
+                forwarded: dict[str, str] | None = None, secrets: dict[str, str] | None = None,
+                tracking: dict | None = None) -> dict:
     """One stage on a Ray Train worker group. `callbacks` are Train run callbacks (Tune's reporter);
     `stop_hook` has a `stop_fn()` for rank 0: a Tune trial's early-stop decisions (launch/tune.py's
     SchedulerDecisions);
     `forwarded` is the submitter's environment for workers when this runs elsewhere (a Tune trial
     actor on a cluster node), default this process's; so are `secrets` (run.forward_env's values).
+    `tracking`: the stage's MLflow / W&B runs (launch/tracking.py), which rank 0 logs to.
 
     Secrets reach the workers through the object store, not the runtime env: Ray shows runtime
     envs (env_vars included) in the dashboard, the state API and job listings.
@@ -62,6 +64,7 @@ def train_stage(cfg: DistftConfig, stage_index: int, run_dir: Path, resume_from:
             "resume_from": resume_from,
             "stop_hook": stop_hook,
             "secrets": secrets_ref,
+            "tracking": tracking,
         },
         datasets=streamed or None,
         scaling_config=ScalingConfig(
@@ -172,7 +175,7 @@ def process_started() -> float:
 
 
 def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=print, resume: bool = False,
-           force_from: int | None = None, start_from: tuple[int, str] | None = None) -> list[dict]:
+           force_from: int | None = None, start_from: tuple[int, str] | None = None, tracking=None) -> list[dict]:
     """Run every stage in order on one Ray cluster; returns each stage's summary.
 
     With `resume` (`distft resume`, `distft pipeline`), a stage that finished in `run_dir` with the same
@@ -180,6 +183,7 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
     newer one is passed over, never deleted). Once a stage runs, every later stage runs afresh (its
     inputs changed); `force_from` reruns from that stage on. Earlier attempts are set aside, not deleted.
     `start_from` (`--from`): (stage index, checkpoint) from `start_point`, used as it is for that stage.
+    `tracking`: the run's `RunTracking` (launch/tracking.py): each stage that runs gets its tracking runs.
     """
     import ray
 
@@ -228,7 +232,8 @@ def launch(cfg: DistftConfig, run_dir: Path, address: str | None = None, log=pri
             s = cfg.scaling
             workers = f"{s.min_workers}-{s.num_workers} (elastic)" if s.elastic() else s.num_workers
             log(f"stage {i + 1}/{len(cfg.stages)}: {stage.label()} on {workers} Ray Train worker(s){where}")
-            summary = train_stage(cfg, i, run_dir, resume_from)
+            spec = tracking.stage(i, resumed=resume_from is not None) if tracking is not None else None
+            summary = train_stage(cfg, i, run_dir, resume_from, tracking=spec)
             if first_run:
                 summary["startup_s"] = {**before, **summary.get("startup_s", {})}
             summaries.append(summary)

@@ -47,6 +47,7 @@ from distft.launch.session import caller_signal_handlers, cluster_address, init_
 from distft.launch.placement import check_storage, place_workers, placement_problem
 from distft.launch.worker_env import forwarded_env, forwarded_secrets
 from distft.launch.resume import resume_point
+from distft.launch.tracking import RunTracking, flat_params
 from distft.launch.train import train_stage
 from distft.stages.summary import read_stage_summary
 
@@ -165,8 +166,10 @@ class SchedulerDecisions:
 
 
 def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: str | None, metric: str,
-              timeout: float, forwarded: dict[str, str], secrets: dict[str, str]) -> None:
-    """One trial: the base config with `params` set, run as a normal distft run in trials/<trial id>."""
+              timeout: float, forwarded: dict[str, str], secrets: dict[str, str], tracking: dict | None = None) -> None:
+    """One trial: the base config with `params` set, run as a normal distft run in trials/<trial id>.
+    `tracking`: the search's MLflow parent and W&B group (RunTracking.for_trials); the trial's own run is
+    made here, under it, and its stage logs into it."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from distft.launch.preflight import absolutize_paths
@@ -185,8 +188,11 @@ def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: st
     dump_config(cfg, trial_dir / "config.yaml")
     (trial_dir / "params.json").write_text(json.dumps(params))
     hook = SchedulerDecisions(board, trial_id, metric, timeout) if board else None
+    spec = None
+    if tracking and tracking.get("report_to"):
+        spec = RunTracking(cfg, trial_dir).trial(tracking, trial_id, params, resumed=resume_from is not None)
     train_stage(cfg, 0, trial_dir, resume_from=resume_from, callbacks=[TuneReportCallback()], stop_hook=hook,
-                forwarded=forwarded, secrets=secrets)
+                forwarded=forwarded, secrets=secrets, tracking=spec)
 
 
 def domain(d) -> object:
@@ -275,9 +281,11 @@ def _short(v) -> str:
 
 
 def build_tuner(raw: dict, cwd: str, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, board: str | None,
-                max_concurrent: int, log: TrialLog, restore: bool):
+                max_concurrent: int, log: TrialLog, restore: bool, tracking: dict | None = None):
+    # No Ray MLflowLoggerCallback / WandbLoggerCallback: each trial's stage logs into its own tracking run
+    # (launch/tracking.py says why one integration per logger).
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base_raw=raw, cwd=cwd, run_dir=str(run_dir), board=board,
+        tune.with_parameters(run_trial, base_raw=raw, cwd=cwd, run_dir=str(run_dir), board=board, tracking=tracking,
                              metric=tune_cfg.metric, timeout=tune_cfg.decision_timeout_s,
                              # This trial's actor may run on another node, with that node's environment.
                              forwarded=forwarded_env(), secrets=forwarded_secrets(cfg)),
@@ -412,7 +420,12 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
         # its storage path and a TensorBoard hint even at verbose=0; the classic reporter at 0 is silent.
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         trial_log = TrialLog(tune_cfg.metric, total)
-        tuner = build_tuner(raw, cwd, tune_cfg, cfg, run_dir, board, at_once, trial_log, restore)
+        tracking = RunTracking(cfg, run_dir, log)  # the search's parent run; each trial makes its own under it
+        if tracking.wants:
+            tracking.open("search", {**flat_params({"tune": tune_cfg.model_dump(mode="json")}),
+                                     **flat_params(cfg.model_dump(mode="json"))})
+        tuner = build_tuner(raw, cwd, tune_cfg, cfg, run_dir, board, at_once, trial_log, restore,
+                            tracking.for_trials() if tracking.wants else None)
         log(f"[tune] {total} trial(s), {at_once} at a time, scheduler {tune_cfg.scheduler}, "
             f"metric {tune_cfg.metric} ({tune_cfg.mode})")
         # SIGTERM ends the search like Ctrl-C: Tune saves its state, so `distft tune --resume` continues.
@@ -425,6 +438,9 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
         previous = signal.signal(signal.SIGTERM, on_sigterm)
         try:
             grid = tuner.fit()
+        except BaseException:
+            tracking.conclude_search([], None, [], "FAILED")
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
             if board_actor is not None:
@@ -432,6 +448,8 @@ def search(raw: dict, tune_cfg: TuneSettings, cfg: DistftConfig, run_dir: Path, 
         rows = result_rows(grid, run_dir, tune_cfg)
         interrupted = len(rows) < total or any(r["status"] == "unfinished" for r in rows)
         best = write_outputs(rows, raw, cwd, tune_cfg, run_dir) if not interrupted else None
+        tracking.conclude_search(rows, best, [run_dir / f for f in ("trials.csv", "results.md", "curves.png")],
+                                 "KILLED" if interrupted else "FINISHED")
         log(f"[tune] {'interrupted' if interrupted else 'done'} after {time.time() - started:.0f}s")
         return {"rows": rows, "best": best, "interrupted": interrupted, "terminated": bool(terminated)}
     finally:

@@ -203,6 +203,7 @@ def _worker_entry(config: dict) -> None:
             report_fn=report,
             stop_fn=stop_fn,
             shard_fn=ray.train.get_dataset_shard,
+            tracking=config.get("tracking"),
         )
         if resume_from:
             step = (read_manifest(resume_from) or {}).get("step", "?")

@@ -15,8 +15,11 @@ def _writes_explained(run):
     @wraps(run)
     def guarded(cfg, ctx: StageContext):
         started = time.time()
+        ok = False
         try:
-            return run(cfg, ctx)
+            result = run(cfg, ctx)
+            ok = True
+            return result
         except Exception as e:
             from distft.distributed.checkpoint import write_failure
 
@@ -26,6 +29,13 @@ def _writes_explained(run):
             if problem is None:
                 raise
             raise StageWriteError(f"stage {stage.label()}: {problem}") from e
+        finally:
+            if ctx.trackers is not None:  # the stage's tracking runs end with it (FINISHED or FAILED)
+                stage_dir = ctx.run_dir / cfg.stages[ctx.stage_index].label()
+                if ok:
+                    ctx.trackers.log_outcome(stage_dir, [stage_dir / "summary.json", ctx.run_dir / "config.yaml"],
+                                             stage_dir / "final")
+                ctx.close_trackers(ok)
 
     return guarded
 

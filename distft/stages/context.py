@@ -31,7 +31,24 @@ class StageContext:
     # Under `distft tune`: given an eval's metrics, whether the search stopped this trial early.
     # Asked on rank 0 only, at evals; the stage shares the answer so every rank stops together.
     stop_fn: Callable[[dict], bool] | None = None
+    # The tracking runs this stage logs to (MLflow, W&B: distft/launch/tracking.py makes them); rank 0 attaches.
+    tracking: dict | None = None
     reported: list[dict] = field(default_factory=list)
+    _trackers: object = field(default=None, repr=False)
+
+    @property
+    def trackers(self):
+        """Rank 0's `Trackers` (stages/tracking.py) for `tracking`; None on the other ranks and without one."""
+        if self._trackers is None and self.is_main and self.tracking:
+            from distft.stages.tracking import Trackers
+
+            self._trackers = Trackers(self.tracking, self.log)
+        return self._trackers
+
+    def close_trackers(self, ok: bool) -> None:
+        if self._trackers is not None:
+            self._trackers.close(ok)
+            self._trackers = None
 
     @property
     def is_main(self) -> bool:

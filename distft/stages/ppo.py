@@ -139,7 +139,7 @@ def run(cfg: DistftConfig, ctx: StageContext) -> dict:
             ctx.log(f"[{stage.label()}] held-out before PPO: {_describe(before)}")
 
     # Retain sets before the first rollout (a resumed stage reads what its first attempt scored).
-    metrics_log = MetricsLog(stage_dir) if ctx.is_main else None
+    metrics_log = MetricsLog.for_stage(cfg, ctx, stage_dir)
     retained = RetainWatch(load_retain_sets(cfg, stage), tokenizer, stage, ctx, stage_dir, cfg.model.max_seq_len,
                            metrics_log)
     retained.before(actor.module)

@@ -59,7 +59,8 @@ def _quiet_tensorboard_writer_threads() -> None:
 
 class MetricsLog:
     """A stage's metrics, written on rank 0 only: one JSON object per line in `<stage>/metrics.jsonl`
-    and the same scalars, at the same steps, as TensorBoard events in `<stage>/tensorboard/`.
+    and the same scalars, at the same steps, as TensorBoard events in `<stage>/tensorboard/` and to the
+    run's MLflow / W&B runs (run.report_to).
 
     Each write is flushed, so a live `tensorboard --logdir` sees it and a crash loses nothing
     logged. `close()` ends the event file; a write after it starts a new one in the same
@@ -72,15 +73,28 @@ class MetricsLog:
     no `step`: readers that want metrics skip lines with an `event` key.
     """
 
-    def __init__(self, stage_dir: Path):
+    def __init__(self, stage_dir: Path, tensorboard: bool = True, trackers=None):
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.tensorboard_dir = Path(stage_dir) / "tensorboard"
+        self.tensorboard = tensorboard  # run.report_to has tensorboard
+        self.trackers = trackers  # MLflow / W&B (stages/tracking.py), or None
         self._writer = None
+
+    @classmethod
+    def for_stage(cls, cfg, ctx, stage_dir: Path) -> MetricsLog | None:
+        """Rank 0's log of a stage, to every logger in run.report_to; None on the other ranks."""
+        if not ctx.is_main:
+            return None
+        return cls(stage_dir, tensorboard="tensorboard" in cfg.run.report_to, trackers=ctx.trackers)
 
     def write(self, metrics: dict) -> None:
         now = round(time.time(), 3)
         with self.path.open("a") as f:
             f.write(json.dumps({"time": now, **metrics}) + "\n")
+        if self.trackers is not None:  # guarded: a tracker that fails is dropped with one warning
+            self.trackers.log_metrics(metrics, metrics["step"])
+        if not self.tensorboard:
+            return
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where metrics are written
 
@@ -170,7 +184,7 @@ def _fmt_seconds(s: float) -> str:
 class ReportCallback(TrainerCallback):
     def __init__(self, ctx, label: str, stage_dir: Path, total_steps: int, cfg):
         self.ctx, self.label, self.stage_dir, self.total_steps, self.cfg = ctx, label, Path(stage_dir), total_steps, cfg
-        self.metrics = MetricsLog(self.stage_dir) if ctx.is_main else None
+        self.metrics = MetricsLog.for_stage(cfg, ctx, self.stage_dir)
         self.started = time.time()  # reset when training begins
         self.ended: float | None = None
         self.stopped_at: int | None = None  # the step a search's scheduler stopped this run at

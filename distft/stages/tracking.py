@@ -1,0 +1,183 @@
+"""A stage's remote experiment trackers (MLflow, Weights & Biases), written by rank 0 beside metrics.jsonl.
+
+The launcher makes the tracking runs (a parent per run or search, a child per stage or trial: see
+distft/launch/tracking.py) and hands the stage a `spec` naming them; this module attaches to them and logs.
+
+Why not the Trainer's own MLflowCallback / WandbCallback (what `report_to` means in transformers):
+- One path for every stage. The Trainer stages, PPO (no Trainer) and distft's own figures (retain
+  scores, memory, checkpoint stalls) all pass through `MetricsLog`; the Trainer's callbacks see the
+  Trainer's logs only, and beside ours would log every loss twice into the same run.
+- A tracking server that stops answering must never stall training. The Trainer's MLflowCallback
+  logs asynchronously and drains its queue at end_run: a dead server holds the end of the run for
+  retries x timeout per queued batch, and it cannot be told to give up. Here each MLflow request has
+  run.mlflow.timeout_s and no retries, and the first failure turns that tracker off with one warning;
+  metrics.jsonl and TensorBoard keep everything.
+- Resume continues the launcher's runs by id, which the callbacks would start afresh per process.
+The clients are MLflow's and W&B's own (`MlflowClient.log_batch`, `wandb.init` / `Run.log`).
+
+No secret is read or written here: MLflow and W&B take their tokens from the environment
+(run.forward_env), and the spec holds names and ids only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+_ILLEGAL_KEY = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def mlflow_environment(timeout_s: float) -> dict[str, str]:
+    """MLflow client settings for a process that logs: one bounded attempt per request, no URL banner."""
+    return {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    }
+
+
+def numeric_items(values: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers in a (nested) dict as flat metric names: {"startup_s": {"ray": 3.1}} -> {"startup_s/ray": 3.1};
+    a list of rows with a `name` (the retain scores) by that name. Booleans count as 0/1."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, bool):
+            out[name] = float(value)
+        elif isinstance(value, (int, float)) and math.isfinite(value):
+            out[name] = float(value)
+        elif isinstance(value, dict):
+            out.update(numeric_items(value, f"{name}/"))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for row in value:
+                out.update(numeric_items({k: v for k, v in row.items() if k != "name"}, f"{name}/{row['name']}/"))
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            # Per rank or per checkpoint (peak_rss_mib_per_rank, checkpoint_blocked_s): one metric each.
+            out.update(numeric_items({str(i): v for i, v in enumerate(value[:64])}, f"{name}/"))
+    return {_ILLEGAL_KEY.sub("_", k)[:250]: v for k, v in out.items()}
+
+
+def reason(e: BaseException) -> str:
+    """One line for a tracker's failure (a connection error's repr can be a page long)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+class Trackers:
+    """Rank 0's trackers for one stage. Every call is guarded: a tracker that fails (server down or slow,
+    W&B not starting) is warned about once and dropped for the rest of the stage."""
+
+    def __init__(self, spec: dict | None, log=print):
+        self.spec = spec or {}
+        self.log = log
+        self.off: set[str] = set()
+        self._client = None  # MlflowClient
+        self._wandb = None  # the W&B run
+        if "mlflow" in self.spec:
+            os.environ.update(mlflow_environment(self.spec["mlflow"].get("timeout_s", 10.0)))
+
+    @property
+    def active(self) -> bool:
+        return any(name not in self.off for name in self.spec)
+
+    def _give_up(self, name: str, what: str, e: BaseException) -> None:
+        if name not in self.off:
+            self.off.add(name)
+            self.log(f"[tracking] {name}: {what} failed ({reason(e)}); this stage goes on without {name} "
+                     "(metrics.jsonl keeps every metric)")
+
+    def _mlflow(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.spec["mlflow"]["uri"])
+        return self._client
+
+    def _wandb_run(self):
+        if self._wandb is None:
+            import wandb
+
+            w = self.spec["wandb"]
+            Path(w["dir"]).mkdir(parents=True, exist_ok=True)
+            # console="off": W&B would wrap this process's stdout and stderr, which Ray streams to the user.
+            settings = wandb.Settings(init_timeout=w.get("init_timeout_s", 60.0), console="off", silent=True,
+                                      x_disable_stats=True)
+            self._wandb = wandb.init(
+                project=w["project"], entity=w.get("entity"), dir=w["dir"], id=w["id"], resume="allow",
+                group=w.get("group"), name=w.get("name"), job_type=w.get("job_type"), mode=w["mode"],
+                config=w.get("config"), tags=w.get("tags"), settings=settings, reinit="create_new",
+            )
+            # Steps are a metric, not W&B's own step counter: a resumed stage logs steps again from its
+            # checkpoint, which W&B's monotonic step would drop.
+            self._wandb.define_metric("step")
+            self._wandb.define_metric("*", step_metric="step")
+        return self._wandb
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        values = numeric_items({k: v for k, v in metrics.items() if k not in ("step", "time")})
+        if not values:
+            return
+        if "mlflow" in self.spec and "mlflow" not in self.off:
+            try:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                self._mlflow().log_batch(self.spec["mlflow"]["run_id"],
+                                         metrics=[Metric(k, v, now, step) for k, v in values.items()])
+            except Exception as e:
+                self._give_up("mlflow", "logging metrics", e)
+        if "wandb" in self.spec and "wandb" not in self.off:
+            try:
+                self._wandb_run().log({**values, "step": step})
+            except Exception as e:
+                self._give_up("wandb", "logging metrics", e)
+
+    def log_outcome(self, stage_dir: Path, files: list[Path], model_dir: Path | None = None) -> None:
+        """The end of a stage: its summary's figures (as `summary/<key>` metrics in MLflow, the run summary in
+        W&B), summary.json and the stage's config as files, and the exported model when asked."""
+        from distft.stages.summary import read_stage_summary
+
+        summary = read_stage_summary(stage_dir) or {}
+        figures = numeric_items(summary)
+        step = int(summary.get("steps") or 0)
+        files = [f for f in files if f.is_file()]
+        if "mlflow" in self.spec and "mlflow" not in self.off:
+            run_id = self.spec["mlflow"]["run_id"]
+            try:
+                from mlflow.entities import Metric
+
+                client, now = self._mlflow(), int(time.time() * 1000)
+                metrics = [Metric(f"summary/{k}", v, now, step) for k, v in figures.items()]
+                for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+                    client.log_batch(run_id, metrics=metrics[i:i + 1000])
+                for f in files:
+                    client.log_artifact(run_id, str(f))
+                if model_dir is not None and self.spec["mlflow"].get("log_model") and model_dir.is_dir():
+                    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+            except Exception as e:
+                self._give_up("mlflow", "logging the stage's outcome", e)
+        if "wandb" in self.spec and "wandb" not in self.off:
+            try:
+                run = self._wandb_run()
+                run.summary.update(figures)
+                for f in files:
+                    run.save(str(f), base_path=str(f.parent), policy="now")
+            except Exception as e:
+                self._give_up("wandb", "logging the stage's outcome", e)
+
+    def close(self, ok: bool) -> None:
+        """End the stage's runs: MLflow's as FINISHED or FAILED, W&B's flushed to its files (or server)."""
+        if "mlflow" in self.spec and "mlflow" not in self.off and self.spec["mlflow"].get("end", True):
+            try:
+                self._mlflow().set_terminated(self.spec["mlflow"]["run_id"], "FINISHED" if ok else "FAILED")
+            except Exception as e:
+                self._give_up("mlflow", "ending the run", e)
+        if self._wandb is not None:
+            run, self._wandb = self._wandb, None
+            try:
+                run.finish(exit_code=0 if ok else 1)
+            except Exception as e:
+                self._give_up("wandb", "ending the run", e)
