@@ -98,46 +98,16 @@ def sft_policy(tiny_base, tmp_path_factory):
     return run_dir / "sft" / "final"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """One real MLflow tracking server for the session: `mlflow server` on 127.0.0.1, a sqlite backend and a
-    local artifact store (served through the server, as a team server does). Yields its URI and files."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
+    """One real MLflow tracking server for the session (tests/servers.py). Yields its URI and its files."""
     pytest.importorskip("mlflow")
+    from servers import running_mlflow_server
+
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-    yield {"uri": uri, "root": root}
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        with running_mlflow_server(root) as uri:
+            yield {"uri": uri, "root": root}
+    except RuntimeError as e:
+        pytest.fail(str(e))

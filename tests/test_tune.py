@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -368,14 +369,17 @@ def rows_of(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tmp_path):
-    """Optuna TPE with ASHA, interrupted, moved to another directory, resumed there."""
+def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tmp_path, mlflow_server):
+    """Optuna TPE with ASHA, interrupted, moved to another directory, resumed there; tracked in MLflow
+    (the server named by MLFLOW_TRACKING_URI, as a team sets it) as one parent run with a child per trial."""
     pytest.importorskip("optuna")
     run_dir = tmp_path / "asha"
     cmd = [sys.executable, "-m", "distft.cli", "tune", str(QUICKSTART), *SMALL, "tune.num_samples=6",
-           "tune.search=optuna", f"run.output_dir={tmp_path}", "run.name=asha"]
+           "tune.search=optuna", f"run.output_dir={tmp_path}", "run.name=asha", "run.report_to=[mlflow]",
+           "run.mlflow.experiment=asha-search"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server["uri"]}
     # Interrupt once two trials have finished; Tune saves the search state.
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 420
     while len(list(run_dir.glob("trials/*/sft/summary.json"))) < 2:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -393,9 +397,11 @@ def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tm
     moved = tmp_path / "moved" / "asha"
     moved.parent.mkdir()
     run_dir = run_dir.rename(moved)
-    resumed = distft("tune", "--resume", str(run_dir), timeout=900)
+    resumed = distft("tune", "--resume", str(run_dir), timeout=900, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "[tracking]" not in resumed.stdout.replace("[tracking] mlflow: run asha", "")  # no tracker gave up
     rows = rows_of(run_dir)
+    check_search_runs(mlflow_server, "asha-search", rows, resumed.stdout)
     assert len(rows) == 6 and {r["status"] for r in rows} <= {"completed", "stopped"}, rows
     assert any(r["status"] == "stopped" for r in rows), rows  # ASHA stopped at least one, and the search went on
     stopped = [r for r in rows if r["status"] == "stopped"]
@@ -411,9 +417,40 @@ def test_asha_search_finishes_stops_trials_resumes_and_its_best_config_reruns(tm
 
     # The best config is a normal config: it reruns as it is (shortened here).
     again = distft("train", str(run_dir / "best.yaml"), "stages.0.train.max_steps=5", "stages.0.evaluate.data=null",
-                   f"run.output_dir={tmp_path}", "run.name=rerun", timeout=600)
+                   f"run.output_dir={tmp_path}", "run.name=rerun", timeout=600, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads((tmp_path / "rerun" / "sft" / "summary.json").read_text())["steps"] == 5
+
+
+def check_search_runs(server, experiment: str, rows: list[dict], out: str) -> None:
+    """MLflow holds the search as one parent run and one child per trial (a trial continued after the
+    interruption keeps its run): its hyperparameters, its curve, how it ended; the best one tagged."""
+    from mlflow import MlflowClient
+
+    from distft.launch.tracking import run_tree
+
+    c = MlflowClient(server["uri"])
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "asha", [r.info.run_name for r in runs]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["tune.metric"] == "eval_loss"
+    trials = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(trials) == {row["trial"] for row in rows} and len(runs) == 7, sorted(trials)
+    best = next(line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("best    trial"))
+    assert parent.data.tags["distft.best_trial"] == best
+    for row in rows:
+        run = trials[row["trial"]]
+        assert run.info.status == "FINISHED", (row, run.info.status)
+        assert {"train.lr", "method.lora.r"} <= set(run.data.params)
+        assert float(run.data.params["train.lr"]) == pytest.approx(float(row["train.lr"]))
+        assert run.data.tags["distft.stop_reason"] == {"stopped": "asha", "completed": "completed"}[row["status"]]
+        assert (run.data.tags.get("distft.best") == "true") == (row["trial"] == best)
+        curve = c.get_metric_history(run.info.run_id, "eval_loss")
+        assert max(m.step for m in curve) == int(row["steps"]), (row, [m.step for m in curve])
+    tree = run_tree(c, experiment)
+    assert tree.splitlines()[0].startswith("asha  [FINISHED") and tree.count("\n  ") == 6 and "BEST" in tree
 
 
 @pytest.mark.slow

@@ -62,6 +62,9 @@ class RunTracking:
     def __init__(self, cfg: DistftConfig, run_dir: Path, log=print):
         self.cfg, self.run_dir, self.log = cfg, Path(run_dir), log
         self.wants = [n for n in cfg.run.report_to if n in ("mlflow", "wandb")]
+        # The server: the config's, else this process's MLFLOW_TRACKING_URI (a trial's actor, which may run on
+        # another node without it, takes the search's: `trial`).
+        self.uri = tracking_uri(cfg)
         self.state = self._read()
         self.mlflow_ok = "mlflow" in self.wants
         self._client = None
@@ -86,7 +89,7 @@ class RunTracking:
             os.environ.update(mlflow_environment(self.cfg.run.mlflow.timeout_s))
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=tracking_uri(self.cfg))
+            self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
     def _mlflow(self, what: str, fn):
@@ -97,7 +100,7 @@ class RunTracking:
             return fn()
         except Exception as e:
             self.mlflow_ok = False
-            self.log(f"[tracking] mlflow: {what} at {tracking_uri(self.cfg)} failed ({reason(e)}); this run goes "
+            self.log(f"[tracking] mlflow: {what} at {self.uri} failed ({reason(e)}); this run goes "
                      "on without MLflow, logging to metrics.jsonl"
                      + (" and TensorBoard" if "tensorboard" in self.cfg.run.report_to else ""))
             return None
@@ -124,7 +127,7 @@ class RunTracking:
 
     def _experiment(self) -> str:
         """This run's MLflow state for the current server: kept when the server is the same, else started."""
-        uri, name = tracking_uri(self.cfg), self.cfg.run.mlflow.experiment
+        uri, name = self.uri, self.cfg.run.mlflow.experiment
         state = self.state.get("mlflow")
         if state and state.get("uri") == uri and state.get("experiment") == name:
             return state["experiment_id"]
@@ -151,7 +154,7 @@ class RunTracking:
                     state["run_id"] = self._new_run(name, params, {"distft.kind": kind, **(tags or {})}, None)
                 self._save()
                 self.log(f"[tracking] mlflow: run {name} ({state['run_id']}) in experiment "
-                         f"{self.cfg.run.mlflow.experiment} at {tracking_uri(self.cfg)}")
+                         f"{self.cfg.run.mlflow.experiment} at {self.uri}")
             self._mlflow("starting the parent run", parent)
         if "wandb" in self.wants:
             self.state.setdefault("wandb", {"group": name, "stages": {}})
@@ -195,7 +198,7 @@ class RunTracking:
 
     def _mlflow_spec(self, run_id: str) -> dict:
         m = self.cfg.run.mlflow
-        return {"uri": tracking_uri(self.cfg), "run_id": run_id, "timeout_s": m.timeout_s, "log_model": m.log_model}
+        return {"uri": self.uri, "run_id": run_id, "timeout_s": m.timeout_s, "log_model": m.log_model}
 
     def _wandb_spec(self, run_id: str, group: str, name: str, job_type: str, config: dict) -> dict:
         w = self.cfg.run.wandb
@@ -234,17 +237,21 @@ class RunTracking:
             seed["wandb"] = {"group": self.state["wandb"]["group"]}
         return seed
 
-    def trial(self, seed: dict, trial_id: str, params: dict, resumed: bool) -> dict | None:
-        """A trial's run (in its own directory's tracking.json) and the spec its stage logs with."""
+    def trial(self, seed: dict, trial_id: str, params: dict) -> dict | None:
+        """A trial's run (in its own directory's tracking.json, kept however the trial continues) and the spec
+        its stage logs with."""
         spec: dict = {}
         stage = self.cfg.stages[0]
         if "mlflow" in seed:
+            self.uri = seed["mlflow"]["uri"]
             self.state.setdefault("mlflow", {k: seed["mlflow"][k] for k in ("uri", "experiment", "experiment_id")})
             self.state["mlflow"].setdefault("stages", {})
 
             def run():
+                # A trial interrupted before its first checkpoint starts again from step 0 in the same
+                # directory (its metrics.jsonl goes on with a restart mark): likewise its run goes on.
                 known = self.state["mlflow"].get("run_id")
-                if known and resumed:
+                if known:
                     return self._reopen(known)
                 values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
                 return self._new_run(trial_id, values, {"distft.trial": trial_id, "distft.kind": stage.stage},
@@ -258,8 +265,7 @@ class RunTracking:
             self.mlflow_ok = False
         if "wandb" in seed:
             state = self.state.setdefault("wandb", {"group": seed["wandb"]["group"], "stages": {}})
-            if not (resumed and "trial" in state["stages"]):
-                state["stages"]["trial"] = uuid.uuid4().hex[:12]
+            state["stages"].setdefault("trial", uuid.uuid4().hex[:12])
             spec["wandb"] = self._wandb_spec(state["stages"]["trial"], state["group"], trial_id, stage.stage,
                                              {**self.cfg.model_dump(mode="json"), "trial_params": params})
         self.opened = True

@@ -190,7 +190,7 @@ def run_trial(params: dict, *, base_raw: dict, cwd: str, run_dir: str, board: st
     hook = SchedulerDecisions(board, trial_id, metric, timeout) if board else None
     spec = None
     if tracking and tracking.get("report_to"):
-        spec = RunTracking(cfg, trial_dir).trial(tracking, trial_id, params, resumed=resume_from is not None)
+        spec = RunTracking(cfg, trial_dir).trial(tracking, trial_id, params)
     train_stage(cfg, 0, trial_dir, resume_from=resume_from, callbacks=[TuneReportCallback()], stop_hook=hook,
                 forwarded=forwarded, secrets=secrets, tracking=spec)
 
