@@ -26,7 +26,8 @@ import yaml
 from conftest import FACTS_TRAIN, REPO
 
 FACTS_TEST = REPO / "configs" / "data" / "facts_test.jsonl"
-SECRET = "mlf-secret-" + "7c1e9a44d2"  # a token value that must never reach a file, a log or the server
+SECRET = "mlf-secret-" + "7c1e9a44d2"  # token values that must never reach a file, a log or the server
+HF_SECRET = "hf_" + "q8ZkTt3v9WmN2"
 
 
 def distft(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
@@ -330,7 +331,7 @@ def _pipeline_config(tiny_base, tmp_path, server) -> Path:
                 "report_to": ["tensorboard", "mlflow", "wandb"],
                 "mlflow": {"tracking_uri": server["uri"], "experiment": "pipeline-test"},
                 "wandb": {"mode": "offline", "project": "distft-test"},
-                "forward_env": ["MLFLOW_TRACKING_TOKEN"]},
+                "forward_env": ["MLFLOW_TRACKING_TOKEN"], "push_to_hub": "acme/tracked"},
     }
     path = tmp_path / "tracked.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -342,10 +343,14 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
                                                                                        mlflow_server):
     """`distft train` of SFT -> PPO on Ray Train: SIGTERM once SFT has a checkpoint, then `distft resume`.
     MLflow holds one parent with one child per stage (the SFT child continued, not doubled), their curves,
-    summary figures and files; W&B's offline files hold the history; the token is nowhere."""
+    summary figures and files; W&B's offline files hold the history; run.push_to_hub, refused by the
+    endpoint, fails the command after the run finished and leaves the export; no token is anywhere."""
     config = _pipeline_config(tiny_base, tmp_path, mlflow_server)
     run_dir = tmp_path / "runs" / "tracked"
-    env = {**os.environ, "MLFLOW_TRACKING_TOKEN": SECRET}
+    hub = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {**os.environ, "MLFLOW_TRACKING_TOKEN": SECRET, "HF_TOKEN": HF_SECRET, "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([sys.executable, "-m", "distft.cli", "train", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -362,7 +367,14 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
     parent_id, sft_id = first["mlflow"]["run_id"], first["mlflow"]["stages"]["sft"]
 
     resumed = distft("resume", str(run_dir), env=env)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    hub.shutdown()
+    hub.server_close()
+    # The run finished; the push at its end was refused: exit 2, one line, the export kept for a retry.
+    assert resumed.returncode == 2, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert (run_dir / "summary.json").is_file() and (run_dir / "export" / "config.json").is_file()
+    error = [ln for ln in resumed.stderr.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and f"the run finished ({run_dir}), but push to acme/tracked:" in error[0], resumed.stderr
+    assert "refused it (HTTP 403" in error[0] and f"distft export {run_dir} --push-to-hub acme/tracked" in error[0]
     assert "[tracking]" not in resumed.stdout.replace("[tracking] mlflow: run tracked", "")  # no warnings
     state = json.loads((run_dir / "tracking.json").read_text())
     assert state["mlflow"]["run_id"] == parent_id and state["mlflow"]["stages"]["sft"] == sft_id
@@ -403,5 +415,9 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
         for f in place.rglob("*"):
             if f.is_file() and f.stat().st_size < 50_000_000:
                 assert SECRET.encode() not in f.read_bytes(), f
+    for place in places:
+        for f in place.rglob("*"):
+            if f.is_file() and f.stat().st_size < 50_000_000:
+                assert HF_SECRET.encode() not in f.read_bytes(), f
     for text in (out1, err1, resumed.stdout, resumed.stderr):
-        assert SECRET not in text
+        assert SECRET not in text and HF_SECRET not in text
