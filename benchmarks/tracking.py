@@ -35,7 +35,7 @@ def stage_config(steps: int, report_to: list[str], uri: str):
         "model": {"name_or_path": "distft://tiny-base", "max_seq_len": 64},
         "scaling": {"num_workers": 1, "torch_threads": 2},
         "stage": "sft",
-        "data": {"train": str(REPO / "configs/data/facts_train.jsonl"), "eval_fraction": 0.0},
+        "data": {"train": str(REPO / "configs/data/facts_train.jsonl"), "max_eval_samples": 8},
         "method": {"name": "lora", "lora": {"r": 8, "alpha": 16}},
         "train": {"lr": 3e-3, "scheduler": "constant", "max_steps": steps, "global_batch_size": 16,
                   "micro_batch_size": 16, "log_every": 1, "save_every": 100_000},

@@ -153,17 +153,18 @@ def test_the_model_card_says_base_method_data_metrics_and_provenance_and_nothing
 
 
 @pytest.mark.parametrize("setting, env, expected", [
-    (["run.report_to=[mlflow]"], {}, "run.report_to has mlflow, but no tracking server is named. Fix: "
-                                     "run.mlflow.tracking_uri=http://HOST:5000"),
-    (["run.report_to=[mlflow]", "run.mlflow.tracking_uri=http://bob:hunter2@mlflow.example:5000"], {},
-     "holds a password"),
-    (["run.report_to=[mlflow]", "run.mlflow.tracking_uri=http://127.0.0.1:9"], {"MLFLOW_TRACKING_TOKEN": SECRET},
-     "MLFLOW_TRACKING_TOKEN is set here but not in run.forward_env"),
-    (["run.report_to=[wandb]"], {}, "Fix: export WANDB_API_KEY=... and run.forward_env=[WANDB_API_KEY], or "
-                                    "run.wandb.mode=offline"),
-    (["run.push_to_hub=acme/model"], {}, "run.push_to_hub=acme/model needs HF_TOKEN"),
-    (["run.push_to_hub=not a repo"], {}, "run.push_to_hub: 'not a repo' is not a Hub repository id"),
-    (["run.report_to=[mlflow, mlflow]"], {}, "names a logger twice"),
+    # Checked before launch (preflight): every problem on its own line, in one message.
+    (["run.report_to=[mlflow, wandb]", "run.push_to_hub=acme/model"], {},
+     ["run.report_to has mlflow, but no tracking server is named. Fix: run.mlflow.tracking_uri=http://HOST:5000",
+      "Fix: export WANDB_API_KEY=... and run.forward_env=[WANDB_API_KEY], or run.wandb.mode=offline",
+      "run.push_to_hub=acme/model needs HF_TOKEN"]),
+    (["run.report_to=[mlflow]", "run.mlflow.tracking_uri=http://bob:hunter2@mlflow.example:5000"],
+     {"MLFLOW_TRACKING_TOKEN": SECRET},
+     ["holds a password", "MLFLOW_TRACKING_TOKEN is set here but not in run.forward_env, so the workers would "
+                          "log to MLflow without it. Fix: run.forward_env=[MLFLOW_TRACKING_TOKEN]"]),
+    # Checked by the config itself.
+    (["run.report_to=[mlflow, mlflow]", "run.push_to_hub=not a repo"], {},
+     ["names a logger twice", "run.push_to_hub: 'not a repo' is not a Hub repository id"]),
 ])
 def test_tracking_settings_that_cannot_work_are_refused_by_validate_in_one_message(tiny_base, tmp_path, setting,
                                                                                     env, expected):
@@ -173,8 +174,9 @@ def test_tracking_settings_that_cannot_work_are_refused_by_validate_in_one_messa
              if k not in ("MLFLOW_TRACKING_URI", "HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN")}
     r = distft("validate", str(config), *setting, env={**clean, **env}, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert expected in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) <= 3, r.stderr
+    for text in expected:
+        assert text in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == len(expected) + 1, r.stderr  # the heading, one line each
     assert "Traceback" not in r.stderr and "hunter2" not in r.stderr and SECRET not in r.stdout + r.stderr
 
 
@@ -284,6 +286,50 @@ def test_a_tracking_server_that_never_answers_costs_one_timeout_and_one_warning(
     rows = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows) and any("eval_loss" in r for r in rows)
     assert took < 90, took  # one 2 s timeout, not one per log (6 steps log 6+ times)
+
+
+class _Slow(http.server.BaseHTTPRequestHandler):
+    """An MLflow server that answers every request, correctly but 1.5 s late."""
+
+    requests = 0
+
+    def do_POST(self):
+        type(self).requests += 1
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        time.sleep(1.5)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.slow
+def test_a_slow_tracking_server_never_holds_a_step_and_the_stage_end_waits_at_most_the_timeout():
+    from distft.stages.tracking import Trackers
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    lines: list[str] = []
+    try:
+        trackers = Trackers({"mlflow": {"uri": f"http://127.0.0.1:{server.server_address[1]}", "run_id": "0" * 32,
+                                        "timeout_s": 4}}, lines.append)
+        started = time.time()
+        for step in range(1, 21):  # 20 log steps: 30 s of requests at 1.5 s each
+            trackers.log_metrics({"step": step, "loss": 1.0 / step}, step)
+        logging_took = time.time() - started
+        trackers.close(ok=True)
+        closing_took = time.time() - started - logging_took
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert logging_took < 1.0, logging_took  # the training thread only queued the rows
+    assert 2 <= _Slow.requests <= 5  # sent one at a time while the stage went on, until the end's deadline
+    assert closing_took < 4 + 2, closing_took
+    assert len(lines) == 1 and "rows still unsent after 4 s at the end of the stage" in lines[0], lines
 
 
 @pytest.mark.slow

@@ -7,11 +7,12 @@ Why not the Trainer's own MLflowCallback / WandbCallback (what `report_to` means
 - One path for every stage. The Trainer stages, PPO (no Trainer) and distft's own figures (retain
   scores, memory, checkpoint stalls) all pass through `MetricsLog`; the Trainer's callbacks see the
   Trainer's logs only, and beside ours would log every loss twice into the same run.
-- A tracking server that stops answering must never stall training. The Trainer's MLflowCallback
-  logs asynchronously and drains its queue at end_run: a dead server holds the end of the run for
-  retries x timeout per queued batch, and it cannot be told to give up. Here each MLflow request has
-  run.mlflow.timeout_s and no retries, and the first failure turns that tracker off with one warning;
-  metrics.jsonl and TensorBoard keep everything.
+- A tracking server that stops answering, or answers slowly, must never stall training. The Trainer's
+  MLflowCallback drains its asynchronous queue at end_run with MLflow's retries: a dead server holds
+  the end of the run for retries x timeout per queued batch, and it cannot be told to give up. Here
+  metric rows go out on a thread of their own (`Sender`), each MLflow request has run.mlflow.timeout_s
+  and no retries, the first failure turns that tracker off with one warning, and the end of the stage
+  waits for what is queued at most run.mlflow.timeout_s; metrics.jsonl and TensorBoard keep everything.
 - Resume continues the launcher's runs by id, which the callbacks would start afresh per process.
 The clients are MLflow's and W&B's own (`MlflowClient.log_batch`, `wandb.init` / `Run.log`).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -66,6 +68,54 @@ def reason(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+class Sender:
+    """MLflow's metric rows, sent off the training thread: one daemon thread and a bounded queue, so a slow
+    server (answering, but slowly) never holds a step either. A failed request, or a queue the server
+    cannot keep up with, gives MLflow up (`give_up`); `close` waits for the rows still queued at most
+    `timeout_s`."""
+
+    def __init__(self, send, give_up, timeout_s: float, capacity: int = 1000):
+        import queue
+        import threading
+
+        self.send, self.give_up, self.timeout_s = send, give_up, timeout_s
+        self.queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="distft-mlflow", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        import queue
+
+        if self.stopped:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except queue.Full:
+            self.stopped = True
+            self.give_up(RuntimeError(f"the server is slower than training: {self.queue.maxsize} rows waiting"))
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.stopped:
+                continue
+            try:
+                self.send(item)
+            except Exception as e:
+                self.stopped = True
+                self.give_up(e)
+
+    def close(self) -> bool:
+        """Whether every queued row went out within `timeout_s`."""
+        self.queue.put(None)
+        self.thread.join(self.timeout_s)
+        if self.thread.is_alive():
+            self.stopped = True
+            self.give_up(RuntimeError(f"rows still unsent after {self.timeout_s:g} s at the end of the stage"))
+            return False
+        return not self.stopped
+
+
 class Trackers:
     """Rank 0's trackers for one stage. Every call is guarded: a tracker that fails (server down or slow,
     W&B not starting) is warned about once and dropped for the rest of the stage."""
@@ -75,6 +125,7 @@ class Trackers:
         self.log = log
         self.off: set[str] = set()
         self._client = None  # MlflowClient
+        self._sender: Sender | None = None  # MLflow's metric rows, off the training thread
         self._wandb = None  # the W&B run
         if "mlflow" in self.spec:
             os.environ.update(mlflow_environment(self.spec["mlflow"].get("timeout_s", 10.0)))
@@ -121,14 +172,18 @@ class Trackers:
         if not values:
             return
         if "mlflow" in self.spec and "mlflow" not in self.off:
-            try:
-                from mlflow.entities import Metric
+            if self._sender is None:
+                run_id = self.spec["mlflow"]["run_id"]
 
-                now = int(time.time() * 1000)
-                self._mlflow().log_batch(self.spec["mlflow"]["run_id"],
-                                         metrics=[Metric(k, v, now, step) for k, v in values.items()])
-            except Exception as e:
-                self._give_up("mlflow", "logging metrics", e)
+                def send(row):
+                    from mlflow.entities import Metric
+
+                    when, at, numbers = row
+                    self._mlflow().log_batch(run_id, metrics=[Metric(k, v, when, at) for k, v in numbers.items()])
+
+                self._sender = Sender(send, lambda e: self._give_up("mlflow", "logging metrics", e),
+                                      self.spec["mlflow"].get("timeout_s", 10.0))
+            self._sender.put((int(time.time() * 1000), step, values))
         if "wandb" in self.spec and "wandb" not in self.off:
             try:
                 self._wandb_run().log({**values, "step": step})
@@ -144,6 +199,7 @@ class Trackers:
         figures = numeric_items(summary)
         step = int(summary.get("steps") or 0)
         files = [f for f in files if f.is_file()]
+        self._flush()
         if "mlflow" in self.spec and "mlflow" not in self.off:
             run_id = self.spec["mlflow"]["run_id"]
             try:
@@ -163,13 +219,19 @@ class Trackers:
             try:
                 run = self._wandb_run()
                 run.summary.update(figures)
-                for f in files:
-                    run.save(str(f), base_path=str(f.parent), policy="now")
+                for f in files:  # files in the run's directory go up with it (offline: `wandb sync`)
+                    shutil.copy2(f, Path(run.dir) / f.name)
             except Exception as e:
                 self._give_up("wandb", "logging the stage's outcome", e)
 
+    def _flush(self) -> None:
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            sender.close()
+
     def close(self, ok: bool) -> None:
         """End the stage's runs: MLflow's as FINISHED or FAILED, W&B's flushed to its files (or server)."""
+        self._flush()
         if "mlflow" in self.spec and "mlflow" not in self.off and self.spec["mlflow"].get("end", True):
             try:
                 self._mlflow().set_terminated(self.spec["mlflow"]["run_id"], "FINISHED" if ok else "FAILED")
