@@ -3,7 +3,8 @@
 1. Overhead: the same SFT stage (the shipped tiny base, LoRA, `--steps` steps, a log line every step,
    which is the worst case) with run.report_to = [] (metrics.jsonl only), [tensorboard], [mlflow] (a real
    `mlflow server` on 127.0.0.1) and [wandb] (offline), run in-process, alternating, `--rounds` times.
-   Same work: the script checks that every mode logged the same steps with the same losses.
+   Same work: the script checks that every mode logged the same steps with the same losses. Two
+   figures: the whole run (the tracking runs' creation, params and files included) and the steady step.
 2. The run tree of a real search: `distft tune configs/tune_quickstart.yaml` with 3 trials (shortened)
    and MLFLOW_TRACKING_URI set, printed as MlflowClient reads it back (README, "Tracking").
 
@@ -56,26 +57,33 @@ def one_run(mode: str, steps: int, uri: str, root: Path) -> tuple[float, list]:
     stage_runner("sft")(cfg, StageContext(run_dir=run_dir, tracking=spec))
     took = time.perf_counter() - started
     rows = [json.loads(ln) for ln in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
-    return took, [(r["step"], round(r["loss"], 5)) for r in rows if "loss" in r]
+    train = [r for r in rows if "loss" in r]
+    # The steady step while logging every step: from the first training row to the last, per step.
+    step_ms = 1000 * (train[-1]["time"] - train[0]["time"]) / (train[-1]["step"] - train[0]["step"])
+    return took, step_ms, [(r["step"], round(r["loss"], 5)) for r in train]
 
 
 def overhead(uri: str, steps: int, rounds: int, root: Path) -> dict:
     times: dict[str, list[float]] = {m: [] for m in MODES}
+    steps_ms: dict[str, list[float]] = {m: [] for m in MODES}
     curves: dict[str, list] = {}
     for r in range(rounds):
         order = list(MODES) if r % 2 == 0 else list(reversed(MODES))
         for mode in order:
-            took, curve = one_run(mode, steps, uri, root)
+            took, step_ms, curve = one_run(mode, steps, uri, root)
             times[mode].append(took)
+            steps_ms[mode].append(step_ms)
             reference = curves.setdefault("first", curve)
             if curve != reference or len(curve) != steps:
                 raise SystemExit(f"not the same work: report_to={MODES[mode]} logged other steps or losses")
             curves[mode] = curve
-            print(f"round {r + 1} {mode:<12} {took:6.1f} s", flush=True)
+            print(f"round {r + 1} {mode:<12} {took:6.1f} s, step {step_ms:.1f} ms", flush=True)
     same = all(c == curves["first"] for c in curves.values())  # checked after every run above
-    base = statistics.median(times["none"])
+    base, base_step = statistics.median(times["none"]), statistics.median(steps_ms["none"])
     table = {m: {"median_s": round(statistics.median(t), 2), "min_s": round(min(t), 2), "max_s": round(max(t), 2),
-                 "ratio": round(statistics.median(t) / base, 3)} for m, t in times.items()}
+                 "ratio": round(statistics.median(t) / base, 3),
+                 "step_ms": round(statistics.median(steps_ms[m]), 1),
+                 "step_ratio": round(statistics.median(steps_ms[m]) / base_step, 3)} for m, t in times.items()}
     return {"steps": steps, "rounds": rounds, "same_work": same, "table": table}
 
 
@@ -112,9 +120,10 @@ def main() -> None:
             result["search_tree"] = search_tree(uri, root)
     table = result["overhead"]["table"]
     print(f"\nsame work in every mode (steps and losses): {result['overhead']['same_work']}")
-    print(f"{'report_to':<14}{'median s':>10}{'min-max':>16}{'vs none':>9}")
+    print(f"{'report_to':<14}{'run s':>8}{'min-max':>16}{'vs none':>9}{'step ms':>10}{'vs none':>9}")
     for mode, row in table.items():
-        print(f"{mode:<14}{row['median_s']:>10.1f}{row['min_s']:>8.1f}-{row['max_s']:<7.1f}{row['ratio']:>8.2f}x")
+        print(f"{mode:<14}{row['median_s']:>8.1f}{row['min_s']:>8.1f}-{row['max_s']:<7.1f}{row['ratio']:>8.2f}x"
+              f"{row['step_ms']:>10.1f}{row['step_ratio']:>8.2f}x")
     if "search_tree" in result:
         print("\n" + result["search_tree"])
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

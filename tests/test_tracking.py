@@ -447,10 +447,14 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
     assert {f.path for f in c.list_artifacts(sft_id)} >= {"summary.json", "config.yaml"}
     assert {f.path for f in c.list_artifacts(parent_id)} >= {"config.yaml", "provenance.json", "summary.json"}
 
+    shown = distft("runs", "show", str(run_dir), env=env, timeout=120).stdout
+    assert f"mlflow      {mlflow_server['uri']} experiment pipeline-test: run {parent_id} (sft {sft_id}, ppo" in shown
+
     # W&B, offline: one run per stage in the run directory (SFT's continued under its id), with the history.
     # (What the interrupted SFT worker had not yet written out is lost to W&B; metrics.jsonl has it.)
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert ids == {state["wandb"]["stages"]["sft"], state["wandb"]["stages"]["ppo"]}, ids
+    assert list((run_dir / "wandb").glob("offline-run-*/files/summary.json"))  # the stage's summary went along
     history = wandb_history(run_dir)
     assert 12 in {row["step"] for row in history if "loss" in row}, history
     assert sorted(row["step"] for row in history if "score" in row) == [1, 2], history

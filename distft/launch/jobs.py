@@ -217,6 +217,10 @@ def stage_job(cfg: DistftConfig, cwd: Path, staging: Path, secrets: dict[str, st
     output = Path(cfg.run.output_dir).expanduser()
     job_cfg.run.output_dir = str(output if output.is_absolute() else (cwd / output).resolve())
     job_cfg.run.address = None  # the job's driver runs on the cluster: --address auto
+    if "mlflow" in job_cfg.run.report_to:  # the server this machine names ($MLFLOW_TRACKING_URI), for the job too
+        from distft.launch.tracking import tracking_uri
+
+        job_cfg.run.mlflow.tracking_uri = tracking_uri(job_cfg)
     dump_config(job_cfg, staging / "config.yaml")
     if secrets:
         fd = os.open(staging / SECRETS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -108,6 +108,7 @@ def read_run(run_dir: str | Path) -> dict:
         "stages": stages,
         "final": str(final) if final.exists() else None,
         "final_target": os.readlink(final) if final.is_symlink() else None,
+        "tracking": _read_tracking(run_dir),
         "provenance": read_provenance(run_dir),
         "config_mtime": (run_dir / "config.yaml").stat().st_mtime,
     }
@@ -330,10 +331,33 @@ def render_run(run: dict) -> str:
         lines.append(f"model       {run['final']}{target}")
     if any(st["tensorboard"] for st in run["stages"]):
         lines.append(f"metrics     <stage>/metrics.jsonl; tensorboard --logdir {run_dir}")
+    lines += _tracking_lines(run.get("tracking") or {}, run_dir)
     if not run["finished"]:
         # Nothing in the directory tells a run still going from one that stopped; the user knows.
         lines.append(f"resume      distft resume {run_dir}   (unless it is still running)")
     return "\n".join(lines)
+
+
+def _read_tracking(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "tracking.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tracking_lines(tracking: dict, run_dir) -> list[str]:
+    """Where the run's MLflow and W&B runs are (launch/tracking.py writes tracking.json)."""
+    lines = []
+    m = tracking.get("mlflow") or {}
+    if m.get("run_id"):
+        stages = ", ".join(f"{label} {run_id}" for label, run_id in m.get("stages", {}).items())
+        lines.append(f"mlflow      {m.get('uri')} experiment {m.get('experiment')}: run {m['run_id']}"
+                     + (f" ({stages})" if stages else ""))
+    w = tracking.get("wandb") or {}
+    if w.get("stages"):
+        lines.append(f"wandb       group {w.get('group')}: " + ", ".join(f"{k} {v}" for k, v in w["stages"].items())
+                     + f"; files in {Path(run_dir) / 'wandb'}")
+    return lines
 
 
 def _started(run: dict) -> str:
