@@ -79,6 +79,7 @@ class Sender:
         import threading
 
         self.send, self.give_up, self.timeout_s = send, give_up, timeout_s
+        self.batch_metrics = 900  # under MLflow's 1000 per log_batch, with room for one more row
         self.queue: queue.Queue = queue.Queue(maxsize=capacity)
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="distft-mlflow", daemon=True)
@@ -96,11 +97,24 @@ class Sender:
             self.give_up(RuntimeError(f"the server is slower than training: {self.queue.maxsize} rows waiting"))
 
     def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.stopped:
+        import queue
+
+        done = False
+        while not done:
+            items = [self.queue.get()]
+            # What queued up during the last request goes in one request (MLflow takes 1000 metrics per batch).
+            while items[-1] is not None and sum(len(i[2]) for i in items) < self.batch_metrics:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            if items[-1] is None:
+                done = True
+                items.pop()
+            if self.stopped or not items:
                 continue
             try:
-                self.send(item)
+                self.send(items)
             except Exception as e:
                 self.stopped = True
                 self.give_up(e)
@@ -175,11 +189,11 @@ class Trackers:
             if self._sender is None:
                 run_id = self.spec["mlflow"]["run_id"]
 
-                def send(row):
+                def send(rows):
                     from mlflow.entities import Metric
 
-                    when, at, numbers = row
-                    self._mlflow().log_batch(run_id, metrics=[Metric(k, v, when, at) for k, v in numbers.items()])
+                    self._mlflow().log_batch(run_id, metrics=[Metric(k, v, when, at) for when, at, numbers in rows
+                                                              for k, v in numbers.items()])
 
                 self._sender = Sender(send, lambda e: self._give_up("mlflow", "logging metrics", e),
                                       self.spec["mlflow"].get("timeout_s", 10.0))
