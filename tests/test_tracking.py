@@ -152,6 +152,16 @@ def test_the_model_card_says_base_method_data_metrics_and_provenance_and_nothing
         assert private not in card
 
 
+def test_what_is_pushed_leaves_out_the_files_that_name_local_paths(tmp_path):
+    from distft.models.publish import files_to_push
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "distft_manifest.json", "distft_export.json",
+                 "distft_config.yaml", "README.md", ".distft-owned"):
+        (tmp_path / name).write_text("{}")
+    assert [p.name for p in files_to_push(tmp_path)] == ["config.json", "distft_manifest.json", "model.safetensors",
+                                                         "tokenizer.json"]
+
+
 @pytest.mark.parametrize("setting, env, expected", [
     # Checked before launch (preflight): every problem on its own line, in one message.
     (["run.report_to=[mlflow, wandb]", "run.push_to_hub=acme/model"], {},
@@ -283,6 +293,7 @@ def test_a_tracking_server_that_never_answers_costs_one_timeout_and_one_warning(
     assert "goes on without mlflow (metrics.jsonl keeps every metric)" in warnings[0]
     summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert summary["steps"] == 6
+    assert not (tmp_path / "sft" / "tensorboard").exists()  # run.report_to=[mlflow]: no event files
     rows = [json.loads(ln) for ln in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows) and any("eval_loss" in r for r in rows)
     assert took < 90, took  # one 2 s timeout, not one per log (6 steps log 6+ times)

@@ -96,6 +96,17 @@ def model_card(repo_id: str, run_dir: Path | None, model_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Written by distft beside a model, and naming paths on this machine (the export's source, the run's data and
+# output directories): the model card says what they would, without the paths. The manifest (hashes) goes up.
+LOCAL_ONLY = ("distft_export.json", "distft_config.yaml")
+
+
+def files_to_push(model_dir: Path) -> list[Path]:
+    """The export's files that go to the Hub: all but hidden files, the card's place and LOCAL_ONLY."""
+    return sorted(p for p in Path(model_dir).rglob("*") if p.is_file() and not p.name.startswith(".")
+                  and p.name not in LOCAL_ONLY and p.relative_to(model_dir).as_posix() != "README.md")
+
+
 def _endpoint() -> str:
     from huggingface_hub import constants
 
@@ -118,9 +129,8 @@ def push_model(model_dir: Path, repo_id: str, private: bool = False, run_dir: Pa
                         f"the push with HF_HUB_OFFLINE=0. {intact}")
 
     card = model_card(repo_id, run_dir, model_dir).encode()
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
-    operations = [CommitOperationAdd(path_in_repo=str(p.relative_to(model_dir)), path_or_fileobj=str(p))
-                  for p in files if p.relative_to(model_dir).as_posix() != "README.md"]
+    operations = [CommitOperationAdd(path_in_repo=p.relative_to(model_dir).as_posix(), path_or_fileobj=str(p))
+                  for p in files_to_push(model_dir)]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     api = HfApi(token=token)
     try:
