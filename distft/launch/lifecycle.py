@@ -40,7 +40,6 @@ class Finished:
     run_dir: Path
     summaries: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    pushed: str | None = None  # run.push_to_hub: the repository's URL
 
 
 def check_paths(cfg: DistftConfig, address: str | None) -> list[str]:
@@ -152,8 +151,9 @@ def launch_and_finish(cfg: DistftConfig, run_dir: Path, address: str | None, res
         raise
     finally:
         tracking.finish(status, [run_dir / name for name in ("config.yaml", "provenance.json", "summary.json")])
-    pushed = push_finished_run(cfg, run_dir) if cfg.run.push_to_hub else None
-    return Finished(run_dir, summaries, time.time() - started, pushed)
+    if cfg.run.push_to_hub:
+        push_finished_run(cfg, run_dir)
+    return Finished(run_dir, summaries, time.time() - started)
 
 
 def finish_run(cfg: DistftConfig, run_dir: Path, summaries: list[dict]) -> None:

@@ -12,6 +12,9 @@ class StageWriteError(RuntimeError):
 
 
 def _writes_explained(run):
+    """Every stage's runner, wrapped: a failed write becomes one line naming what is intact; and rank 0's
+    tracking runs (MLflow, W&B) get the stage's outcome and end with it, however it ends."""
+
     @wraps(run)
     def guarded(cfg, ctx: StageContext):
         started = time.time()
