@@ -390,7 +390,7 @@ def _pipeline_config(tiny_base, tmp_path, server) -> Path:
         ],
         "run": {"output_dir": str(tmp_path / "runs"), "name": "tracked",
                 "report_to": ["tensorboard", "mlflow", "wandb"],
-                "mlflow": {"tracking_uri": server["uri"], "experiment": "pipeline-test"},
+                "mlflow": {"tracking_uri": server["uri"], "experiment": "pipeline-test", "log_model": True},
                 "wandb": {"mode": "offline", "project": "distft-test"},
                 "forward_env": ["MLFLOW_TRACKING_TOKEN"], "push_to_hub": "acme/tracked"},
     }
@@ -459,7 +459,8 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
     assert any(k.startswith("summary/checkpoint_blocked") for k in sft.data.metrics), sorted(sft.data.metrics)
     assert ppo.data.metrics.get("summary/steps") == 2 and "summary/exact_match_after" in ppo.data.metrics
     assert len(c.get_metric_history(ppo.info.run_id, "score")) == 2, sorted(ppo.data.metrics)
-    assert {f.path for f in c.list_artifacts(sft_id)} >= {"summary.json", "config.yaml"}
+    assert {f.path for f in c.list_artifacts(sft_id)} >= {"summary.json", "config.yaml", "model"}
+    assert {"model/config.json", "model/model.safetensors"} <= {f.path for f in c.list_artifacts(sft_id, "model")}
     assert {f.path for f in c.list_artifacts(parent_id)} >= {"config.yaml", "provenance.json", "summary.json"}
 
     shown = distft("runs", "show", str(run_dir), env=env, timeout=120).stdout
