@@ -150,13 +150,12 @@ def test_a_lora_classifier_merges_into_a_plain_model_with_its_labels(tmp_path):
 def test_two_zero3_ranks_under_torchrun_score_before_and_after(tmp_path):
     """DeepSpeed ZeRO-3 on 2 ranks (torchrun, no Ray): the held-out score before training is taken outside the
     Trainer (its predict() would leave an inference engine that train() cannot step), and training then runs."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from servers import free_port
+
+    port = free_port()
     torchrun = Path(sys.executable).with_name("torchrun")
     r = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), "-m", "distft.stages",
                         str(REPO / "configs" / "classify_minilm.yaml"), str(tmp_path / "run"),

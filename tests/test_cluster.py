@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import REPO, write_jsonl
+from servers import free_port
 from distft.config import build_config
 from distft.launch import cluster
 from distft.launch.placement import ray_storage_path
@@ -159,12 +159,6 @@ def test_status_and_down_without_a_cluster(tmp_path):
 
 
 # ---------------------------------------------------------------- slow: a real cluster
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, write_jsonl
+from servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -47,12 +47,6 @@ MMAP_THRESHOLD = "65536"
 
 class _Done(Exception):
     """Raised on every rank at the same point once measured: nothing after loading is needed."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmup_dir: str) -> None:

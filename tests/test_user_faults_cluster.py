@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from faults import REPO, assert_unchanged, check_failure, run_distft, snapshot, user_env
+from servers import free_port
 
 AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
@@ -37,12 +38,6 @@ def clean_env(home: Path, **extra) -> dict[str, str]:
         if key not in extra:
             env.pop(key, None)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def closed_port() -> int:
