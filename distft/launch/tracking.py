@@ -138,7 +138,7 @@ class RunTracking:
         return experiment_id
 
     # -- a run: parent, then one child per stage --------------------------------------------------------
-    def open(self, kind: str, params: dict[str, str], tags: dict | None = None) -> None:
+    def open(self, kind: str, params: dict[str, str]) -> None:
         """The parent run (once per process): reopened when tracking.json has it for this server."""
         if self.opened or not self.wants:
             return
@@ -151,7 +151,7 @@ class RunTracking:
                 if state.get("run_id"):
                     self._reopen(state["run_id"])
                 else:
-                    state["run_id"] = self._new_run(name, params, {"distft.kind": kind, **(tags or {})}, None)
+                    state["run_id"] = self._new_run(name, params, {"distft.kind": kind}, None)
                 self._save()
                 self.log(f"[tracking] mlflow: run {name} ({state['run_id']}) in experiment "
                          f"{self.cfg.run.mlflow.experiment} at {self.uri}")
@@ -165,7 +165,8 @@ class RunTracking:
         resumes from a checkpoint, new when it starts over. Opens the parent run first if needed."""
         if not self.wants:
             return None
-        self.open("run", flat_params(self.cfg.model_dump(mode="json")))
+        if not self.opened:
+            self.open("run", flat_params(self.cfg.model_dump(mode="json")))
         stage = self.cfg.stages[index]
         label = stage.label()
         spec: dict = {}

@@ -144,10 +144,6 @@ class Trackers:
         if "mlflow" in self.spec:
             os.environ.update(mlflow_environment(self.spec["mlflow"].get("timeout_s", 10.0)))
 
-    @property
-    def active(self) -> bool:
-        return any(name not in self.off for name in self.spec)
-
     def _give_up(self, name: str, what: str, e: BaseException) -> None:
         if name not in self.off:
             self.off.add(name)
@@ -173,7 +169,7 @@ class Trackers:
             self._wandb = wandb.init(
                 project=w["project"], entity=w.get("entity"), dir=w["dir"], id=w["id"], resume="allow",
                 group=w.get("group"), name=w.get("name"), job_type=w.get("job_type"), mode=w["mode"],
-                config=w.get("config"), tags=w.get("tags"), settings=settings, reinit="create_new",
+                config=w.get("config"), settings=settings, reinit="create_new",
             )
             # Steps are a metric, not W&B's own step counter: a resumed stage logs steps again from its
             # checkpoint, which W&B's monotonic step would drop.
@@ -246,7 +242,7 @@ class Trackers:
     def close(self, ok: bool) -> None:
         """End the stage's runs: MLflow's as FINISHED or FAILED, W&B's flushed to its files (or server)."""
         self._flush()
-        if "mlflow" in self.spec and "mlflow" not in self.off and self.spec["mlflow"].get("end", True):
+        if "mlflow" in self.spec and "mlflow" not in self.off:
             try:
                 self._mlflow().set_terminated(self.spec["mlflow"]["run_id"], "FINISHED" if ok else "FAILED")
             except Exception as e:
