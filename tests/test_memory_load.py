@@ -65,6 +65,12 @@ def _worker(rank: int, world: int, port: int, raw_json: str, out_dir: str, warmu
     import datasets  # noqa: F401
     import transformers  # noqa: F401
     import trl  # noqa: F401
+    from distft.stages import stage_runner
+
+    stage_runner("sft")  # what every launcher does first (quiets libraries, keeps MLflow out of DeepSpeed)
+    # trl's lazy SFTTrainer (with its trainer modules, and W&B's client whenever wandb is installed: trl and
+    # transformers import it on sight) is import cost, not the model's: before the baseline.
+    from trl import SFTTrainer  # noqa: F401
 
     if strategy.name == "deepspeed":
         import deepspeed  # noqa: F401

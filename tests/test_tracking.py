@@ -487,3 +487,18 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
                 assert HF_SECRET.encode() not in f.read_bytes(), f
     for text in (out1, err1, resumed.stdout, resumed.stderr):
         assert SECRET not in text and HF_SECRET not in text
+
+
+def test_deepspeed_no_longer_pulls_mlflow_into_every_stage_process():
+    """DeepSpeed's autotuner imports MLflow at DeepSpeed's import (113 MB, 0.8 s per worker here) whenever it
+    is installed; stage processes keep it out, and MLflow still imports for distft's own tracker."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("mlflow")
+    plain = subprocess.run([sys.executable, "-c", "import sys, deepspeed; print('mlflow' in sys.modules)"],
+                           capture_output=True, text=True, timeout=300)
+    assert plain.stdout.strip().splitlines()[-1] == "True", plain.stdout + plain.stderr  # the cost, without distft
+    code = ("import sys; from distft.stages import stage_runner; stage_runner('sft'); import deepspeed; "
+            "print('mlflow' in sys.modules); import mlflow; print(mlflow.__version__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-2:] == ["False", "3.17.2"], r.stdout

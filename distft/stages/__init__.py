@@ -46,8 +46,10 @@ def _writes_explained(run):
 def stage_runner(kind: str):
     """The `run` function of a stage kind."""
     from distft.stages.quiet import quiet_libraries
+    from distft.stages.tracking import DeepSpeedWithoutMLflow
 
     quiet_libraries()  # before the stage's module imports transformers (and with it bitsandbytes)
+    DeepSpeedWithoutMLflow.install()  # before transformers imports DeepSpeed
     from distft.config.schema import STAGE_CLASSES
 
     if kind not in STAGE_CLASSES:
