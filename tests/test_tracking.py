@@ -426,6 +426,9 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
     assert proc.returncode == 143, err1[-3000:]
     first = json.loads((run_dir / "tracking.json").read_text())
     parent_id, sft_id = first["mlflow"]["run_id"], first["mlflow"]["stages"]["sft"]
+    # The interrupt ended both runs as KILLED (the SFT worker died without ending its own).
+    c = client(mlflow_server)
+    assert c.get_run(parent_id).info.status == "KILLED" and c.get_run(sft_id).info.status == "KILLED"
 
     resumed = distft("resume", str(run_dir), env=env)
     hub.shutdown()
@@ -440,7 +443,6 @@ def test_a_pipeline_interrupted_and_resumed_logs_one_parent_run_with_a_child_per
     state = json.loads((run_dir / "tracking.json").read_text())
     assert state["mlflow"]["run_id"] == parent_id and state["mlflow"]["stages"]["sft"] == sft_id
 
-    c = client(mlflow_server)
     runs = {r.info.run_id: r for r in runs_of(mlflow_server, "pipeline-test")}
     assert set(runs) == {parent_id, sft_id, state["mlflow"]["stages"]["ppo"]}, [r.info.run_name for r in runs.values()]
     parent, sft, ppo = runs[parent_id], runs[sft_id], runs[state["mlflow"]["stages"]["ppo"]]
