@@ -220,13 +220,11 @@ def cmd_export(args) -> int:
     out = Path(args.out) if args.out else run_dir / ("export-merged" if args.merge else "export")
     if args.push_to_hub:
         from distft.config.schema import HUB_REPO_ID
-        from distft.models.publish import PushError, push_model
+        from distft.models.publish import hub_token, push_model
 
         if not HUB_REPO_ID.fullmatch(args.push_to_hub):
             raise UsageError(f"--push-to-hub {args.push_to_hub}: not a Hub repository id. Fix: ORG/NAME.")
-        if not os.environ.get("HF_TOKEN"):  # before the export: nothing is written for a push that cannot happen
-            raise PushError(f"push to {args.push_to_hub}: no token (HF_TOKEN is not set). Fix: export "
-                            "HF_TOKEN=<a write token from huggingface.co/settings/tokens>.")
+        hub_token(args.push_to_hub)  # before the export: nothing is written for a push that cannot happen
         if out.exists():  # an earlier export (a push that failed, say): pushed as it is
             from distft.models.verify import model_dir_problem
 

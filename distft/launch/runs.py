@@ -20,6 +20,7 @@ from distft.config import ConfigError, build_config, read_yaml
 from distft.errors import UserError
 from distft.distributed.checkpoint import complete_checkpoints, read_manifest
 from distft.launch.provenance import PACKAGES, read_provenance
+from distft.launch.tracking import read_tracking
 from distft.stages.summary import describe_retain, read_stage_summary
 
 # Directories inside a run that are not stages: Ray Train's copies and the export link.
@@ -108,7 +109,7 @@ def read_run(run_dir: str | Path) -> dict:
         "stages": stages,
         "final": str(final) if final.exists() else None,
         "final_target": os.readlink(final) if final.is_symlink() else None,
-        "tracking": _read_tracking(run_dir),
+        "tracking": read_tracking(run_dir),
         "provenance": read_provenance(run_dir),
         "config_mtime": (run_dir / "config.yaml").stat().st_mtime,
     }
@@ -336,13 +337,6 @@ def render_run(run: dict) -> str:
         # Nothing in the directory tells a run still going from one that stopped; the user knows.
         lines.append(f"resume      distft resume {run_dir}   (unless it is still running)")
     return "\n".join(lines)
-
-
-def _read_tracking(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "tracking.json").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _tracking_lines(tracking: dict, run_dir) -> list[str]:

@@ -56,6 +56,15 @@ def flat_params(values: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def read_tracking(run_dir: Path) -> dict | None:
+    """A run directory's tracking.json (its MLflow and W&B ids), or None when there is none or it does not read."""
+    try:
+        state = json.loads((Path(run_dir) / FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
 class RunTracking:
     """The MLflow parent run and the per-stage (or per-trial) runs of one run directory, and W&B's ids."""
 
@@ -65,18 +74,13 @@ class RunTracking:
         # The server: the config's, else this process's MLFLOW_TRACKING_URI (a trial's actor, which may run on
         # another node without it, takes the search's: `trial`).
         self.uri = tracking_uri(cfg)
-        self.state = self._read()
+        self.state = read_tracking(self.run_dir) or {}
         self.mlflow_ok = "mlflow" in self.wants
         self._client = None
         self.opened = False
         self.current: str | None = None  # the child run of the stage now running
 
     # -- the record -----------------------------------------------------------------------------------
-    def _read(self) -> dict:
-        try:
-            return json.loads((self.run_dir / FILE).read_text())
-        except (OSError, ValueError):
-            return {}
 
     def _save(self) -> None:
         tmp = self.run_dir / f".{FILE}.tmp"
@@ -246,7 +250,6 @@ class RunTracking:
         if "mlflow" in seed:
             self.uri = seed["mlflow"]["uri"]
             self.state.setdefault("mlflow", {k: seed["mlflow"][k] for k in ("uri", "experiment", "experiment_id")})
-            self.state["mlflow"].setdefault("stages", {})
 
             def run():
                 # A trial interrupted before its first checkpoint starts again from step 0 in the same
@@ -280,11 +283,13 @@ class RunTracking:
             return
         how = {"stopped": "asha", "completed": "completed", "failed": "failed", "unfinished": "unfinished"}
 
+        trial_runs = {row["trial"]: (RunTracking(self.cfg, self.run_dir / "trials" / row["trial"]).state.get("mlflow")
+                                     or {}).get("run_id") for row in rows}
+
         def conclude():
             client = self.client()
             for row in rows:
-                trial_run = (RunTracking(self.cfg, self.run_dir / "trials" / row["trial"]).state.get("mlflow")
-                             or {}).get("run_id")
+                trial_run = trial_runs[row["trial"]]
                 if not trial_run:
                     continue
                 client.set_tag(trial_run, "distft.stop_reason", how.get(row["status"], row["status"]))
@@ -295,8 +300,8 @@ class RunTracking:
                     client.set_terminated(trial_run, "FAILED" if row["status"] == "failed" else "KILLED")
             if best is not None:
                 client.set_tag(state["run_id"], "distft.best_trial", best["trial"])
-                client.set_tag(state["run_id"], "distft.best_run_id",
-                               RunTracking(self.cfg, self.run_dir / "trials" / best["trial"]).state["mlflow"]["run_id"])
+                if trial_runs.get(best["trial"]):
+                    client.set_tag(state["run_id"], "distft.best_run_id", trial_runs[best["trial"]])
             for f in files:
                 if f.is_file():
                     client.log_artifact(state["run_id"], str(f))
@@ -307,7 +312,7 @@ class RunTracking:
 
 def run_tree(client, experiment: str) -> str:
     """The experiment's runs as a tree, parents first: what README's "Tracking" section shows
-    (benchmarks/tracking_tree.py prints it for a real search)."""
+    (benchmarks/tracking.py prints it for a real search)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return f"(no experiment {experiment})"

@@ -113,14 +113,21 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
+def hub_token(repo_id: str, after: str = "") -> str:
+    """HF_TOKEN's value, or PushError naming the fix (`after`: what stays as it is, for the message)."""
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        raise PushError(f"push to {repo_id}: no token (HF_TOKEN is not set). Fix: export HF_TOKEN=<a write token "
+                        f"from huggingface.co/settings/tokens>, then distft export ... --push-to-hub {repo_id}."
+                        + (f" {after}" if after else ""))
+    return token
+
+
 def push_model(model_dir: Path, repo_id: str, private: bool = False, run_dir: Path | None = None,
                log=print) -> str:
     """Upload `model_dir` and its model card to `repo_id` in one commit; returns the repository's URL."""
-    token = os.environ.get("HF_TOKEN")
     intact = f"The local export is intact: {model_dir}."
-    if not token:
-        raise PushError(f"push to {repo_id}: no token (HF_TOKEN is not set). Fix: export HF_TOKEN=<a write token "
-                        f"from huggingface.co/settings/tokens>, then distft export ... --push-to-hub {repo_id}. {intact}")
+    token = hub_token(repo_id, intact)
     from huggingface_hub import CommitOperationAdd, HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
